@@ -1,0 +1,28 @@
+# make bench: create .venv, install the pinned environment and daad_ext, run the benchmark.
+# make test:  the same set-up where needed, then the test suite (what CI runs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.daad_ext_installed
+SOURCES := setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup bench test clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+bench: setup
+	$(PY) benchmarks/memory_op.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf build *.egg-info daad_ext/_C*.so $(VENV)

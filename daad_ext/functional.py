@@ -1,0 +1,80 @@
+"""``block_memory``: checks the arguments once, then dispatches to a backend.
+
+Backends, each with ``supports(device, dtype)`` and a function on checked arguments:
+
+* ``"reference"``: eager PyTorch (:mod:`daad_ext.reference`), always available;
+* ``"cpu"`` / ``"cuda"``: the fused C++ op (:mod:`daad_ext.ops`) on CPU / CUDA tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .reference import block_memory_ref_checked
+from .spec import check_inputs, check_options
+
+
+class Backend(NamedTuple):
+    supports: Callable[[torch.device, torch.dtype], bool]
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(lambda device, dtype: True, block_memory_ref_checked),
+    "cpu": Backend(lambda device, dtype: device.type == "cpu" and ops.supports(device, dtype),
+                   ops.block_memory_fused),
+    "cuda": Backend(lambda device, dtype: device.type == "cuda" and ops.supports(device, dtype),
+                    ops.block_memory_fused),
+}
+#: ``backend="auto"`` takes the first available of these, fastest first (benchmarks/memory_op.py).
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")}
+
+
+def available_backends(device: Union[str, torch.device] = "cpu",
+                       dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can run on ``device`` with ``dtype``, fastest first."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ()) + tuple(BACKENDS)
+    return [name for name in dict.fromkeys(order) if BACKENDS[name].supports(device, dtype)]
+
+
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {tuple(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run: ``backend`` itself, or the fastest available for "auto"."""
+    check_backend_name(backend)
+    available = available_backends(device, dtype)
+    if backend == "auto":
+        return available[0]
+    if backend not in available:
+        raise ValueError(f"backend {backend!r} is not available for {dtype} tensors on {device}; "
+                         f"available: {available}")
+    return backend
+
+
+def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
+                 similarity: str = "cosine", shrink: str = "hard", threshold: Optional[float] = None,
+                 temperature: float = 1.0,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise memory read of ``x`` (B, C, H, W) from ``memory`` (N, D).
+
+    Returns ``(y, w)``: ``y`` has the shape of ``x``, ``w`` (B, Q, N) holds the addressing weights.
+    The operator is specified in :mod:`daad_ext.reference`.
+
+    Example:
+        >>> import torch
+        >>> from daad_ext import block_memory
+        >>> x, memory = torch.randn(2, 8, 16, 16), torch.randn(50, 8 * 4 * 4)
+        >>> y, w = block_memory(x, memory, (4, 4, 1))
+        >>> y.shape, w.shape
+        (torch.Size([2, 8, 16, 16]), torch.Size([2, 16, 50]))
+    """
+    geometry = check_inputs(x, memory, division)
+    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    name = resolve_backend(backend, x.device, x.dtype)
+    return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))

@@ -1,0 +1,77 @@
+"""``BlockMemory``: the block-wise memory of DAAD as a drop-in ``nn.Module``."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .functional import block_memory, check_backend_name
+from .spec import check_options, make_division
+
+
+class BlockMemory(nn.Module):
+    """Divides a (B, C, H, W) feature map into blocks, reads each from a learnt memory, re-assembles.
+
+    Args:
+        channels, height, width: the (C, H, W) of the feature maps the layer will see.
+        num_items: N, the number of memory items.
+        division: (rh, rw, rc) division rates; each block has D = C/rc * H/rh * W/rw values.
+        similarity: "cosine" (the paper) or "dot".
+        shrink: "hard" (the paper), "memae" or "none".
+        threshold: shrinkage threshold; ``None`` means 1/N.
+        temperature: softmax temperature.
+        backend: "auto" (fastest available for the input's device and dtype), "reference", "cpu",
+            "cuda" or "triton".
+
+    Example:
+        >>> import torch
+        >>> from daad_ext import BlockMemory
+        >>> layer = BlockMemory(channels=16, height=32, width=32, num_items=100, division=(8, 8, 1))
+        >>> layer.memory.shape
+        torch.Size([100, 256])
+        >>> y, w = layer(torch.randn(4, 16, 32, 32), return_weights=True)
+        >>> y.shape, w.shape
+        (torch.Size([4, 16, 32, 32]), torch.Size([4, 64, 100]))
+    """
+
+    def __init__(self, channels: int, height: int, width: int, num_items: int = 500,
+                 division: Sequence[int] = (8, 8, 1), similarity: str = "cosine",
+                 shrink: str = "hard", threshold: Optional[float] = None, temperature: float = 1.0,
+                 backend: str = "auto", device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.geometry = make_division(channels, height, width, division)
+        check_options(similarity, shrink, threshold, temperature, num_items)
+        check_backend_name(backend)
+        self.channels, self.height, self.width = channels, height, width
+        self.division = tuple(division)
+        self.similarity, self.shrink = similarity, shrink
+        self.threshold, self.temperature, self.backend = threshold, temperature, backend
+        self.memory = nn.Parameter(torch.empty(num_items, self.geometry.block_dim, device=device,
+                                               dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def num_items(self) -> int:
+        return self.memory.shape[0]
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.geometry.block_dim)
+        nn.init.uniform_(self.memory, -bound, bound)
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.height, self.width):
+            raise ValueError(f"BlockMemory was built for inputs (B, {self.channels}, {self.height}, "
+                             f"{self.width}), got shape {tuple(x.shape)}")
+        y, w = block_memory(x, self.memory, self.division, self.similarity, self.shrink,
+                            self.threshold, self.temperature, self.backend)
+        return (y, w) if return_weights else y
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (f"channels={self.channels}, height={self.height}, width={self.width}, "
+                f"division={self.division}, N={self.num_items}, Q={g.num_queries}, D={g.block_dim}, "
+                f"similarity={self.similarity!r}, shrink={self.shrink!r}, "
+                f"threshold={self.threshold}, temperature={self.temperature}, backend={self.backend!r}")

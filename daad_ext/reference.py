@@ -1,0 +1,89 @@
+"""The block-wise memory operator in eager PyTorch: the specification every backend is tested against.
+
+A feature map ``x`` (B, C, H, W) is divided into ``Q = rc*rh*rw`` blocks of ``D = bc*bh*bw``
+values; query ``k = (ic*rh + ih)*rw + iw`` is the block
+``x[b, ic*bc:(ic+1)*bc, ih*bh:(ih+1)*bh, iw*bw:(iw+1)*bw]`` flattened in (c, y, x) order. Each
+query addresses the memory ``M`` (N, D):
+
+* ``s_i = <q, m_i> / (max(|q|, eps) * max(|m_i|, eps))`` (cosine) or ``<q, m_i>`` (dot);
+* ``p = softmax(s / temperature)``;
+* shrinkage with threshold ``lam`` (default ``1/N``): ``hard`` keeps ``p_i >= lam`` and the row
+  maximum and re-normalises (the mask is a constant for the gradient); ``memae`` is MemAE's
+  ``relu(p - lam) * p / (|p - lam| + eps)`` re-normalised; ``none`` keeps ``p``;
+* block ``k`` of ``y`` is ``sum_i w_i M[i]``, re-assembled by the exact inverse of the division.
+
+Example:
+    >>> import torch
+    >>> from daad_ext.reference import block_memory_ref
+    >>> x, memory = torch.randn(2, 4, 8, 8), torch.randn(10, 4 * 4 * 4)
+    >>> y, w = block_memory_ref(x, memory, (2, 2, 1))
+    >>> y.shape, w.shape
+    (torch.Size([2, 4, 8, 8]), torch.Size([2, 4, 10]))
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .spec import MEMAE_EPS, NORM_EPS, Division, check_inputs, check_options
+
+
+def divide_blocks(x: torch.Tensor, geometry: Division) -> torch.Tensor:
+    """(B, C, H, W) -> (B, Q, D): the queries, in the specification's order."""
+    b = x.shape[0]
+    rh, rw, rc, bc, bh, bw = geometry
+    blocks = x.reshape(b, rc, bc, rh, bh, rw, bw).permute(0, 1, 3, 5, 2, 4, 6)
+    return blocks.reshape(b, geometry.num_queries, geometry.block_dim)
+
+
+def assemble_blocks(blocks: torch.Tensor, geometry: Division) -> torch.Tensor:
+    """(B, Q, D) -> (B, C, H, W): the exact inverse of :func:`divide_blocks`."""
+    b = blocks.shape[0]
+    rh, rw, rc, bc, bh, bw = geometry
+    x = blocks.reshape(b, rc, rh, rw, bc, bh, bw).permute(0, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, rc * bc, rh * bh, rw * bw)
+
+
+def similarity_ref(queries: torch.Tensor, memory: torch.Tensor, similarity: str) -> torch.Tensor:
+    """(..., D) x (N, D) -> (..., N) similarities."""
+    s = queries @ memory.t()
+    if similarity == "cosine":
+        q_norm = torch.linalg.vector_norm(queries, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        m_norm = torch.linalg.vector_norm(memory, dim=-1).clamp_min(NORM_EPS)
+        s = s / (q_norm * m_norm)
+    return s
+
+
+def shrink_ref(p: torch.Tensor, shrink: str, lam: float) -> torch.Tensor:
+    """Shrinks and re-normalises the addressing weights ``p`` (rows over the last dimension)."""
+    if shrink == "none":
+        return p
+    if shrink == "hard":
+        with torch.no_grad():
+            keep = (p >= lam) | (p == p.amax(dim=-1, keepdim=True))
+        kept = p * keep
+        return kept / kept.sum(dim=-1, keepdim=True)
+    u = F.relu(p - lam) * p / ((p - lam).abs() + MEMAE_EPS)
+    return u / u.sum(dim=-1, keepdim=True).clamp_min(MEMAE_EPS)
+
+
+def block_memory_ref(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
+                     similarity: str = "cosine", shrink: str = "hard",
+                     threshold: Optional[float] = None,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise memory read in eager PyTorch; returns ``(y, w)`` with ``w`` of shape (B, Q, N)."""
+    geometry = check_inputs(x, memory, division)
+    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    return block_memory_ref_checked(x, memory, geometry, similarity, shrink, lam, temperature)
+
+
+def block_memory_ref_checked(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
+                             similarity: str, shrink: str, lam: float,
+                             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_memory_ref` on arguments that :mod:`daad_ext.spec` has already checked."""
+    queries = divide_blocks(x, geometry)
+    p = torch.softmax(similarity_ref(queries, memory, similarity) / temperature, dim=-1)
+    w = shrink_ref(p, shrink, lam)
+    return assemble_blocks(w @ memory, geometry), w

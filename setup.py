@@ -1,0 +1,54 @@
+"""Builds daad_ext and its C++ extension ``daad_ext._C``.
+
+    pip install --no-build-isolation .        # or -e . for development
+
+The CPU kernel is always built. The CUDA kernels (csrc/cuda/*.cu) are built when a CUDA toolkit is
+found (``CUDA_HOME``), unless ``DAAD_EXT_NO_CUDA=1``. Without a visible GPU, the target
+architectures default to ``TORCH_CUDA_ARCH_LIST=9.0`` (Hopper); set it for other GPUs.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    sources = _sources("csrc/*.cpp")
+    # -O3 and OpenMP; no -march=native, so that a built wheel runs on other x86-64 CPUs.
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    with_cuda = (CUDA_HOME is not None and bool(cuda_sources)
+                 and os.environ.get("DAAD_EXT_NO_CUDA", "0") != "1")
+    if not with_cuda:
+        return CppExtension("daad_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
+    import torch
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension("daad_ext._C", sources + cuda_sources,
+                         extra_compile_args={"cxx": cxx_flags + ["-DDAAD_EXT_WITH_CUDA"],
+                                             "nvcc": nvcc_flags},
+                         extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="daad_ext",
+    version="0.1.0",
+    description="Block-wise memory of DAAD (Hou et al., ICCV 2021) with fused CPU, Triton and CUDA kernels",
+    packages=find_packages(include=["daad_ext", "daad_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"models": ["torchvision", "scikit-learn", "tqdm", "matplotlib"],
+                    "test": ["pytest", "hypothesis"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    zip_safe=False,
+)
