@@ -1,0 +1,101 @@
+"""Shared test helpers: tie-free inputs and the comparison of a backend with the reference.
+
+The hard threshold (and MemAE's, which rises from 0 to p within 1e-12 of lam) is discontinuous: two
+correct implementations can keep different items when a weight is within rounding of lam. Tests
+therefore draw inputs whose float64 weights keep a relative ``margin`` from lam (and, where the
+row-maximum rule decides, between the two largest weights), instead of loosening tolerances.
+MemAE's shrinkage u = (p - lam) p / (p - lam + 1e-12) also bends sharply for p - lam below about
+sqrt(lam * 1e-12), where float32 rounding of p - lam moves its gradient: it needs a wider margin.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from daad_ext import block_memory
+from daad_ext.reference import divide_blocks, similarity_ref
+from daad_ext.spec import check_inputs, check_options
+
+
+def near_tie_rows(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], similarity: str,
+                  shrink: str, threshold: Optional[float], temperature: float,
+                  margin: float) -> torch.Tensor:
+    """(B, Q) mask of the queries whose kept set could flip under a relative error of ``margin``."""
+    geometry = check_inputs(x, memory, division)
+    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    if shrink == "none":
+        return torch.zeros(x.shape[0], geometry.num_queries, dtype=torch.bool)
+    queries = divide_blocks(x.detach().double().cpu(), geometry)
+    p = torch.softmax(similarity_ref(queries, memory.detach().double().cpu(), similarity)
+                      / temperature, dim=-1)
+    ties = ((p - lam).abs() <= margin * lam).any(dim=-1)
+    if shrink == "hard" and p.shape[-1] > 1:
+        top2 = p.topk(2, dim=-1).values
+        decides = top2[..., 0] < lam * (1 + margin)
+        ties |= decides & (top2[..., 0] - top2[..., 1] <= margin * top2[..., 0])
+    return ties
+
+
+def tie_free_inputs(shape: Sequence[int], num_items: int, division: Sequence[int],
+                    similarity: str = "cosine", shrink: str = "hard",
+                    threshold: Optional[float] = None, temperature: float = 1.0,
+                    dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                    margin: Optional[float] = None,
+                    tries: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``x`` (B, C, H, W) and ``memory`` (N, D) with no near-tie at the threshold.
+
+    ``margin`` defaults to a relative 1e-4 (1e-3 for MemAE's shrinkage).
+    """
+    if margin is None:
+        margin = 1e-3 if shrink == "memae" else 1e-4
+    b, c, h, w = shape
+    d = (c // division[2]) * (h // division[0]) * (w // division[1])
+    for attempt in range(tries):
+        gen = torch.Generator().manual_seed(seed + 7919 * attempt)
+        x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+        memory = torch.randn(num_items, d, generator=gen, dtype=torch.float64)
+        x, memory = x.to(device=device, dtype=dtype), memory.to(device=device, dtype=dtype)
+        if not near_tie_rows(x, memory, division, similarity, shrink, threshold, temperature,
+                             margin).any():
+            return x, memory
+    raise RuntimeError(f"no tie-free inputs in {tries} tries; use a smaller shape or margin")
+
+
+def _forward_backward(backend: str, x: torch.Tensor, memory: torch.Tensor, grad_y, grad_w,
+                      options: dict):
+    x = x.detach().requires_grad_()
+    memory = memory.detach().requires_grad_()
+    y, w = block_memory(x, memory, backend=backend, **options)
+    loss = sum((out * g).sum() for out, g in ((y, grad_y), (w, grad_w)) if g is not None)
+    loss.backward()
+    return y.detach(), w.detach(), x.grad, memory.grad
+
+
+def assert_matches_reference(backend: str, x: torch.Tensor, memory: torch.Tensor,
+                             division: Sequence[int], similarity: str = "cosine",
+                             shrink: str = "hard", threshold: Optional[float] = None,
+                             temperature: float = 1.0, through: Sequence[str] = ("y", "w"),
+                             atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0) -> None:
+    """Forward (y, w) and the gradients of x and memory of ``backend`` against the reference.
+
+    The reference runs in float64 on the same inputs, so the tolerance measures the backend's own
+    error. ``through`` chooses which outputs the loss (a random linear function) reads.
+    """
+    options = dict(division=division, similarity=similarity, shrink=shrink, threshold=threshold,
+                   temperature=temperature)
+    gen = torch.Generator().manual_seed(seed)
+    b, q, n = x.shape[0], division[0] * division[1] * division[2], memory.shape[0]
+    grad_y = torch.randn(x.shape, generator=gen, dtype=torch.float64) if "y" in through else None
+    grad_w = torch.randn(b, q, n, generator=gen, dtype=torch.float64) if "w" in through else None
+
+    def cast(g, like):
+        return None if g is None else g.to(device=like.device, dtype=like.dtype)
+
+    got = _forward_backward(backend, x, memory, cast(grad_y, x), cast(grad_w, x), options)
+    want = _forward_backward("reference", x.double(), memory.double(), cast(grad_y, x.double()),
+                             cast(grad_w, x.double()), options)
+    for name, g, r in zip(("y", "w", "grad x", "grad memory"), got, want):
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), atol=atol, rtol=rtol,
+                                   msg=lambda m, name=name: f"{backend} {name}: {m}")
