@@ -71,14 +71,20 @@ if HAS_EXTENSION:
     register_fused_op(FORWARD, BACKWARD, torch.ops.daad_ext.block_memory_backward)
 
 
-def has_kernel(device_type: str) -> bool:
-    """Whether the extension was built with a kernel for ``device_type`` ("cpu" or "cuda")."""
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        FORWARD, device_type.upper())
+def _kernel_devices() -> frozenset[str]:
+    if not HAS_EXTENSION:
+        return frozenset()
+    return frozenset(device for device in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, device.upper()))
+
+
+#: Device types the extension was built with a kernel for; read once, so that torch.compile
+#: traces the backend choice as a constant.
+KERNEL_DEVICES = _kernel_devices()
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return has_kernel(device.type) and dtype in SUPPORTED_DTYPES.get(device.type, ())
+    return device.type in KERNEL_DEVICES and dtype in SUPPORTED_DTYPES.get(device.type, ())
 
 
 def block_memory_fused(x: torch.Tensor, memory: torch.Tensor, geometry: Division, similarity: str,
