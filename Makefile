@@ -3,6 +3,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.daad_ext_installed
+# The CUDA kernels build where a toolkit is found (setup.py); point torch at it explicitly, since
+# `which nvcc` may be a wrapper outside the toolkit. DAAD_EXT_NO_CUDA=1 skips them.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(wildcard /usr/local/cuda/bin/nvcc))
+export CUDA_HOME
 SOURCES := setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: setup bench test clean

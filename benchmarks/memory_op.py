@@ -1,0 +1,259 @@
+"""Benchmark of the block-wise memory operator: every backend, the reference under torch.compile, and
+the matrix-multiply floor, at the four feature scales of DAAD (256x256 input, N=500, division 8x8x1).
+
+    python benchmarks/memory_op.py                       # CPU, float32, batch 8, all four scales
+    python benchmarks/memory_op.py --device cuda --dtype bfloat16 --json out.json
+
+The floor is what no implementation can beat: the operator's two matrix products on contiguous
+tensors, S = Q @ M^T (BQ x D x N) and Y = S @ M (BQ x N x D), with their backward (four more
+products). Variants are timed interleaved (the order rotates every repeat), so machine noise hits
+all of them alike; the table gives medians, the half inter-quartile range, and ratios to the floor.
+
+Peak extra memory is what one forward+backward allocates beyond its inputs: on CUDA from
+``torch.cuda.max_memory_allocated``; on CPU from the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs before each measurement), with glibc told to serve every block of
+64 KiB or more by mmap, so that freed memory leaves the resident set at once and is not reused
+unseen. Each cell is measured after a warm-up, in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from daad_ext import available_backends, block_memory, block_memory_ref  # noqa: E402
+
+#: DAAD's four memory scales at 256x256 input: (C, H, W) of the pooled encoder features.
+SCALES = {1: (64, 128, 128), 2: (128, 64, 64), 3: (256, 32, 32), 4: (512, 16, 16)}
+
+
+@dataclass
+class Cell:
+    scale: int
+    variant: str
+    fwd_ms: float
+    fwd_spread_ms: float
+    fwdbwd_ms: float
+    fwdbwd_spread_ms: float
+    peak_mb: float
+    fwd_ratio: float = float("nan")
+    fwdbwd_ratio: float = float("nan")
+    mem_ratio: float = float("nan")
+
+
+class Problem:
+    """Inputs of one scale, and a forward / forward+backward closure per variant."""
+
+    def __init__(self, shape, batch, num_items, division, dtype, device, seed=0):
+        c, h, w = shape
+        self.division = division
+        gen = torch.Generator().manual_seed(seed)
+        d = (c // division[2]) * (h // division[0]) * (w // division[1])
+        q = division[0] * division[1] * division[2]
+        self.x = torch.randn(batch, c, h, w, generator=gen).to(device, dtype).requires_grad_()
+        self.memory = (torch.rand(num_items, d, generator=gen) * 2 - 1).div(d ** 0.5)
+        self.memory = self.memory.to(device, dtype).requires_grad_()
+        self.grad_y = torch.randn(batch, c, h, w, generator=gen).to(device, dtype)
+        # The floor's operands: contiguous queries and the weights' shape.
+        self.queries = torch.randn(batch * q, d, generator=gen).to(device, dtype).requires_grad_()
+        self.grad_floor = torch.randn(batch * q, d, generator=gen).to(device, dtype)
+
+    def variant(self, name: str) -> tuple[Callable, Callable]:
+        if name == "floor":
+            def forward():
+                return (self.queries @ self.memory.t()) @ self.memory
+            grad = self.grad_floor
+        else:
+            read = self._read(name)
+
+            def forward():
+                return read(self.x, self.memory)
+            grad = self.grad_y
+
+        def forward_backward():
+            out = forward()
+            out.backward(grad)
+            self.clear_grads()
+        return forward, forward_backward
+
+    def _read(self, name: str) -> Callable:
+        if name == "reference+compile":
+            division = self.division
+            return torch.compile(lambda x, m: block_memory_ref(x, m, division)[0], dynamic=False)
+        return lambda x, m: block_memory(x, m, self.division, backend=name)[0]
+
+    def clear_grads(self) -> None:
+        for t in (self.x, self.memory, self.queries):
+            t.grad = None
+
+
+class Clock:
+    """Wall time of one call, synchronising the GPU around it."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, fn: Callable) -> float:
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return (time.perf_counter() - start) * 1e3
+
+
+class PeakMemory:
+    """Peak bytes allocated by one call beyond what was allocated before it (see module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cpu":
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, no dynamic raising
+
+    def __call__(self, fn: Callable) -> float:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current one
+        base = self._status_kb("VmRSS")
+        fn()
+        return (self._status_kb("VmHWM") - base) / 1024
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def spread(samples: list[float]) -> float:
+    """Half the inter-quartile range."""
+    if len(samples) < 4:
+        return (max(samples) - min(samples)) / 2
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / 2
+
+
+def bench_scale(scale: int, args, variants: list[str], clock: Clock,
+                peak: Optional[PeakMemory]) -> list[Cell]:
+    problem = Problem(SCALES[scale], args.batch, args.num_items, tuple(args.division),
+                      args.dtype, args.device)
+    closures = {name: problem.variant(name) for name in variants}
+    for forward, forward_backward in closures.values():  # warm-up: compile, autotune, caches
+        for _ in range(2):
+            forward()
+            forward_backward()
+    times = {name: ([], []) for name in variants}
+    for r in range(args.repeats):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for name in order:
+            forward, forward_backward = closures[name]
+            times[name][0].append(clock(forward))
+            times[name][1].append(clock(forward_backward))
+    cells = []
+    for name in variants:
+        fwd, fwdbwd = times[name]
+        mb = peak(closures[name][1]) if peak else float("nan")
+        cells.append(Cell(scale, name, statistics.median(fwd), spread(fwd),
+                          statistics.median(fwdbwd), spread(fwdbwd), mb))
+    floor = next(c for c in cells if c.variant == "floor")
+    for c in cells:
+        c.fwd_ratio = c.fwd_ms / floor.fwd_ms
+        c.fwdbwd_ratio = c.fwdbwd_ms / floor.fwdbwd_ms
+        c.mem_ratio = c.peak_mb / floor.peak_mb
+    return cells
+
+
+def format_table(cells: list[Cell]) -> str:
+    head = ("| scale | variant | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor "
+            "| peak MB | peak / floor |")
+    rows = [head, "|" + "---|" * 8]
+    for c in cells:
+        c_, h, w = SCALES[c.scale]
+        rows.append(f"| {c.scale} ({c_}x{h}x{w}) | {c.variant} | {c.fwd_ms:.2f} ± {c.fwd_spread_ms:.2f} "
+                    f"| {c.fwd_ratio:.2f} | {c.fwdbwd_ms:.2f} ± {c.fwdbwd_spread_ms:.2f} "
+                    f"| {c.fwdbwd_ratio:.2f} | {c.peak_mb:.1f} | {c.mem_ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 2, 3, 4], choices=sorted(SCALES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--num-items", type=int, default=500)
+    parser.add_argument("--division", type=int, nargs=3, default=[8, 8, 1], metavar=("RH", "RW", "RC"))
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="backends to time (default: every one available), besides "
+                             "reference+compile and the floor")
+    parser.add_argument("--no-compile", action="store_true", help="skip the reference under torch.compile")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 7 on CPU, 30 on CUDA")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also save the table as JSON")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    args.device = torch.device(args.device)
+    if args.repeats is None:
+        args.repeats = 30 if args.device.type == "cuda" else 7
+    return args
+
+
+def main(argv=None) -> list[Cell]:
+    args = parse_args(argv)
+    backends = args.backends or available_backends(args.device, args.dtype)
+    variants = list(backends) + ([] if args.no_compile else ["reference+compile"]) + ["floor"]
+    clock = Clock(args.device)
+    peak = None if args.no_memory else PeakMemory(args.device)
+    device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"block memory benchmark: {device_name}, {args.dtype}, batch {args.batch}, "
+          f"N={args.num_items}, division {tuple(args.division)}, {args.repeats} repeats, torch "
+          f"{torch.__version__}", flush=True)
+    cells = []
+    for scale in args.scales:
+        t0 = time.perf_counter()
+        cells += bench_scale(scale, args, variants, clock, peak)
+        print(f"  scale {scale} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(format_table(cells))
+    if args.json:
+        write_json_atomically(args.json, {
+            "device": device_name, "dtype": str(args.dtype), "batch": args.batch,
+            "num_items": args.num_items, "division": args.division, "repeats": args.repeats,
+            "torch": torch.__version__, "cells": [asdict(c) for c in cells]})
+    return cells
+
+
+if __name__ == "__main__":
+    main()
