@@ -185,10 +185,12 @@ def bench_scale(scale: int, args, variants: list[str], clock: Clock,
     return cells
 
 
-def format_table(cells: list[Cell]) -> str:
-    head = ("| scale | variant | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor "
-            "| peak MB | peak / floor |")
-    rows = [head, "|" + "---|" * 8]
+TABLE_HEAD = ("| scale | variant | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor "
+              "| peak MB | peak / floor |\n|" + "---|" * 8)
+
+
+def format_rows(cells: list[Cell]) -> str:
+    rows = []
     for c in cells:
         c_, h, w = SCALES[c.scale]
         rows.append(f"| {c.scale} ({c_}x{h}x{w}) | {c.variant} | {c.fwd_ms:.2f} ± {c.fwd_spread_ms:.2f} "
@@ -242,11 +244,11 @@ def main(argv=None) -> list[Cell]:
           f"N={args.num_items}, division {tuple(args.division)}, {args.repeats} repeats, torch "
           f"{torch.__version__}", flush=True)
     cells = []
-    for scale in args.scales:
-        t0 = time.perf_counter()
-        cells += bench_scale(scale, args, variants, clock, peak)
-        print(f"  scale {scale} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(format_table(cells))
+    print(TABLE_HEAD, flush=True)
+    for scale in args.scales:  # rows as each scale finishes, so a cut-off run still reports
+        scale_cells = bench_scale(scale, args, variants, clock, peak)
+        print(format_rows(scale_cells), flush=True)
+        cells += scale_cells
     if args.json:
         write_json_atomically(args.json, {
             "device": device_name, "dtype": str(args.dtype), "batch": args.batch,
