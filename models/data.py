@@ -1,0 +1,251 @@
+"""Datasets: MVTec AD categories, one-class MNIST / CIFAR-10, and generic image folders.
+
+Every dataset yields dicts ``{"image": (C, S, S) in [-1, 1], "label": 0 normal / 1 anomalous,
+"mask": (1, S, S) in {0, 1}, "index": i}``; ``dataset.names[i]`` names item i, and
+``dataset.has_masks`` says whether the masks are ground truth (else all zeros).
+
+Layouts (``root`` is the folder given by ``--root``):
+
+* ``mvtec``: ``root/train/good/*``, ``root/test/<good or defect type>/*``,
+  ``root/ground_truth/<defect type>/<stem>_mask.png`` (MVTec's naming) or ``<stem>.png``.
+  Grayscale categories are converted to 3 channels.
+* ``mnist``: if ``root`` holds ``t10k-images-idx3-ubyte[.gz]`` and ``t10k-labels-idx1-ubyte[.gz]``
+  themselves, the IDX test set is split by index: images 0..4999 are the training pool (only the
+  normal digit is kept), images 5000..9999 the test set (the normal digit is label 0, the other
+  nine label 1). Otherwise torchvision's MNIST under ``root/MNIST/raw`` with its own train/test
+  split (never downloaded). 1 channel.
+* ``cifar10``: torchvision's CIFAR-10 under ``root/cifar-10-batches-py`` (never downloaded),
+  one class normal, the same one-class protocol. 3 channels.
+* ``folder``: ``root/train/*`` normal images; ``root/test/normal/*`` and ``root/test/anomalous/*``.
+
+Example:
+    >>> from models.data import build_dataset
+    >>> test = build_dataset("mvtec", "../shared/data/mvtec_hazelnut_subset", "test", size=64)  # doctest: +SKIP
+    >>> item = test[0]; item["image"].shape, item["mask"].shape, test.has_masks  # doctest: +SKIP
+    (torch.Size([3, 64, 64]), torch.Size([1, 64, 64]), True)
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+DATASETS = ("mvtec", "mnist", "cifar10", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: First test-set index of the MNIST IDX index split (see the module docstring).
+MNIST_IDX_SPLIT = 5000
+CHANNELS = {"mvtec": 3, "mnist": 1, "cifar10": 3, "folder": 3}
+
+
+def dataset_channels(name: str) -> int:
+    check_dataset_name(name)
+    return CHANNELS[name]
+
+
+def check_dataset_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def prepare(image: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """uint8 (C, H, W) -> float (C, size, size); images to [-1, 1], masks (mode "nearest-exact") to {0, 1}."""
+    x = image.float().unsqueeze(0)
+    if mode == "bilinear":
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return (x[0] / 127.5 - 1.0).clamp(-1.0, 1.0)
+    return (F.interpolate(x, size=(size, size), mode=mode)[0] > 127).float()
+
+
+def load_image(path: str, channels: int, size: int) -> torch.Tensor:
+    """An image file as a (channels, size, size) tensor in [-1, 1]."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    array = array[..., None] if array.ndim == 2 else array
+    return prepare(torch.from_numpy(array.copy()).permute(2, 0, 1), size)
+
+
+def load_mask(path: str, size: int) -> torch.Tensor:
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("L"))
+    return prepare(torch.from_numpy(array.copy())[None], size, mode="nearest-exact")
+
+
+class OneClassDataset(Dataset):
+    """Images (from files or from a uint8 array), their labels and optional mask files."""
+
+    def __init__(self, names: Sequence[str], labels: Sequence[int], channels: int, size: int,
+                 mask_paths: Optional[Sequence[Optional[str]]] = None,
+                 arrays: Optional[torch.Tensor] = None, augment: bool = False) -> None:
+        self.names, self.labels = list(names), [int(v) for v in labels]
+        self.channels, self.size, self.augment = channels, size, augment
+        self.mask_paths = list(mask_paths) if mask_paths is not None else [None] * len(self.names)
+        #: uint8 (N, C, H, W) for array datasets; None when ``names`` are image files.
+        self.arrays = arrays
+        self.has_masks = any(p is not None for p in self.mask_paths)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.arrays is None:
+            image = load_image(self.names[index], self.channels, self.size)
+        else:
+            image = prepare(self.arrays[index], self.size)
+        mask_path = self.mask_paths[index]
+        mask = load_mask(mask_path, self.size) if mask_path else torch.zeros(1, self.size, self.size)
+        if self.augment:
+            # Random horizontal and vertical flips (the paper's augmentation), from torch's RNG
+            # so that the run's seed fixes them.
+            for dim in (-1, -2):
+                if torch.rand(()) < 0.5:
+                    image, mask = image.flip(dim), mask.flip(dim)
+        return {"image": image, "label": self.labels[index], "mask": mask, "index": index}
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files
+
+
+def _mvtec_mask(root: Path, defect: str, image: Path) -> str:
+    candidates = [root / "ground_truth" / defect / f"{image.stem}{suffix}.png" for suffix in ("_mask", "")]
+    for path in candidates:
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(f"no ground-truth mask for {image}: expected {candidates[0]} or {candidates[1]}")
+
+
+def mvtec_dataset(root: Path, split: str, size: int, augment: bool) -> OneClassDataset:
+    if not (root / "train" / "good").is_dir():
+        raise FileNotFoundError(
+            f"{root} is not an MVTec AD category folder: {root / 'train' / 'good'} not found (expected "
+            "train/good, test/<good or defect type>, ground_truth/<defect type>)")
+    if split == "train":
+        files = _image_files(root / "train" / "good")
+        return OneClassDataset([str(p) for p in files], [0] * len(files), 3, size, augment=augment)
+    test = root / "test"
+    kinds = sorted(p.name for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+    if not kinds:
+        raise FileNotFoundError(f"no test/<good or defect type> folders under {root}")
+    names, labels, masks = [], [], []
+    for kind in kinds:
+        for path in _image_files(test / kind):
+            names.append(str(path))
+            labels.append(int(kind != "good"))
+            masks.append(None if kind == "good" else _mvtec_mask(root, kind, path))
+    return OneClassDataset(names, labels, 3, size, mask_paths=masks, augment=augment)
+
+
+def folder_dataset(root: Path, split: str, size: int, augment: bool) -> OneClassDataset:
+    if split == "train":
+        files = [(p, 0) for p in _image_files(root / "train")]
+    else:
+        files = [(p, label) for label, kind in enumerate(("normal", "anomalous"))
+                 for p in _image_files(root / "test" / kind)]
+    return OneClassDataset([str(p) for p, _ in files], [label for _, label in files], 3, size,
+                           augment=augment)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) of unsigned bytes, as MNIST ships them."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read IDX file {path}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, found {body.size} values")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Optional[Path]:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _mnist_idx_arrays(root: Path, split: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    images_path = _find_idx(root, "t10k-images-idx3-ubyte")
+    labels_path = _find_idx(root, "t10k-labels-idx1-ubyte")
+    if images_path is None or labels_path is None:
+        return None
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} {len(labels)} labels")
+    part = slice(0, MNIST_IDX_SPLIT) if split == "train" else slice(MNIST_IDX_SPLIT, None)
+    return torch.from_numpy(images[part].copy())[:, None], torch.from_numpy(labels[part].astype(np.int64))
+
+
+def _torchvision_arrays(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+    cls, expected = {"mnist": (torchvision.datasets.MNIST, root / "MNIST" / "raw"),
+                     "cifar10": (torchvision.datasets.CIFAR10, root / "cifar-10-batches-py")}[name]
+    try:
+        data = cls(str(root), train=split == "train", download=False)
+    except RuntimeError as e:
+        hint = " or the IDX files t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in the root itself" \
+            if name == "mnist" else ""
+        raise FileNotFoundError(
+            f"{name} not found under {root}: torchvision expects its files in {expected}{hint}; "
+            "nothing is downloaded") from e
+    images = torch.as_tensor(np.asarray(data.data))
+    # MNIST gives (N, H, W), CIFAR-10 (N, H, W, C); both become (N, C, H, W).
+    images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(np.asarray(data.targets), dtype=torch.int64)
+
+
+def one_class_dataset(name: str, root: Path, split: str, size: int, normal_class: int,
+                      augment: bool) -> OneClassDataset:
+    if not 0 <= normal_class <= 9:
+        raise ValueError(f"normal_class must be a class index 0..9, got {normal_class}")
+    arrays = _mnist_idx_arrays(root, split) if name == "mnist" else None
+    images, classes = arrays if arrays is not None else _torchvision_arrays(name, root, split)
+    if split == "train":
+        keep = (classes == normal_class).nonzero().flatten()
+        images, classes = images[keep], classes[keep]
+    labels = (classes != normal_class).long()
+    offset = MNIST_IDX_SPLIT if arrays is not None and split == "test" else 0
+    names = [f"{name}-{split}-{offset + int(i)}" for i in
+             (keep if split == "train" else torch.arange(len(labels)))]
+    return OneClassDataset(names, labels.tolist(), images.shape[1], size, arrays=images, augment=augment)
+
+
+def build_dataset(name: str, root: str, split: str, size: int, normal_class: int = 0,
+                  category: Optional[str] = None, augment: bool = False) -> OneClassDataset:
+    """The ``split`` ("train" or "test") of dataset ``name`` under ``root``, resized to ``size``.
+
+    ``category`` selects a sub-folder of ``root`` (an MVTec AD category of a full MVTec root).
+    """
+    check_dataset_name(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(os.path.expanduser(root)) / (category or "")
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {path}")
+    if name == "mvtec":
+        dataset = mvtec_dataset(path, split, size, augment)
+    elif name == "folder":
+        dataset = folder_dataset(path, split, size, augment)
+    else:
+        dataset = one_class_dataset(name, path, split, size, normal_class, augment)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split of {name} under {path} is empty")
+    return dataset

@@ -1,0 +1,87 @@
+"""Scoring a whole dataset with a trained detector: raw scores, anomaly maps and metrics.
+
+Example:
+    >>> import torch
+    >>> from models.config import ModelConfig
+    >>> from models.networks import AnomalyDetector
+    >>> from models.inference import collect_scores
+    >>> from models.data import OneClassDataset
+    >>> data = OneClassDataset(["a", "b"], [0, 1], 1, 32, arrays=torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    >>> net = AnomalyDetector(ModelConfig(model="ae", in_channels=1, size=32, width=4))
+    >>> collect_scores(net, data, torch.device("cpu")).maps.shape
+    (2, 32, 32)
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .networks import AnomalyDetector
+from .scoring import fuse_scores, image_auroc, pixel_auroc
+
+
+class ScoreSet(NamedTuple):
+    labels: np.ndarray
+    rec: np.ndarray
+    feat: Optional[np.ndarray]
+    #: (n, S, S) pixel anomaly maps: the squared error per pixel averaged over channels, not
+    #: smoothed.
+    maps: np.ndarray
+    masks: np.ndarray
+    indices: np.ndarray
+
+
+@torch.no_grad()
+def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.device,
+                   batch: int = 16) -> ScoreSet:
+    """Raw scores of every item of ``dataset`` (in order), with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ScoreSet._fields}
+    for item in DataLoader(dataset, batch_size=batch, shuffle=False):
+        s = model.score(item["image"].to(device))
+        parts["labels"].append(item["label"].numpy())
+        parts["rec"].append(s.rec.cpu().numpy())
+        parts["maps"].append(s.error_map.cpu().numpy())
+        parts["masks"].append(item["mask"][:, 0].numpy())
+        parts["indices"].append(item["index"].numpy())
+        if s.feat is not None:
+            parts["feat"].append(s.feat.cpu().numpy())
+    model.train(was_training)
+    return ScoreSet(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
+
+
+def compute_metrics(scores: ScoreSet, gamma: float, has_masks: bool) -> dict[str, Any]:
+    """Image AUROC of the fused score (and of R and L alone), pixel AUROC where masks exist."""
+    fused = fuse_scores(scores.rec, scores.feat, gamma)
+    metrics: dict[str, Any] = {"gamma": gamma, "image_auroc": image_auroc(scores.labels, fused),
+                               "image_auroc_rec": image_auroc(scores.labels, scores.rec)}
+    if scores.feat is not None:
+        metrics["image_auroc_feat"] = image_auroc(scores.labels, scores.feat)
+    metrics["pixel_auroc"] = pixel_auroc(scores.masks, scores.maps) if has_masks else None
+    return metrics
+
+
+def calibration(scores: ScoreSet) -> dict[str, float]:
+    """Ranges of R, L and the pixel errors on normal images, to score single images later."""
+    result = {"rec_min": float(scores.rec.min()), "rec_max": float(scores.rec.max()),
+              "map_max": float(np.quantile(scores.maps, 0.999))}
+    if scores.feat is not None:
+        result.update(feat_min=float(scores.feat.min()), feat_max=float(scores.feat.max()))
+    return result
+
+
+def load_detector(path: str, device: torch.device) -> tuple[AnomalyDetector, TrainConfig, dict[str, Any]]:
+    """The trained networks of a checkpoint (in eval mode), its config and the checkpoint itself."""
+    state = load_checkpoint(path, map_location=device)
+    config = TrainConfig.from_dict(state["config"])
+    model = AnomalyDetector(config.model).to(device)
+    model.generator.load_state_dict(state["generator"])
+    if model.discriminator is not None:
+        model.discriminator.load_state_dict(state["discriminator"])
+    return model.eval(), config, state

@@ -1,0 +1,62 @@
+"""Figures: the ROC curve and anomaly heat-map overlays (matplotlib, headless Agg backend).
+
+Example:
+    >>> import numpy as np, os, tempfile
+    >>> from models.plots import save_roc
+    >>> path = os.path.join(tempfile.mkdtemp(), "roc.png")
+    >>> save_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), path, "demo")
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .scoring import image_roc  # noqa: E402
+
+
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for imshow."""
+    array = ((image.detach().cpu().float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
+
+
+def save_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> None:
+    fpr, tpr = image_roc(labels, scores)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label="image ROC")
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_heatmap(image: torch.Tensor, reconstruction: torch.Tensor, error_map: np.ndarray,
+                 vmax: float, path: str, title: str, mask: Optional[np.ndarray] = None) -> None:
+    """Input, reconstruction, heat map over the input and, where known, the ground-truth mask.
+
+    ``vmax`` fixes the colour scale, so heat maps of different images compare.
+    """
+    panels = [("input", to_display(image)), ("reconstruction", to_display(reconstruction))]
+    fig, axes = plt.subplots(1, 3 + (mask is not None), figsize=(3 * (3 + (mask is not None)), 3.2))
+    for ax, (name, picture) in zip(axes, panels):
+        ax.imshow(picture)
+        ax.set_title(name)
+    axes[2].imshow(panels[0][1])
+    axes[2].imshow(error_map, cmap="jet", alpha=0.5, vmin=0, vmax=max(vmax, 1e-12))
+    axes[2].set_title("anomaly map")
+    if mask is not None:
+        axes[3].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        axes[3].set_title("ground truth")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # keep room for the suptitle above the panel titles
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
