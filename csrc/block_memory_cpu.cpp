@@ -1,0 +1,652 @@
+// CPU kernel of the block-wise memory operator: daad_ext::block_memory_forward / _backward.
+//
+// The operator (daad_ext/reference.py) is two matrix products around a row epilogue:
+//   S = Q M^T (B*Q x N),  w = epilogue(S),  Y = w M (B*Q x D),
+// where the rows of Q and Y are blocks of the NCHW tensors x and y. No full-size permuted copy of
+// x, y or their gradients is ever made: the products are split over the block dimension D into
+// "column chunks" of a few hundred values; a chunk is gathered from NCHW into a small buffer that
+// stays in cache (the gather fuses the row norms), multiplied with the matching columns of M by
+// at::mm (MKL), and, for Y and dL/dQ, scattered straight back into NCHW. The GEMMs keep a large
+// row dimension, so MKL runs at full speed, and the extra memory is a few MB. Rows are processed
+// in blocks of at most a few thousand, so that the per-row buffers (rows x N) stay bounded.
+//
+// Forward (per row block):  S  = sum_chunks Qc Mc^T                  (tasks: ranges of rows)
+//                           w  = row_forward(S / norms / T)         (block_memory.h; same tasks)
+//                           Yc = w Mc, scattered into y             (tasks: ranges of chunks)
+// Backward (per row block): G  = sum_chunks dYc Mc^T (+ grad_w)      (tasks: ranges of rows)
+//                           dS = row_backward(G), scaled to dL/d<q, m> for cosine (same tasks)
+//                           dM[:, c] (+)= w^T dYc + dS^T Qc, dQc = dS Mc scattered into grad_x
+//                                                                   (tasks: ranges of chunks)
+// which is four products, the count of the bare products' backward. Saved from the forward: x and
+// M themselves, w, probs (MemAE only), per-row (|q|, lse) and per-item |m|. grad_memory is
+// written by GEMMs into disjoint column slices (no atomics, no per-thread copies to sum), so
+// repeated runs give identical results.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "block_memory.h"
+
+namespace daad_ext {
+namespace {
+
+using at::Tensor;
+
+// Target size of one column-chunk buffer (rows x chunk; one or two per thread), and of the
+// per-row-block N-wide buffers (rows x N). The environment variables DAAD_EXT_CPU_CHUNK_BYTES and
+// DAAD_EXT_CPU_ROW_BLOCK_BYTES override them (tests use them to force several chunks and blocks).
+constexpr int64_t kChunkBytes = int64_t(1) << 20;
+constexpr int64_t kRowBlockBytes = int64_t(4) << 20;
+// Below these sizes MKL loses efficiency; chunks are made at least this big where possible.
+constexpr int64_t kMinChunk = 256;
+constexpr int64_t kMinRows = 256;
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  const long long parsed = std::atoll(value);
+  return parsed > 0 ? parsed : fallback;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (mirroring daad_ext/spec.py; TORCH_CHECK raises RuntimeError in Python).
+
+Similarity parse_similarity(c10::string_view similarity) {
+  if (similarity == "cosine") return Similarity::Cosine;
+  if (similarity == "dot") return Similarity::Dot;
+  TORCH_CHECK(false, "unknown similarity '", std::string(similarity),
+              "'; choose one of ('cosine', 'dot')");
+}
+
+Shrink parse_shrink(c10::string_view shrink) {
+  if (shrink == "hard") return Shrink::Hard;
+  if (shrink == "memae") return Shrink::MemAE;
+  if (shrink == "none") return Shrink::None;
+  TORCH_CHECK(false, "unknown shrink '", std::string(shrink),
+              "'; choose one of ('hard', 'memae', 'none')");
+}
+
+struct Geometry {
+  int64_t B, C, H, W, rh, rw, rc, bc, bh, bw, Q, D, N;
+  int64_t rows() const { return B * Q; }
+  int64_t lines() const { return bc * bh; }  // a block is bc*bh lines of bw contiguous values
+};
+
+struct Options {
+  Similarity similarity;
+  Shrink shrink;
+  double lam;
+  double temperature;
+};
+
+Options check_options(c10::string_view similarity, c10::string_view shrink, double threshold,
+                      double temperature) {
+  Options options{parse_similarity(similarity), parse_shrink(shrink), threshold, temperature};
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be > 0, got ",
+              temperature);
+  TORCH_CHECK(threshold > 0 && threshold <= 1, "threshold must be in (0, 1], got ", threshold);
+  return options;
+}
+
+Geometry check_inputs(const Tensor& x, const Tensor& memory, int64_t rh, int64_t rw, int64_t rc) {
+  TORCH_CHECK(x.dim() == 4, "x must be a 4-D tensor (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(memory.dim() == 2, "memory must be a 2-D tensor (N, D), got shape ", memory.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got dtype ",
+              x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(memory.scalar_type()),
+              "memory must be a floating-point tensor, got dtype ", memory.scalar_type());
+  TORCH_CHECK(x.scalar_type() == memory.scalar_type(),
+              "x and memory must have the same dtype, got ", x.scalar_type(), " and ",
+              memory.scalar_type());
+  TORCH_CHECK(x.device() == memory.device(), "x and memory must be on the same device, got ",
+              x.device(), " and ", memory.device());
+  TORCH_CHECK(x.device().is_cpu(), "the daad_ext CPU kernel needs CPU tensors, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the daad_ext CPU kernel supports float32 and float64, got dtype ", x.scalar_type());
+  TORCH_CHECK(rh >= 1 && rw >= 1 && rc >= 1, "division rates must be >= 1, got (rh, rw, rc) = (",
+              rh, ", ", rw, ", ", rc, ")");
+  Geometry g{};
+  g.B = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.rh = rh;
+  g.rw = rw;
+  g.rc = rc;
+  std::string bad;
+  const auto add = [&bad](const char* name, int64_t size, const char* rname, int64_t rate) {
+    if (size % rate == 0) return;
+    if (!bad.empty()) bad += "; ";
+    bad += std::string(name) + "=" + std::to_string(size) + " is not divisible by " + rname + "=" +
+           std::to_string(rate);
+  };
+  add("H", g.H, "rh", rh);
+  add("W", g.W, "rw", rw);
+  add("C", g.C, "rc", rc);
+  TORCH_CHECK(bad.empty(), "feature map cannot be divided evenly into blocks: ", bad);
+  g.bc = g.C / rc;
+  g.bh = g.H / rh;
+  g.bw = g.W / rw;
+  g.Q = rh * rw * rc;
+  g.D = g.bc * g.bh * g.bw;
+  g.N = memory.size(0);
+  TORCH_CHECK(g.N >= 1, "memory must hold at least one item (N >= 1)");
+  TORCH_CHECK(memory.size(1) == g.D, "memory has item length D=", memory.size(1), ", but division (",
+              rh, ", ", rw, ", ", rc, ") of a (C, H, W) = (", g.C, ", ", g.H, ", ", g.W,
+              ") map gives blocks of D = ", g.bc, "*", g.bh, "*", g.bw, " = ", g.D);
+  TORCH_CHECK(g.N <= std::numeric_limits<int>::max(), "too many memory items: ", g.N);
+  return g;
+}
+
+void check_saved(const char* name, const Tensor& t, at::IntArrayRef shape, const Tensor& x) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addressing blocks inside a strided (B, C, H, W) tensor.
+
+struct Strides {
+  int64_t b, c, h, w;
+  explicit Strides(const Tensor& t) : b(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+};
+
+// Offset of the first value of query ``row`` (= b*Q + k) in a tensor with strides ``s``.
+inline int64_t block_offset(const Geometry& g, const Strides& s, int64_t row) {
+  const int64_t b = row / g.Q, k = row % g.Q;
+  const int64_t iw = k % g.rw, ih = (k / g.rw) % g.rh, ic = k / (g.rw * g.rh);
+  return b * s.b + ic * g.bc * s.c + ih * g.bh * s.h + iw * g.bw * s.w;
+}
+
+// One column chunk: lines [line0, line0 + nlines) of every block, i.e. the values
+// [line0 * bw, (line0 + nlines) * bw) of each query.
+struct Chunk {
+  int64_t line0, nlines, d0, dc;
+  Chunk(const Geometry& g, int64_t line0_, int64_t nlines_)
+      : line0(line0_), nlines(nlines_), d0(line0_ * g.bw), dc(nlines_ * g.bw) {}
+  // Offset of each line from its block's first value in a tensor with strides ``s``.
+  std::vector<int64_t> offsets(const Geometry& g, const Strides& s) const {
+    std::vector<int64_t> result(nlines);
+    for (int64_t j = 0; j < nlines; ++j) {
+      const int64_t line = line0 + j;
+      result[j] = (line / g.bh) * s.c + (line % g.bh) * s.h;
+    }
+    return result;
+  }
+};
+
+// Sum of squares of n values, in independent lanes so that the loop vectorises.
+template <typename T>
+inline double sumsq(const T* __restrict src, int64_t n) {
+  constexpr int kLanes = 16;
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += src[i + l] * src[i + l];
+  double total = 0;
+  for (; i < n; ++i) total += double(src[i]) * double(src[i]);
+  for (int l = 0; l < kLanes; ++l) total += double(acc[l]);
+  return total;
+}
+
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+// Line copies of one block, with the line length known at compile time for the common block
+// widths (BW > 0) or not (BW == 0); ``sw`` is the stride between a line's values in NCHW.
+template <int BW, typename T>
+inline void gather_lines(const T* __restrict block, const int64_t* offsets, int64_t nlines,
+                         int64_t bw, int64_t sw, T* __restrict out) {
+  const int64_t n = BW > 0 ? BW : bw;
+  if (sw == 1) {
+    for (int64_t j = 0; j < nlines; ++j, out += n) {
+      const T* __restrict in = block + offsets[j];
+      for (int64_t i = 0; i < n; ++i) out[i] = in[i];
+    }
+  } else {
+    for (int64_t j = 0; j < nlines; ++j, out += n) {
+      const T* in = block + offsets[j];
+      for (int64_t i = 0; i < n; ++i) out[i] = in[i * sw];
+    }
+  }
+}
+
+// dst lines = in (- c * minus when ``minus`` is not null); dst is contiguous along W.
+template <int BW, typename T>
+inline void scatter_lines(T* __restrict block, const int64_t* offsets, int64_t nlines, int64_t bw,
+                          const T* __restrict in, T c, const T* __restrict minus) {
+  const int64_t n = BW > 0 ? BW : bw;
+  if (minus != nullptr) {
+    for (int64_t j = 0; j < nlines; ++j, in += n, minus += n) {
+      T* __restrict out = block + offsets[j];
+      for (int64_t i = 0; i < n; ++i) out[i] = in[i] - c * minus[i];
+    }
+  } else {
+    for (int64_t j = 0; j < nlines; ++j, in += n) {
+      T* __restrict out = block + offsets[j];
+      for (int64_t i = 0; i < n; ++i) out[i] = in[i];
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, BW>) with BW = bw for the common widths, else BW = 0.
+template <typename F>
+inline void dispatch_width(int64_t bw, F&& f) {
+  switch (bw) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// buf[r, :] = chunk of query (row0 + r) of ``src``, for r < rows; adds the squared values to
+// ``sq[r]`` when ``sq`` is not null. Serial: the callers run one gather per thread.
+template <typename T>
+void gather_chunk(const Geometry& g, const T* src, const Strides& s, const Chunk& chunk,
+                  int64_t row0, int64_t rows, T* buf, double* sq) {
+  const std::vector<int64_t> offsets = chunk.offsets(g, s);
+  dispatch_width(g.bw, [&](auto width) {
+    constexpr int BW = decltype(width)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* out = buf + r * chunk.dc;
+      gather_lines<BW>(src + block_offset(g, s, row0 + r), offsets.data(), chunk.nlines, g.bw,
+                       s.w, out);
+      if (sq != nullptr) sq[r] += sumsq(out, chunk.dc);
+    }
+  });
+}
+
+// The inverse: chunk of query (row0 + r) of ``dst`` (a contiguous NCHW tensor) = buf[r, :], minus
+// coef[r] * sub[r, :] when ``coef`` is not null. Serial.
+template <typename T>
+void scatter_chunk(const Geometry& g, T* dst, const Strides& s, const Chunk& chunk, int64_t row0,
+                   int64_t rows, const T* buf, const T* coef, const T* sub) {
+  TORCH_INTERNAL_ASSERT(s.w == 1, "scatter_chunk writes contiguous outputs only");
+  const std::vector<int64_t> offsets = chunk.offsets(g, s);
+  dispatch_width(g.bw, [&](auto width) {
+    constexpr int BW = decltype(width)::value;
+    for (int64_t r = 0; r < rows; ++r) {
+      scatter_lines<BW>(dst + block_offset(g, s, row0 + r), offsets.data(), chunk.nlines, g.bw,
+                        buf + r * chunk.dc, coef != nullptr ? coef[r] : T(0),
+                        coef != nullptr ? sub + r * chunk.dc : nullptr);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work partition. Each pass is one parallel region whose tasks are whole pieces of the work,
+// each with its own single-threaded GEMMs (ATen runs BLAS on one thread inside a parallel
+// region): the products with K = D (S = Q M^T, G = dY M^T) are split by rows, those with output
+// columns in D (Y, dM, dQ) by column chunks. Few synchronisation points, so that a thread
+// descheduled on a busy machine stalls the others rarely. No task sums partial results of
+// another (each output value is computed by one task, in a fixed order), so runs are
+// reproducible.
+
+struct Plan {
+  int64_t row_block;        // rows per row block
+  int64_t lines_per_chunk;  // lines (of bw values) per column chunk
+  int64_t nchunks;
+  int64_t tasks;            // parallel tasks per pass (the thread count)
+  Chunk chunk(const Geometry& g, int64_t c) const {
+    const int64_t line0 = c * lines_per_chunk;
+    return Chunk(g, line0, std::min(lines_per_chunk, g.lines() - line0));
+  }
+};
+
+Plan make_plan(const Geometry& g, int64_t element_size) {
+  const int64_t rows = g.rows();
+  Plan plan{};
+  plan.tasks = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_bytes = env_int("DAAD_EXT_CPU_ROW_BLOCK_BYTES", kRowBlockBytes);
+  plan.row_block = std::max<int64_t>(kMinRows, row_bytes / (g.N * element_size));
+  plan.row_block = std::max<int64_t>(1, std::min(plan.row_block, rows));
+  const int64_t nblocks = (rows + plan.row_block - 1) / plan.row_block;  // balanced row blocks
+  plan.row_block = (rows + nblocks - 1) / nblocks;
+  const int64_t chunk_bytes = env_int("DAAD_EXT_CPU_CHUNK_BYTES", kChunkBytes);
+  const int64_t chunk = std::clamp<int64_t>(chunk_bytes / (plan.row_block * element_size),
+                                            std::min(kMinChunk, g.D), g.D);
+  int64_t lines_per_chunk = std::clamp<int64_t>(chunk / g.bw, 1, g.lines());
+  // A multiple of the thread count of balanced chunks, where the lines allow it.
+  int64_t nchunks = (g.lines() + lines_per_chunk - 1) / lines_per_chunk;
+  nchunks = std::min(g.lines(), (nchunks + plan.tasks - 1) / plan.tasks * plan.tasks);
+  plan.lines_per_chunk = (g.lines() + nchunks - 1) / nchunks;
+  plan.nchunks = (g.lines() + plan.lines_per_chunk - 1) / plan.lines_per_chunk;
+  return plan;
+}
+
+// Runs f(begin, end) for the row ranges of ``rows`` split over the plan's tasks.
+template <typename F>
+void for_row_tasks(const Plan& plan, int64_t rows, F&& f) {
+  const int64_t tasks = std::min(plan.tasks, rows);
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    // Worker threads do not inherit the caller's dispatch state: keep the ATen calls below
+    // autograd there too (the kernel runs below it, on tensors that may require grad).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = first; t < last; ++t) f(rows * t / tasks, rows * (t + 1) / tasks);
+  });
+}
+
+// Runs f(first_chunk, last_chunk) for the chunk ranges split over the plan's tasks.
+template <typename F>
+void for_chunk_tasks(const Plan& plan, F&& f) {
+  at::parallel_for(0, plan.nchunks, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in for_row_tasks
+    f(first, last);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Tensor& memory,
+                  const Tensor& y, const Tensor& w, const Tensor& probs, const Tensor& row_stats,
+                  const Tensor& item_norms) {
+  const int64_t N = g.N, D = g.D, rows_total = g.rows();
+  const Strides xs(x), ys(y);
+  const Plan plan = make_plan(g, sizeof(T));
+  const int64_t max_chunk = plan.lines_per_chunk * g.bw;
+  const T* x_data = x.const_data_ptr<T>();
+  const T* m_data = memory.const_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  T* w_data = w.mutable_data_ptr<T>();
+  T* stats = row_stats.mutable_data_ptr<T>();
+  T* nm = item_norms.mutable_data_ptr<T>();
+  const bool cosine = o.similarity == Similarity::Cosine;
+  const T temperature = T(o.temperature), lam = T(o.lam);
+  // Logits are computed where the softmax will be: in w, or in probs for MemAE (whose w differs).
+  const Tensor logits = (o.shrink == Shrink::MemAE ? probs : w).view({rows_total, N});
+  T* z_data = logits.mutable_data_ptr<T>();
+  const Tensor w2 = w.view({rows_total, N});
+
+  // |m_i| (one pass over M, split over items) and 1 / max(|m_i|, eps).
+  std::vector<T> inv_nm(N);
+  at::parallel_for(0, N, grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      nm[i] = T(std::sqrt(sumsq(m_data + i * D, D)));
+      inv_nm[i] = T(1) / clamp_norm(nm[i]);
+    }
+  });
+
+  for (int64_t row0 = 0; row0 < rows_total; row0 += plan.row_block) {
+    const int64_t rows = std::min(plan.row_block, rows_total - row0);
+    // S = Q M^T for a range of rows per task, accumulated over the column chunks, then the row
+    // epilogue of those rows: similarities -> logits -> softmax -> shrinkage.
+    for_row_tasks(plan, rows, [&](int64_t begin, int64_t end) {
+      const int64_t nr = end - begin, first_row = row0 + begin;
+      Tensor buf = at::empty({nr * max_chunk}, x.options());
+      std::vector<double> sq(nr, 0.0);
+      Tensor s_rows = logits.narrow(0, first_row, nr);
+      for (int64_t c = 0; c < plan.nchunks; ++c) {
+        const Chunk chunk = plan.chunk(g, c);
+        gather_chunk(g, x_data, xs, chunk, first_row, nr, buf.mutable_data_ptr<T>(), sq.data());
+        const Tensor qc = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
+        const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
+        if (c == 0) {
+          at::mm_out(s_rows, qc, mc_t);
+        } else {
+          s_rows.addmm_(qc, mc_t);
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = first_row + r;
+        T* z = z_data + row * N;
+        const T nq = T(std::sqrt(sq[r]));
+        if (cosine) {  // z = <q, m> / (max(|q|, eps) max(|m|, eps) T), by reciprocals
+          const T scale = T(1) / (clamp_norm(nq) * temperature);
+          for (int64_t i = 0; i < N; ++i) z[i] = z[i] * scale * inv_nm[i];
+        } else if (temperature != T(1)) {
+          const T scale = T(1) / temperature;
+          for (int64_t i = 0; i < N; ++i) z[i] *= scale;
+        }
+        stats[2 * row] = nq;
+        stats[2 * row + 1] =
+            row_forward(z, int(N), o.shrink, lam, w_data + row * N, static_cast<T*>(nullptr));
+      }
+    });
+    // Y = w M, a range of column chunks per task, scattered into y.
+    const Tensor w_block = w2.narrow(0, row0, rows);
+    for_chunk_tasks(plan, [&](int64_t first, int64_t last) {
+      Tensor buf = at::empty({rows * max_chunk}, x.options());
+      for (int64_t c = first; c < last; ++c) {
+        const Chunk chunk = plan.chunk(g, c);
+        Tensor yc = buf.narrow(0, 0, rows * chunk.dc).view({rows, chunk.dc});
+        at::mm_out(yc, w_block, memory.narrow(1, chunk.d0, chunk.dc));
+        scatter_chunk<T>(g, y_data, ys, chunk, row0, rows, yc.const_data_ptr<T>(), nullptr,
+                         nullptr);
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
+    const Tensor& x_in, const Tensor& memory_in, int64_t rh, int64_t rw, int64_t rc,
+    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
+  const Geometry g = check_inputs(x_in, memory_in, rh, rw, rc);
+  const Options o = check_options(similarity, shrink, threshold, temperature);
+  // x is read through its strides; M must be row-major for the column chunks (a no-op normally).
+  const Tensor& x = x_in;
+  const Tensor memory = memory_in.contiguous();
+  Tensor y = at::empty({g.B, g.C, g.H, g.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor w = at::empty({g.B, g.Q, g.N}, x.options());
+  Tensor probs = o.shrink == Shrink::MemAE ? at::empty({g.B, g.Q, g.N}, x.options())
+                                           : at::empty({0}, x.options());
+  Tensor row_stats = at::empty({g.B, g.Q, 2}, x.options());
+  Tensor item_norms = at::empty({g.N}, x.options());
+  if (g.B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_forward_cpu", [&] {
+      forward_impl<scalar_t>(g, o, x, memory, y, w, probs, row_stats, item_norms);
+    });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_item_norms", [&] {
+      item_norms.copy_(at::linalg_vector_norm(memory, 2, {1}, false, std::nullopt));
+    });
+  }
+  return {y, w, probs, row_stats, item_norms};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+void backward_impl(const Geometry& g, const Options& o, const Tensor& grad_y, const Tensor& grad_w,
+                   const Tensor& x, const Tensor& memory, const Tensor& w, const Tensor& probs,
+                   const Tensor& row_stats, const Tensor& item_norms, const Tensor& grad_x,
+                   const Tensor& grad_memory) {
+  const int64_t N = g.N, D = g.D, rows_total = g.rows();
+  const bool has_gy = grad_y.defined(), has_gw = grad_w.defined();
+  const bool memae = o.shrink == Shrink::MemAE;
+  const bool cosine = o.similarity == Similarity::Cosine;
+  const Strides xs(x), gxs(grad_x);
+  const Strides gys = has_gy ? Strides(grad_y) : xs;
+  const Plan plan = make_plan(g, sizeof(T));
+  const int64_t max_chunk = plan.lines_per_chunk * g.bw;
+  const T* x_data = x.const_data_ptr<T>();
+  const T* gy_data = has_gy ? grad_y.const_data_ptr<T>() : nullptr;
+  const T* gw_data = has_gw ? grad_w.const_data_ptr<T>() : nullptr;
+  const T* m_data = memory.const_data_ptr<T>();
+  const T* w_data = w.const_data_ptr<T>();
+  const T* p_data = memae ? probs.const_data_ptr<T>() : nullptr;
+  const T* stats = row_stats.const_data_ptr<T>();
+  const T* nm = item_norms.const_data_ptr<T>();
+  T* gx_data = grad_x.mutable_data_ptr<T>();
+  T* gm_data = grad_memory.mutable_data_ptr<T>();
+  const T temperature = T(o.temperature), lam = T(o.lam);
+  const Tensor w2 = w.view({rows_total, N});
+
+  Tensor gs = at::empty({plan.row_block, N}, x.options());  // dL/dw, then dL/d<q, m>
+  Tensor prod = cosine ? at::empty({plan.row_block, N}, x.options()) : Tensor();
+  T* prod_data = cosine ? prod.mutable_data_ptr<T>() : nullptr;
+  std::vector<T> row_corr(plan.row_block, T(0));
+  std::vector<double> colsum(cosine ? N : 0, 0.0);
+  std::vector<T> item_corr(cosine ? N : 0, T(0));
+  std::vector<T> inv_nm(cosine ? N : 0);
+  for (size_t i = 0; i < inv_nm.size(); ++i) inv_nm[i] = T(1) / clamp_norm(nm[i]);
+
+  for (int64_t row0 = 0; row0 < rows_total; row0 += plan.row_block) {
+    const int64_t rows = std::min(plan.row_block, rows_total - row0);
+    const bool first_block = row0 == 0, last_block = row0 + rows == rows_total;
+    Tensor g_block = gs.narrow(0, 0, rows);
+    T* g_data = g_block.mutable_data_ptr<T>();
+    // G = dY M^T for a range of rows per task, accumulated over the column chunks, then the row
+    // epilogue's backward of those rows: dL/dw -> dL/ds -> dL/d<q, m>.
+    for_row_tasks(plan, rows, [&](int64_t begin, int64_t end) {
+      const int64_t nr = end - begin;
+      if (has_gy) {
+        Tensor buf = at::empty({nr * max_chunk}, x.options());
+        Tensor g_rows = g_block.narrow(0, begin, nr);
+        for (int64_t c = 0; c < plan.nchunks; ++c) {
+          const Chunk chunk = plan.chunk(g, c);
+          gather_chunk<T>(g, gy_data, gys, chunk, row0 + begin, nr, buf.mutable_data_ptr<T>(),
+                          nullptr);
+          const Tensor dyc = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
+          const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
+          if (c == 0) {
+            at::mm_out(g_rows, dyc, mc_t);
+          } else {
+            g_rows.addmm_(dyc, mc_t);
+          }
+        }
+      }
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t row = row0 + r;
+        T* gr = g_data + r * N;
+        if (has_gw) {
+          const T* gwr = gw_data + row * N;
+          if (has_gy) {
+            for (int64_t i = 0; i < N; ++i) gr[i] += gwr[i];
+          } else {
+            std::copy(gwr, gwr + N, gr);
+          }
+        }
+        const T nq = stats[2 * row], lse = stats[2 * row + 1];
+        const T rowdot = row_backward(gr, w_data + row * N, memae ? p_data + row * N : nullptr,
+                                      int(N), o.shrink, lam, temperature, lse,
+                                      cosine ? prod_data + r * N : nullptr);
+        if (cosine) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
+          row_corr[r] = norm_correction(nq, rowdot);
+          const T scale = T(1) / clamp_norm(nq);
+          for (int64_t i = 0; i < N; ++i) gr[i] = gr[i] * scale * inv_nm[i];
+        }
+      }
+    });
+    if (cosine) {
+      // Per-item sums of dL/ds * s over the rows, in a fixed order (deterministic).
+      at::parallel_for(0, N, grain(rows), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          double total = 0;
+          for (int64_t r = 0; r < rows; ++r) total += double(prod_data[r * N + i]);
+          colsum[i] += total;
+          if (last_block) item_corr[i] = norm_correction(nm[i], T(colsum[i]));
+        }
+      });
+    }
+    // For a range of column chunks per task: dM[:, chunk] (+)= w^T dY + dS^T Q, and
+    // dQ = dS M[:, chunk] scattered into grad_x.
+    const Tensor w_block = w2.narrow(0, row0, rows);
+    for_chunk_tasks(plan, [&](int64_t first, int64_t last) {
+      Tensor buf = at::empty({2 * rows * max_chunk}, x.options());  // dY (then dQ), Q
+      for (int64_t c = first; c < last; ++c) {
+        const Chunk chunk = plan.chunk(g, c);
+        const int64_t size = rows * chunk.dc;
+        Tensor dyc = buf.narrow(0, 0, size).view({rows, chunk.dc});
+        Tensor qc = buf.narrow(0, size, size).view({rows, chunk.dc});
+        gather_chunk<T>(g, x_data, xs, chunk, row0, rows, qc.mutable_data_ptr<T>(), nullptr);
+        Tensor gm_chunk = grad_memory.narrow(1, chunk.d0, chunk.dc);
+        bool written = !first_block;
+        if (has_gy) {
+          gather_chunk<T>(g, gy_data, gys, chunk, row0, rows, dyc.mutable_data_ptr<T>(), nullptr);
+          if (written) {
+            gm_chunk.addmm_(w_block.t(), dyc);
+          } else {
+            at::mm_out(gm_chunk, w_block.t(), dyc);
+          }
+          written = true;
+        }
+        if (written) {
+          gm_chunk.addmm_(g_block.t(), qc);
+        } else {
+          at::mm_out(gm_chunk, g_block.t(), qc);
+        }
+        if (cosine && last_block) {
+          // dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i, while the chunk of dM is in cache.
+          for (int64_t i = 0; i < N; ++i) {
+            const T coef = item_corr[i];
+            if (coef == T(0)) continue;
+            T* out = gm_data + i * D + chunk.d0;
+            const T* m = m_data + i * D + chunk.d0;
+            for (int64_t j = 0; j < chunk.dc; ++j) out[j] -= coef * m[j];
+          }
+        }
+        at::mm_out(dyc, g_block, memory.narrow(1, chunk.d0, chunk.dc));
+        scatter_chunk<T>(g, gx_data, gxs, chunk, row0, rows, dyc.const_data_ptr<T>(),
+                         cosine ? row_corr.data() : nullptr,
+                         cosine ? qc.const_data_ptr<T>() : nullptr);
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> block_memory_backward_cpu(
+    const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_w_opt,
+    const Tensor& x, const Tensor& memory_in, const Tensor& w_in, const Tensor& probs_in,
+    const Tensor& row_stats_in, const Tensor& item_norms_in, int64_t rh, int64_t rw, int64_t rc,
+    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
+  const Geometry g = check_inputs(x, memory_in, rh, rw, rc);
+  const Options o = check_options(similarity, shrink, threshold, temperature);
+  check_saved("w", w_in, {g.B, g.Q, g.N}, x);
+  if (o.shrink == Shrink::MemAE) check_saved("probs", probs_in, {g.B, g.Q, g.N}, x);
+  check_saved("row_stats", row_stats_in, {g.B, g.Q, 2}, x);
+  check_saved("item_norms", item_norms_in, {g.N}, x);
+  Tensor grad_y, grad_w;
+  if (grad_y_opt.has_value() && grad_y_opt->defined()) {
+    grad_y = *grad_y_opt;
+    check_saved("grad_y", grad_y, x.sizes(), x);
+  }
+  if (grad_w_opt.has_value() && grad_w_opt->defined()) {
+    grad_w = grad_w_opt->contiguous();
+    check_saved("grad_w", grad_w, {g.B, g.Q, g.N}, x);
+  }
+  const Tensor memory = memory_in.contiguous();
+  const Tensor w = w_in.contiguous();
+  const Tensor probs = probs_in.contiguous();
+  const Tensor row_stats = row_stats_in.contiguous();
+  const Tensor item_norms = item_norms_in.contiguous();
+  Tensor grad_x = at::empty({g.B, g.C, g.H, g.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor grad_memory = at::empty({g.N, g.D}, memory.options());
+  if ((!grad_y.defined() && !grad_w.defined()) || g.B == 0) {
+    grad_x.zero_();
+    grad_memory.zero_();
+    return {grad_x, grad_memory};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_backward_cpu", [&] {
+    backward_impl<scalar_t>(g, o, grad_y, grad_w, x, memory, w, probs, row_stats, item_norms,
+                            grad_x, grad_memory);
+  });
+  return {grad_x, grad_memory};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(daad_ext, CPU, m) {
+  m.impl("block_memory_forward", &block_memory_forward_cpu);
+  m.impl("block_memory_backward", &block_memory_backward_cpu);
+}
+
+}  // namespace daad_ext
