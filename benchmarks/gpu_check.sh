@@ -144,7 +144,7 @@ run_step 02_build 170 build
 # --- 3. tests ------------------------------------------------------------------------------------
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 run_step 03_test_cuda 80 "${PYTEST[@]}" --junitxml="$OUT_DIR/junit_test_cuda.xml" tests/test_cuda.py
-run_step 04_test_triton 80 "${PYTEST[@]}" --junitxml="$OUT_DIR/junit_test_triton.xml" tests/test_triton.py
+run_step 04_test_triton 120 "${PYTEST[@]}" --junitxml="$OUT_DIR/junit_test_triton.xml" tests/test_triton.py
 
 # --- 4. benchmarks at the four DAAD scales, float32 and bfloat16 ------------------------------------
 for scale in 1 2 3 4; do

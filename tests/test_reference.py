@@ -257,4 +257,4 @@ def test_unknown_and_unavailable_backends_are_named():
         block_memory(x, memory, (4, 4, 1), backend="tpu")
     with pytest.raises(ValueError, match="'cuda' is not available.*available"):
         block_memory(x, memory, (4, 4, 1), backend="cuda")
-    assert available_backends("cpu")[-1] == "reference"
+    assert "reference" in available_backends("cpu")
