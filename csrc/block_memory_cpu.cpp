@@ -30,11 +30,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "block_memory.h"
+#include "op_checks.h"
 
 namespace daad_ext {
 namespace {
@@ -58,101 +58,10 @@ int64_t env_int(const char* name, int64_t fallback) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks (mirroring daad_ext/spec.py; TORCH_CHECK raises RuntimeError in Python).
+// Argument checks: csrc/op_checks.h, for float32 and float64 CPU tensors.
 
-Similarity parse_similarity(c10::string_view similarity) {
-  if (similarity == "cosine") return Similarity::Cosine;
-  if (similarity == "dot") return Similarity::Dot;
-  TORCH_CHECK(false, "unknown similarity '", std::string(similarity),
-              "'; choose one of ('cosine', 'dot')");
-}
-
-Shrink parse_shrink(c10::string_view shrink) {
-  if (shrink == "hard") return Shrink::Hard;
-  if (shrink == "memae") return Shrink::MemAE;
-  if (shrink == "none") return Shrink::None;
-  TORCH_CHECK(false, "unknown shrink '", std::string(shrink),
-              "'; choose one of ('hard', 'memae', 'none')");
-}
-
-struct Geometry {
-  int64_t B, C, H, W, rh, rw, rc, bc, bh, bw, Q, D, N;
-  int64_t rows() const { return B * Q; }
-  int64_t lines() const { return bc * bh; }  // a block is bc*bh lines of bw contiguous values
-};
-
-struct Options {
-  Similarity similarity;
-  Shrink shrink;
-  double lam;
-  double temperature;
-};
-
-Options check_options(c10::string_view similarity, c10::string_view shrink, double threshold,
-                      double temperature) {
-  Options options{parse_similarity(similarity), parse_shrink(shrink), threshold, temperature};
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be > 0, got ",
-              temperature);
-  TORCH_CHECK(threshold > 0 && threshold <= 1, "threshold must be in (0, 1], got ", threshold);
-  return options;
-}
-
-Geometry check_inputs(const Tensor& x, const Tensor& memory, int64_t rh, int64_t rw, int64_t rc) {
-  TORCH_CHECK(x.dim() == 4, "x must be a 4-D tensor (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(memory.dim() == 2, "memory must be a 2-D tensor (N, D), got shape ", memory.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got dtype ",
-              x.scalar_type());
-  TORCH_CHECK(at::isFloatingType(memory.scalar_type()),
-              "memory must be a floating-point tensor, got dtype ", memory.scalar_type());
-  TORCH_CHECK(x.scalar_type() == memory.scalar_type(),
-              "x and memory must have the same dtype, got ", x.scalar_type(), " and ",
-              memory.scalar_type());
-  TORCH_CHECK(x.device() == memory.device(), "x and memory must be on the same device, got ",
-              x.device(), " and ", memory.device());
-  TORCH_CHECK(x.device().is_cpu(), "the daad_ext CPU kernel needs CPU tensors, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the daad_ext CPU kernel supports float32 and float64, got dtype ", x.scalar_type());
-  TORCH_CHECK(rh >= 1 && rw >= 1 && rc >= 1, "division rates must be >= 1, got (rh, rw, rc) = (",
-              rh, ", ", rw, ", ", rc, ")");
-  Geometry g{};
-  g.B = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.rh = rh;
-  g.rw = rw;
-  g.rc = rc;
-  std::string bad;
-  const auto add = [&bad](const char* name, int64_t size, const char* rname, int64_t rate) {
-    if (size % rate == 0) return;
-    if (!bad.empty()) bad += "; ";
-    bad += std::string(name) + "=" + std::to_string(size) + " is not divisible by " + rname + "=" +
-           std::to_string(rate);
-  };
-  add("H", g.H, "rh", rh);
-  add("W", g.W, "rw", rw);
-  add("C", g.C, "rc", rc);
-  TORCH_CHECK(bad.empty(), "feature map cannot be divided evenly into blocks: ", bad);
-  g.bc = g.C / rc;
-  g.bh = g.H / rh;
-  g.bw = g.W / rw;
-  g.Q = rh * rw * rc;
-  g.D = g.bc * g.bh * g.bw;
-  g.N = memory.size(0);
-  TORCH_CHECK(g.N >= 1, "memory must hold at least one item (N >= 1)");
-  TORCH_CHECK(memory.size(1) == g.D, "memory has item length D=", memory.size(1), ", but division (",
-              rh, ", ", rw, ", ", rc, ") of a (C, H, W) = (", g.C, ", ", g.H, ", ", g.W,
-              ") map gives blocks of D = ", g.bc, "*", g.bh, "*", g.bw, " = ", g.D);
-  TORCH_CHECK(g.N <= std::numeric_limits<int>::max(), "too many memory items: ", g.N);
-  return g;
-}
-
-void check_saved(const char* name, const Tensor& t, at::IntArrayRef shape, const Tensor& x) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-}
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
+const Backend kBackend{"CPU", c10::DeviceType::CPU, kDtypes, "float32 and float64"};
 
 // ---------------------------------------------------------------------------------------------
 // Addressing blocks inside a strided (B, C, H, W) tensor.
@@ -351,6 +260,27 @@ void for_chunk_tasks(const Plan& plan, F&& f) {
   });
 }
 
+// out (nr x N) = A M^T, where the rows of A are the queries row0, ..., row0 + nr - 1 of ``src``
+// (strides ``s``): the products with K = D (S = Q M^T, G = dY M^T), accumulated over the column
+// chunks, each gathered into ``buf`` (nr x the plan's largest chunk); adds the rows' squared values
+// to ``sq`` when it is not null. Serial: the callers run one per task.
+template <typename T>
+void times_memory_t(const Geometry& g, const Plan& plan, const T* src, const Strides& s,
+                    int64_t row0, int64_t nr, const Tensor& memory, const Tensor& buf, double* sq,
+                    Tensor& out) {
+  for (int64_t c = 0; c < plan.nchunks; ++c) {
+    const Chunk chunk = plan.chunk(g, c);
+    gather_chunk(g, src, s, chunk, row0, nr, buf.mutable_data_ptr<T>(), sq);
+    const Tensor ac = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
+    const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
+    if (c == 0) {
+      at::mm_out(out, ac, mc_t);
+    } else {
+      out.addmm_(ac, mc_t);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -393,17 +323,7 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
       Tensor buf = at::empty({nr * max_chunk}, x.options());
       std::vector<double> sq(nr, 0.0);
       Tensor s_rows = logits.narrow(0, first_row, nr);
-      for (int64_t c = 0; c < plan.nchunks; ++c) {
-        const Chunk chunk = plan.chunk(g, c);
-        gather_chunk(g, x_data, xs, chunk, first_row, nr, buf.mutable_data_ptr<T>(), sq.data());
-        const Tensor qc = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
-        const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
-        if (c == 0) {
-          at::mm_out(s_rows, qc, mc_t);
-        } else {
-          s_rows.addmm_(qc, mc_t);
-        }
-      }
+      times_memory_t(g, plan, x_data, xs, first_row, nr, memory, buf, sq.data(), s_rows);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = first_row + r;
         T* z = z_data + row * N;
@@ -438,7 +358,7 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
     const Tensor& x_in, const Tensor& memory_in, int64_t rh, int64_t rw, int64_t rc,
     c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
-  const Geometry g = check_inputs(x_in, memory_in, rh, rw, rc);
+  const Geometry g = check_inputs(x_in, memory_in, rh, rw, rc, kBackend);
   const Options o = check_options(similarity, shrink, threshold, temperature);
   // x is read through its strides; M must be row-major for the column chunks (a no-op normally).
   const Tensor& x = x_in;
@@ -511,18 +431,7 @@ void backward_impl(const Geometry& g, const Options& o, const Tensor& grad_y, co
       if (has_gy) {
         Tensor buf = at::empty({nr * max_chunk}, x.options());
         Tensor g_rows = g_block.narrow(0, begin, nr);
-        for (int64_t c = 0; c < plan.nchunks; ++c) {
-          const Chunk chunk = plan.chunk(g, c);
-          gather_chunk<T>(g, gy_data, gys, chunk, row0 + begin, nr, buf.mutable_data_ptr<T>(),
-                          nullptr);
-          const Tensor dyc = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
-          const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
-          if (c == 0) {
-            at::mm_out(g_rows, dyc, mc_t);
-          } else {
-            g_rows.addmm_(dyc, mc_t);
-          }
-        }
+        times_memory_t(g, plan, gy_data, gys, row0 + begin, nr, memory, buf, nullptr, g_rows);
       }
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = row0 + r;
@@ -608,21 +517,12 @@ std::tuple<Tensor, Tensor> block_memory_backward_cpu(
     const Tensor& x, const Tensor& memory_in, const Tensor& w_in, const Tensor& probs_in,
     const Tensor& row_stats_in, const Tensor& item_norms_in, int64_t rh, int64_t rw, int64_t rc,
     c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
-  const Geometry g = check_inputs(x, memory_in, rh, rw, rc);
+  const Geometry g = check_inputs(x, memory_in, rh, rw, rc, kBackend);
   const Options o = check_options(similarity, shrink, threshold, temperature);
-  check_saved("w", w_in, {g.B, g.Q, g.N}, x);
-  if (o.shrink == Shrink::MemAE) check_saved("probs", probs_in, {g.B, g.Q, g.N}, x);
-  check_saved("row_stats", row_stats_in, {g.B, g.Q, 2}, x);
-  check_saved("item_norms", item_norms_in, {g.N}, x);
-  Tensor grad_y, grad_w;
-  if (grad_y_opt.has_value() && grad_y_opt->defined()) {
-    grad_y = *grad_y_opt;
-    check_saved("grad_y", grad_y, x.sizes(), x);
-  }
-  if (grad_w_opt.has_value() && grad_w_opt->defined()) {
-    grad_w = grad_w_opt->contiguous();
-    check_saved("grad_w", grad_w, {g.B, g.Q, g.N}, x);
-  }
+  const Tensor grad_y = optional_grad(grad_y_opt);  // read through its strides
+  Tensor grad_w = optional_grad(grad_w_opt);
+  check_backward_args(g, o, x, w_in, probs_in, row_stats_in, item_norms_in, grad_y, grad_w);
+  if (grad_w.defined()) grad_w = grad_w.contiguous();
   const Tensor memory = memory_in.contiguous();
   const Tensor w = w_in.contiguous();
   const Tensor probs = probs_in.contiguous();

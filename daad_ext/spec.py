@@ -93,6 +93,8 @@ def check_inputs(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int])
     if x.device != memory.device:
         raise ValueError(f"x and memory must be on the same device, got {x.device} and {memory.device}")
     _, c, h, w = x.shape
+    if min(c, h, w) < 1:
+        raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
     geometry = make_division(c, h, w, division)
     n, d = memory.shape
     if n < 1:

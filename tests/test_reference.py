@@ -224,6 +224,7 @@ def _bad_calls():
     x, memory = torch.randn(2, 4, 8, 8), torch.randn(10, 16)
     return [
         ((x[0], memory, (4, 4, 1)), ValueError, "4-D"),
+        ((x[:, :0], memory, (4, 4, 1)), ValueError, "C, H, W >= 1"),
         ((x, memory[0], (4, 4, 1)), ValueError, "2-D"),
         ((x, memory, (3, 4, 1)), ValueError, "H=8 is not divisible by rh=3"),
         ((x, memory, (4, 4, 3)), ValueError, "C=4 is not divisible by rc=3"),

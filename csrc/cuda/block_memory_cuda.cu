@@ -30,10 +30,10 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 
+#include "../op_checks.h"
 #include "kernels.cuh"
 
 namespace daad_ext {
@@ -42,81 +42,18 @@ namespace {
 
 using at::Tensor;
 
-Similarity parse_similarity(std::string_view s) {
-  if (s == "cosine") return Similarity::Cosine;
-  if (s == "dot") return Similarity::Dot;
-  TORCH_CHECK_VALUE(false, "unknown similarity '", s, "'; choose one of ('cosine', 'dot')");
-}
+// Argument checks: csrc/op_checks.h, for float32, float16 and bfloat16 CUDA tensors, plus the
+// size limits of this kernel's 32-bit index arithmetic (offsets are 64-bit).
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+const Backend kBackend{"CUDA", c10::DeviceType::CUDA, kDtypes, "float32, float16 and bfloat16"};
 
-Shrink parse_shrink(std::string_view s) {
-  if (s == "hard") return Shrink::Hard;
-  if (s == "memae") return Shrink::MemAE;
-  if (s == "none") return Shrink::None;
-  TORCH_CHECK_VALUE(false, "unknown shrink '", s, "'; choose one of ('hard', 'memae', 'none')");
-}
-
-struct Geometry {
-  int64_t batch, channels, height, width;
-  int64_t rh, rw, rc, bc, bh, bw;
-  int64_t queries, dim, items, rows;
-};
-
-// The checks of daad_ext/spec.py (check_inputs / check_options), for calls that bypass Python.
-Geometry check_forward_args(const Tensor& x, const Tensor& memory, int64_t rh, int64_t rw,
-                            int64_t rc, double threshold, double temperature) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be a 4-D tensor (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(memory.dim() == 2, "memory must be a 2-D tensor (N, D), got shape ",
-                    memory.sizes());
-  TORCH_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got dtype ",
-                   x.scalar_type());
-  TORCH_CHECK_TYPE(memory.is_floating_point(), "memory must be a floating-point tensor, got dtype ",
-                   memory.scalar_type());
-  TORCH_CHECK_TYPE(x.scalar_type() == memory.scalar_type(),
-                   "x and memory must have the same dtype, got ", x.scalar_type(), " and ",
-                   memory.scalar_type());
-  const auto st = x.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                   "the CUDA kernel supports float32, float16 and bfloat16, got ", st);
-  TORCH_CHECK_VALUE(x.device() == memory.device(),
-                    "x and memory must be on the same device, got ", x.device(), " and ",
-                    memory.device());
-  TORCH_CHECK_VALUE(x.is_cuda(), "the CUDA kernel needs CUDA tensors, got ", x.device());
-  TORCH_CHECK_VALUE(rh >= 1 && rw >= 1 && rc >= 1,
-                    "division rates must be >= 1, got (rh, rw, rc) = (", rh, ", ", rw, ", ", rc,
-                    ")");
-  Geometry g{};
-  g.batch = x.size(0);
-  g.channels = x.size(1);
-  g.height = x.size(2);
-  g.width = x.size(3);
-  TORCH_CHECK_VALUE(g.height % rh == 0 && g.width % rw == 0 && g.channels % rc == 0,
-                    "feature map cannot be divided evenly into blocks: (C, H, W) = (", g.channels,
-                    ", ", g.height, ", ", g.width, "), (rh, rw, rc) = (", rh, ", ", rw, ", ", rc,
-                    ")");
-  g.rh = rh;
-  g.rw = rw;
-  g.rc = rc;
-  g.bc = g.channels / rc;
-  g.bh = g.height / rh;
-  g.bw = g.width / rw;
-  g.queries = rh * rw * rc;
-  g.dim = g.bc * g.bh * g.bw;
-  g.items = memory.size(0);
-  g.rows = g.batch * g.queries;
-  TORCH_CHECK_VALUE(g.items >= 1, "memory must hold at least one item (N >= 1)");
-  TORCH_CHECK_VALUE(memory.size(1) == g.dim, "memory has item length D=", memory.size(1),
-                    ", but division (", rh, ", ", rw, ", ", rc, ") of a (C, H, W) = (",
-                    g.channels, ", ", g.height, ", ", g.width, ") map gives blocks of D = ", g.bc,
-                    "*", g.bh, "*", g.bw, " = ", g.dim);
-  TORCH_CHECK_VALUE(g.dim >= 1, "blocks must hold at least one value (D >= 1)");
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(threshold > 0 && threshold <= 1, "threshold must be in (0, 1], got ",
-                    threshold);
-  // 32-bit index arithmetic in the kernels (offsets are 64-bit).
+Geometry check_cuda_inputs(const Tensor& x, const Tensor& memory, int64_t rh, int64_t rw,
+                           int64_t rc) {
+  const Geometry g = check_inputs(x, memory, rh, rw, rc, kBackend);
   constexpr int64_t kMax = int64_t(1) << 30;
-  TORCH_CHECK(g.rows < kMax && g.dim < kMax && g.items < kMax,
-              "the CUDA kernel supports B*Q, N and D below 2^30, got B*Q=", g.rows, ", N=",
-              g.items, ", D=", g.dim);
+  TORCH_CHECK(g.rows() < kMax && g.D < kMax && g.N < kMax,
+              "the daad_ext CUDA kernel supports B*Q, N and D below 2^30, got B*Q=", g.rows(),
+              ", N=", g.N, ", D=", g.D);
   return g;
 }
 
@@ -126,9 +63,9 @@ Blocks make_blocks(const Tensor& t, const Geometry& g) {
   b.sc = t.stride(1);
   b.sh = t.stride(2);
   b.sw = t.stride(3);
-  b.rows = static_cast<int>(g.rows);
-  b.dim = static_cast<int>(g.dim);
-  b.q = static_cast<int>(g.queries);
+  b.rows = static_cast<int>(g.rows());
+  b.dim = static_cast<int>(g.D);
+  b.q = static_cast<int>(g.Q);
   b.rh = static_cast<int>(g.rh);
   b.rw = static_cast<int>(g.rw);
   b.bc = static_cast<int>(g.bc);
@@ -141,13 +78,13 @@ Blocks make_blocks(const Tensor& t, const Geometry& g) {
 // here; keep it alive while kernels that use the table are queued).
 BlockTable block_table(const Tensor& t, const Geometry& g, Tensor& storage, cudaStream_t stream) {
   const Blocks blocks = make_blocks(t, g);
-  storage = at::empty({g.rows + g.dim}, t.options().dtype(at::kLong));
+  storage = at::empty({g.rows() + g.D}, t.options().dtype(at::kLong));
   int64_t* table = static_cast<int64_t*>(storage.data_ptr());
-  const int64_t n = g.rows + g.dim;
+  const int64_t n = g.rows() + g.D;
   block_table_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       blocks, table);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return BlockTable{table, table + g.rows, static_cast<int>(g.rows), static_cast<int>(g.dim)};
+  return BlockTable{table, table + g.rows(), static_cast<int>(g.rows()), static_cast<int>(g.D)};
 }
 
 template <typename E>
@@ -177,12 +114,12 @@ struct Split {
 };
 
 Split choose_split(const Geometry& g, int device) {
-  const int64_t tiles = ceil_div(g.rows, BM) * ceil_div(g.items, BN);
+  const int64_t tiles = ceil_div(g.rows(), BM) * ceil_div(g.N, BN);
   const int64_t target = 2 * int64_t(multiprocessors(device));
   int64_t splits = tiles >= target ? 1 : ceil_div(target, tiles);
-  splits = std::min<int64_t>({splits, std::max<int64_t>(1, g.dim / (4 * BK)), 64});
-  const int64_t chunk = ceil_div(ceil_div(g.dim, splits), BK) * BK;
-  return Split{static_cast<int>(ceil_div(g.dim, chunk)), static_cast<int>(chunk)};
+  splits = std::min<int64_t>({splits, std::max<int64_t>(1, g.D / (4 * BK)), 64});
+  const int64_t chunk = ceil_div(ceil_div(g.D, splits), BK) * BK;
+  return Split{static_cast<int>(ceil_div(g.D, chunk)), static_cast<int>(chunk)};
 }
 
 // Calls ``f(E{}, std::bool_constant<tensor_cores>{})`` with the device storage type E of
@@ -217,12 +154,11 @@ dim3 grid2(int64_t x, int64_t y, int64_t z = 1) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const Tensor& x, const Tensor& memory_in, int64_t rh, int64_t rw, int64_t rc,
-    c10::string_view similarity_name, c10::string_view shrink_name, double threshold,
-    double temperature) {
-  const Similarity similarity =
-      parse_similarity(std::string_view(similarity_name.data(), similarity_name.size()));
-  const Shrink shrink = parse_shrink(std::string_view(shrink_name.data(), shrink_name.size()));
-  const Geometry g = check_forward_args(x, memory_in, rh, rw, rc, threshold, temperature);
+    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
+  const Geometry g = check_cuda_inputs(x, memory_in, rh, rw, rc);
+  const Options o = check_options(similarity, shrink, threshold, temperature);
+  const bool cosine = o.similarity == Similarity::Cosine;
+  const bool memae = o.shrink == Shrink::MemAE;
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -230,14 +166,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor memory = memory_in.contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor w = at::empty({g.batch, g.queries, g.items}, x.options());
-  Tensor probs = shrink == Shrink::MemAE ? at::empty({g.batch, g.queries, g.items}, x.options())
-                                         : at::empty({0}, x.options());
-  Tensor row_stats = at::empty({g.batch, g.queries, 2}, f32);
-  Tensor item_norms = at::empty({g.items}, f32);
+  Tensor w = at::empty({g.B, g.Q, g.N}, x.options());
+  Tensor probs = memae ? at::empty({g.B, g.Q, g.N}, x.options()) : at::empty({0}, x.options());
+  Tensor row_stats = at::empty({g.B, g.Q, 2}, f32);
+  Tensor item_norms = at::empty({g.N}, f32);
 
-  const int rows = static_cast<int>(g.rows), items = static_cast<int>(g.items);
-  const int dim = static_cast<int>(g.dim);
+  const int rows = static_cast<int>(g.rows()), items = static_cast<int>(g.N);
+  const int dim = static_cast<int>(g.D);
   dispatch(x.scalar_type(), [&](auto e_tag, auto tc_tag) {
     using E = decltype(e_tag);
     constexpr bool kTC = decltype(tc_tag)::value;
@@ -247,16 +182,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
     if (rows == 0) return;
 
     const Split split = choose_split(g, device);
-    Tensor partial = at::empty({split.splits, g.rows, g.items}, f32);
-    Tensor qsq = at::empty({split.splits, g.rows}, f32);
-    Tensor wbuf = at::empty({g.rows, g.items}, f32);
+    Tensor partial = at::empty({split.splits, g.rows(), g.N}, f32);
+    Tensor qsq = at::empty({split.splits, g.rows()}, f32);
+    Tensor wbuf = at::empty({g.rows(), g.N}, f32);
     Tensor x_table_storage, y_table_storage;
     const BlockLoad<E> queries{static_cast<const E*>(x.const_data_ptr()),
                                block_table(x, g, x_table_storage, stream)};
     const BlockTable y_table = y.strides() == x.strides()
                                    ? queries.g
                                    : block_table(y, g, y_table_storage, stream);
-    const RowMajor<E> mem = row_major<E>(memory, g.items, g.dim);
+    const RowMajor<E> mem = row_major<E>(memory, g.N, g.D);
 
     sim_kernel<E, kTC, BlockLoad<E>>
         <<<grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, 0, stream>>>(
@@ -266,74 +201,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
 
     row_forward_kernel<E><<<grid2(ceil_div(rows, kWarps), 1), kThreads, 0, stream>>>(
         mutable_ptr<float>(partial), split.splits, mutable_ptr<float>(qsq),
-        mutable_ptr<float>(item_norms), rows, items, similarity == Similarity::Cosine, shrink,
+        mutable_ptr<float>(item_norms), rows, items, cosine, o.shrink,
         static_cast<float>(threshold), static_cast<float>(temperature), mutable_ptr<float>(wbuf),
-        mutable_ptr<E>(w), shrink == Shrink::MemAE ? mutable_ptr<E>(probs) : nullptr,
+        mutable_ptr<E>(w), memae ? mutable_ptr<E>(probs) : nullptr,
         mutable_ptr<float>(row_stats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     out_kernel<E, kTC><<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
-        row_major<E>(w, g.rows, g.items), Transposed<RowMajor<E>>{mem}, y_table, mutable_ptr<E>(y),
+        row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, y_table, mutable_ptr<E>(y),
         items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, w, probs, row_stats, item_norms};
 }
 
-void check_saved(const Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
-                 const Tensor& x) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on ", x.device(), ", got ",
-                    t.device());
-}
-
 std::tuple<Tensor, Tensor> backward_cuda(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_w_opt,
     const Tensor& x, const Tensor& memory_in, const Tensor& w_in, const Tensor& probs_in,
     const Tensor& row_stats_in, const Tensor& item_norms_in, int64_t rh, int64_t rw, int64_t rc,
-    c10::string_view similarity_name, c10::string_view shrink_name, double threshold,
-    double temperature) {
-  const Similarity similarity =
-      parse_similarity(std::string_view(similarity_name.data(), similarity_name.size()));
-  const Shrink shrink = parse_shrink(std::string_view(shrink_name.data(), shrink_name.size()));
-  const Geometry g = check_forward_args(x, memory_in, rh, rw, rc, threshold, temperature);
-  const bool cosine = similarity == Similarity::Cosine;
-  const bool memae = shrink == Shrink::MemAE;
-  const bool has_grad_y = grad_y_opt.has_value() && grad_y_opt->defined();
-  const bool has_grad_w = grad_w_opt.has_value() && grad_w_opt->defined();
-  const std::vector<int64_t> w_shape{g.batch, g.queries, g.items};
-  check_saved(w_in, "w", w_shape, x.scalar_type(), x);
-  check_saved(row_stats_in, "row_stats", {g.batch, g.queries, 2}, at::kFloat, x);
-  check_saved(item_norms_in, "item_norms", {g.items}, at::kFloat, x);
-  if (memae) check_saved(probs_in, "probs", w_shape, x.scalar_type(), x);
-  if (has_grad_y) check_saved(*grad_y_opt, "grad_y", x.sizes(), x.scalar_type(), x);
-  if (has_grad_w) check_saved(*grad_w_opt, "grad_w", w_shape, x.scalar_type(), x);
+    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
+  const Geometry g = check_cuda_inputs(x, memory_in, rh, rw, rc);
+  const Options o = check_options(similarity, shrink, threshold, temperature);
+  const Tensor grad_y = optional_grad(grad_y_opt);  // read through its strides
+  Tensor grad_w = optional_grad(grad_w_opt);
+  check_backward_args(g, o, x, w_in, probs_in, row_stats_in, item_norms_in, grad_y, grad_w);
+  const bool cosine = o.similarity == Similarity::Cosine;
+  const bool memae = o.shrink == Shrink::MemAE;
+  const bool has_grad_y = grad_y.defined(), has_grad_w = grad_w.defined();
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.rows == 0 || (!has_grad_y && !has_grad_w)) {
-    return {grad_x.zero_(), at::zeros({g.items, g.dim}, x.options())};
+  if (g.rows() == 0 || (!has_grad_y && !has_grad_w)) {
+    return {grad_x.zero_(), at::zeros({g.N, g.D}, x.options())};
   }
-  Tensor grad_m = at::empty({g.items, g.dim}, x.options());
+  Tensor grad_m = at::empty({g.N, g.D}, x.options());
   const Tensor memory = memory_in.contiguous();
   const Tensor w = w_in.contiguous();
   const Tensor probs = memae ? probs_in.contiguous() : probs_in;
   const Tensor row_stats = row_stats_in.contiguous();
   const Tensor item_norms = item_norms_in.contiguous();
-  const Tensor grad_w = has_grad_w ? grad_w_opt->contiguous() : Tensor();
-  const Tensor grad_y = has_grad_y ? *grad_y_opt : Tensor();  // read through its strides
+  if (has_grad_w) grad_w = grad_w.contiguous();
 
-  const int rows = static_cast<int>(g.rows), items = static_cast<int>(g.items);
-  const int dim = static_cast<int>(g.dim);
+  const int rows = static_cast<int>(g.rows()), items = static_cast<int>(g.N);
+  const int dim = static_cast<int>(g.D);
   dispatch(x.scalar_type(), [&](auto e_tag, auto tc_tag) {
     using E = decltype(e_tag);
     constexpr bool kTC = decltype(tc_tag)::value;
-    const RowMajor<E> mem = row_major<E>(memory, g.items, g.dim);
+    const RowMajor<E> mem = row_major<E>(memory, g.N, g.D);
     // Offset tables of x, grad_y and grad_x (shared where the strides agree).
     Tensor x_table_storage, gy_table_storage, gx_table_storage;
     const BlockLoad<E> queries{static_cast<const E*>(x.const_data_ptr()),
@@ -355,28 +272,28 @@ std::tuple<Tensor, Tensor> backward_cuda(
     Tensor gpart;
     if (has_grad_y) {
       split = choose_split(g, device);
-      gpart = at::empty({split.splits, g.rows, g.items}, f32);
+      gpart = at::empty({split.splits, g.rows(), g.N}, f32);
       sim_kernel<E, kTC, BlockLoad<E>>
           <<<grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, 0, stream>>>(
               grads, mem, rows, items, dim, split.chunk, mutable_ptr<float>(gpart), nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      gpart = at::empty({g.rows, g.items}, f32);
+      gpart = at::empty({g.rows(), g.N}, f32);
     }
 
-    Tensor wbuf = at::empty({g.rows, g.items}, f32);
-    Tensor pbuf = memae ? at::empty({g.rows, g.items}, f32) : Tensor();
-    Tensor prod = cosine ? at::empty({g.rows, g.items}, f32) : Tensor();
-    Tensor coef_q = cosine ? at::empty({g.rows}, f32) : Tensor();
-    Tensor coef_m = cosine ? at::empty({g.items}, f32) : Tensor();
-    Tensor a = at::empty({g.rows, g.items}, x.options());
+    Tensor wbuf = at::empty({g.rows(), g.N}, f32);
+    Tensor pbuf = memae ? at::empty({g.rows(), g.N}, f32) : Tensor();
+    Tensor prod = cosine ? at::empty({g.rows(), g.N}, f32) : Tensor();
+    Tensor coef_q = cosine ? at::empty({g.rows()}, f32) : Tensor();
+    Tensor coef_m = cosine ? at::empty({g.N}, f32) : Tensor();
+    Tensor a = at::empty({g.rows(), g.N}, x.options());
     row_backward_kernel<E><<<grid2(ceil_div(rows, kWarps), 1), kThreads, 0, stream>>>(
         mutable_ptr<float>(gpart), split.splits,
         has_grad_w ? static_cast<const E*>(grad_w.const_data_ptr()) : nullptr,
         static_cast<const E*>(w.const_data_ptr()),
         memae ? static_cast<const E*>(probs.const_data_ptr()) : nullptr,
         static_cast<const float*>(row_stats.const_data_ptr()),
-        static_cast<const float*>(item_norms.const_data_ptr()), rows, items, cosine, shrink,
+        static_cast<const float*>(item_norms.const_data_ptr()), rows, items, cosine, o.shrink,
         static_cast<float>(threshold), static_cast<float>(temperature), mutable_ptr<float>(wbuf),
         memae ? mutable_ptr<float>(pbuf) : nullptr, cosine ? mutable_ptr<float>(prod) : nullptr,
         mutable_ptr<E>(a), cosine ? mutable_ptr<float>(coef_q) : nullptr);
@@ -389,14 +306,14 @@ std::tuple<Tensor, Tensor> backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
 
-    const RowMajor<E> a_rm = row_major<E>(a, g.rows, g.items);
+    const RowMajor<E> a_rm = row_major<E>(a, g.rows(), g.N);
     gq_kernel<E, kTC><<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
         a_rm, Transposed<RowMajor<E>>{mem}, queries,
         cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     gm_kernel<E, kTC><<<grid2(ceil_div(items, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
-        Transposed<RowMajor<E>>{row_major<E>(w, g.rows, g.items)},
+        Transposed<RowMajor<E>>{row_major<E>(w, g.rows(), g.N)},
         Transposed<BlockLoad<E>>{grads}, has_grad_y, Transposed<RowMajor<E>>{a_rm},
         Transposed<BlockLoad<E>>{queries}, cosine ? mutable_ptr<float>(coef_m) : nullptr, mem,
         mutable_ptr<E>(grad_m));

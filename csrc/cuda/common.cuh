@@ -290,6 +290,16 @@ struct TileGemm<E, true> {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
   }
 
+  // Loads an A or B fragment from its tile in shared memory, rounded to TF32 for float.
+  template <class Fragment>
+  static __device__ __forceinline__ void load_fragment(Fragment& f, const E* tile) {
+    nvcuda::wmma::load_matrix_sync(f, tile, kLdAB);
+    if constexpr (sizeof(E) == 4) {
+#pragma unroll
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+    }
+  }
+
   template <class LA, class LB>
   __device__ void accumulate(unsigned char* smem, const LA& la, const LB& lb, int m0, int n0,
                              int k_begin, int k_end) {
@@ -307,21 +317,9 @@ struct TileGemm<E, true> {
         wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Shape::Precision, wmma::row_major> a[2];
         wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Shape::Precision, wmma::col_major> b[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(a[i], as + (wm * 32 + i * 16) * kLdAB + kk, kLdAB);
-          if constexpr (sizeof(E) == 4) {
+        for (int i = 0; i < 2; ++i) load_fragment(a[i], as + (wm * 32 + i * 16) * kLdAB + kk);
 #pragma unroll
-            for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::load_matrix_sync(b[j], bs + (wn * 32 + j * 16) * kLdAB + kk, kLdAB);
-          if constexpr (sizeof(E) == 4) {
-#pragma unroll
-            for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
-          }
-        }
+        for (int j = 0; j < 2; ++j) load_fragment(b[j], bs + (wn * 32 + j * 16) * kLdAB + kk);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
