@@ -307,6 +307,88 @@ if HAS_TRITON:
         else:
             return tl.dot(a, b, acc, input_precision="ieee")
 
+    @triton.jit
+    def _cosine_scale(v, qn, mnorm_ptr, items, item_mask):
+        """v / (|q| |m_i|) on a (rows x items) tile, both norms clamped."""
+        mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
+        return v / (_clamp_norm(qn)[:, None] * _clamp_norm(mn)[None, :])
+
+    @triton.jit
+    def _store_stats(stats_ptr, rows, row_mask, qn, lse):
+        tl.store(stats_ptr + rows * 2, qn, mask=row_mask)
+        tl.store(stats_ptr + rows * 2 + 1, lse, mask=row_mask)
+
+    @triton.jit
+    def _load_stats(stats_ptr, rows, row_mask):
+        """(|q|, lse) of the rows."""
+        return (tl.load(stats_ptr + rows * 2, mask=row_mask, other=0.0),
+                tl.load(stats_ptr + rows * 2 + 1, mask=row_mask, other=0.0))
+
+    # ---------------------------------------------------------------------------------------------
+    # Tiles and the loops over D shared by the fused and tiled kernels (inlined into them, in the
+    # manner of the fused-attention tutorial's _attn_fwd_inner).
+    # ---------------------------------------------------------------------------------------------
+    @triton.jit
+    def _load_nchw(ptr, row_off, cols, mask, BW, BHW, sc, sh, sw):
+        """The (rows x cols) tile of an NCHW operand, rows at block origins ``row_off``."""
+        return tl.load(ptr + row_off[:, None] + _col_offsets(cols, BW, BHW, sc, sh, sw)[None, :],
+                       mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_nchw(ptr, row_off, cols, value, mask, BW, BHW, sc, sh, sw):
+        """Stores a (rows x cols) tile into an NCHW tensor, in its dtype."""
+        tl.store(ptr + row_off[:, None] + _col_offsets(cols, BW, BHW, sc, sh, sw)[None, :],
+                 value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_items(m_ptr, mrow, cols, item_mask, col_mask, smd):
+        """The (items x cols) tile of M, items at offsets ``mrow``."""
+        return tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
+                       mask=item_mask[:, None] & col_mask[None, :], other=0.0)
+
+    @triton.jit
+    def _query_item_dots(acc, qsq, x_ptr, xrow, row_mask, m_ptr, mrow, item_mask, d_start, d_end,
+                         BW, BHW, sxc, sxh, sxw, smd,
+                         ACC_SQ: tl.constexpr, TF32: tl.constexpr, BLOCK_D: tl.constexpr):
+        """acc + X[rows, d_start:d_end] @ M[items, d_start:d_end]^T, X's tiles read straight from
+        NCHW; with ACC_SQ, qsq + the rows' squares summed over the same columns."""
+        for d0 in range(d_start, d_end, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < d_end
+            q = _load_nchw(x_ptr, xrow, cols, row_mask[:, None] & col_mask[None, :],
+                           BW, BHW, sxc, sxh, sxw)
+            m = _load_items(m_ptr, mrow, cols, item_mask, col_mask, smd)
+            acc = _mma(q, tl.trans(m), acc, TF32)
+            if ACC_SQ:
+                qf = q.to(tl.float32)
+                qsq += tl.sum(qf * qf, axis=1)
+        return acc, qsq
+
+    @triton.jit
+    def _correct_and_store(acc, out_ptr, orow, x_ptr, xrow, corr, cols, mask,
+                           BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT: tl.constexpr):
+        """out[rows, cols] = acc (- corr * q with CORRECT), q and out in NCHW."""
+        if CORRECT:
+            q = _load_nchw(x_ptr, xrow, cols, mask, BW, BHW, sxc, sxh, sxw)
+            acc -= corr[:, None] * q.to(tl.float32)
+        _store_nchw(out_ptr, orow, cols, acc, mask, BW, BHW, soc, soh, sow)
+
+    @triton.jit
+    def _rows_times_items(a, m_ptr, mrow, item_mask, out_ptr, orow, x_ptr, xrow, corr, row_mask,
+                          D, BW, BHW, sxc, sxh, sxw, soc, soh, sow, smd,
+                          CORRECT: tl.constexpr, TF32: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        """out = a @ M (- corr * q) over all of D, a (rows x all items) on chip; M's tiles in a's
+        dtype."""
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            m = _load_items(m_ptr, mrow, cols, item_mask, col_mask, smd)
+            out = _mma(a, m.to(a.dtype), tl.zeros((BLOCK_R, BLOCK_D), tl.float32), TF32)
+            _correct_and_store(out, out_ptr, orow, x_ptr, xrow, corr, cols,
+                               row_mask[:, None] & col_mask[None, :],
+                               BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT)
+
     # ---------------------------------------------------------------------------------------------
     # Row epilogue on a (BLOCK_R, N_PAD) tile holding whole rows (fused path).
     # ---------------------------------------------------------------------------------------------
@@ -337,26 +419,44 @@ if HAS_TRITON:
         return w, p, lse
 
     @triton.jit
+    def _memae_grad_p(g, p, gw_dot, total, lam):
+        """MemAE's dL/dp from dL/dw, <dL/dw, w> and the shrunk total of each row."""
+        safe_total = tl.where(total >= MEMAE_EPS_C, total, 1.0)
+        gu = tl.where(total[:, None] >= MEMAE_EPS_C,
+                      (g - gw_dot[:, None]) / safe_total[:, None], g / MEMAE_EPS_C)
+        return gu * _memae_shrink_grad(p, lam)
+
+    @triton.jit
+    def _similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK: tl.constexpr):
+        """(dL/ds, the weight it rests on: p for MemAE, w otherwise) of a (rows x items) tile."""
+        if SHRINK == 1:
+            gs = p * (_memae_grad_p(g, p, gw_dot, total, lam) - gp_dot[:, None]) / temperature
+            weight = p
+        else:
+            gs = w * (g - gw_dot[:, None]) / temperature
+            weight = w
+        return gs, weight
+
+    @triton.jit
+    def _grad_times_similarity(gs, weight, lse, temperature):
+        """dL/ds * s where the weight is > 0 (s recovered from the weight and lse), else 0."""
+        s = _recover_similarity(tl.where(weight > 0.0, weight, 1.0), lse[:, None], temperature)
+        return tl.where(weight > 0.0, gs * s, 0.0)
+
+    @triton.jit
     def _row_backward(g, w, p, lse, lam, temperature, SHRINK: tl.constexpr,
                       NEED_PROD: tl.constexpr):
         """dL/dw -> (dL/ds, dL/ds * s where the weight is > 0). Mirrors row_backward()."""
         gw_dot = tl.sum(g * w, axis=1)
         if SHRINK == 1:
-            u = _memae_shrink(p, lam)
-            total = tl.sum(u, axis=1)
-            safe_total = tl.where(total >= MEMAE_EPS_C, total, 1.0)
-            gu = tl.where(total[:, None] >= MEMAE_EPS_C,
-                          (g - gw_dot[:, None]) / safe_total[:, None], g / MEMAE_EPS_C)
-            gp = gu * _memae_shrink_grad(p, lam)  # dL/dp
-            gp_dot = tl.sum(gp * p, axis=1)
-            gs = p * (gp - gp_dot[:, None]) / temperature
-            weight = p
+            total = tl.sum(_memae_shrink(p, lam), axis=1)
+            gp_dot = tl.sum(_memae_grad_p(g, p, gw_dot, total, lam) * p, axis=1)
         else:
-            gs = w * (g - gw_dot[:, None]) / temperature
-            weight = w
+            total = gw_dot  # unused
+            gp_dot = gw_dot  # unused
+        gs, weight = _similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK)
         if NEED_PROD:
-            s = _recover_similarity(tl.where(weight > 0.0, weight, 1.0), lse[:, None], temperature)
-            prod = tl.where(weight > 0.0, gs * s, 0.0)
+            prod = _grad_times_similarity(gs, weight, lse, temperature)
         else:
             prod = gs
         return gs, prod
@@ -396,23 +496,13 @@ if HAS_TRITON:
         item_mask = items < N
         xrow = _row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
         mrow = items.to(tl.int64) * smn
-        acc = tl.zeros((BLOCK_R, N_PAD), tl.float32)
-        qsq = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            q = tl.load(x_ptr + xrow[:, None] + _col_offsets(cols, BW, BHW, sxc, sxh, sxw)[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            m = tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
-                        mask=item_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = _mma(q, tl.trans(m), acc, TF32)
-            qf = q.to(tl.float32)
-            qsq += tl.sum(qf * qf, axis=1)
+        s, qsq = _query_item_dots(tl.zeros((BLOCK_R, N_PAD), tl.float32),
+                                  tl.zeros((BLOCK_R,), tl.float32), x_ptr, xrow, row_mask,
+                                  m_ptr, mrow, item_mask, 0, D, BW, BHW, sxc, sxh, sxw, smd,
+                                  True, TF32, BLOCK_D)
         qn = tl.sqrt(qsq)
-        s = acc
         if COSINE:
-            mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
-            s = s / (_clamp_norm(qn)[:, None] * _clamp_norm(mn)[None, :])
+            s = _cosine_scale(s, qn, mnorm_ptr, items, item_mask)
         z = tl.where(item_mask[None, :], s / temperature, float("-inf"))
         w, p, lse = _row_forward(z, item_mask, lam, SHRINK)
         rn = rows.to(tl.int64)[:, None] * N + items[None, :]
@@ -420,19 +510,12 @@ if HAS_TRITON:
         tl.store(w_ptr + rn, w.to(w_ptr.dtype.element_ty), mask=tile_mask)
         if STORE_P:
             tl.store(p_ptr + rn, p.to(p_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(stats_ptr + rows * 2, qn, mask=row_mask)
-        tl.store(stats_ptr + rows * 2 + 1, lse, mask=row_mask)
+        _store_stats(stats_ptr, rows, row_mask, qn, lse)
         # Second pass over D: y = w @ M, written straight into the NCHW output.
-        wd = w.to(m_ptr.dtype.element_ty)
         yrow = _row_offsets(rows, Q, RW, RHW, syb, sybc, sybh, sybw)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            m = tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
-                        mask=item_mask[:, None] & col_mask[None, :], other=0.0)
-            out = _mma(wd, m, tl.zeros((BLOCK_R, BLOCK_D), tl.float32), TF32)
-            tl.store(y_ptr + yrow[:, None] + _col_offsets(cols, BW, BHW, syc, syh, syw)[None, :],
-                     out.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        _rows_times_items(w.to(m_ptr.dtype.element_ty), m_ptr, mrow, item_mask, y_ptr, yrow,
+                          x_ptr, xrow, qn, row_mask, D, BW, BHW, sxc, sxh, sxw, syc, syh, syw,
+                          smd, False, TF32, BLOCK_R, BLOCK_D)
 
     # ---------------------------------------------------------------------------------------------
     # Fused backward, row part: dL/dw = G @ M^T (+ grad_w), the epilogue backward on chip,
@@ -463,15 +546,9 @@ if HAS_TRITON:
         g = tl.zeros((BLOCK_R, N_PAD), tl.float32)
         if HAS_GY:
             grow = _row_offsets(rows, Q, RW, RHW, sgb, sgbc, sgbh, sgbw)
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                col_mask = cols < D
-                gy = tl.load(gy_ptr + grow[:, None]
-                             + _col_offsets(cols, BW, BHW, sgc, sgh, sgw)[None, :],
-                             mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                m = tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
-                            mask=item_mask[:, None] & col_mask[None, :], other=0.0)
-                g = _mma(gy, tl.trans(m), g, TF32)
+            g, _ = _query_item_dots(g, tl.zeros((BLOCK_R,), tl.float32), gy_ptr, grow, row_mask,
+                                    m_ptr, mrow, item_mask, 0, D, BW, BHW, sgc, sgh, sgw, smd,
+                                    False, TF32, BLOCK_D)
         if HAS_GW:
             g += tl.load(gw_ptr + rn, mask=tile_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rn, mask=tile_mask, other=0.0).to(tl.float32)
@@ -479,8 +556,7 @@ if HAS_TRITON:
             p = tl.load(p_ptr + rn, mask=tile_mask, other=0.0).to(tl.float32)
         else:
             p = w
-        qn = tl.load(stats_ptr + rows * 2, mask=row_mask, other=0.0)
-        lse = tl.load(stats_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+        qn, lse = _load_stats(stats_ptr, rows, row_mask)
         gs, prod = _row_backward(g, w, p, lse, lam, temperature, SHRINK, COSINE)
         if COSINE:
             rowdot = tl.sum(prod, axis=1)
@@ -491,28 +567,17 @@ if HAS_TRITON:
             part_ids = pid * (BLOCK_R // PART_ROWS) + tl.arange(0, BLOCK_R // PART_ROWS)
             tl.store(colpart_ptr + part_ids.to(tl.int64)[:, None] * N + items[None, :], parts,
                      mask=(part_ids < NUM_PARTS)[:, None] & item_mask[None, :])
-            mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
-            a = gs / (_clamp_norm(qn)[:, None] * _clamp_norm(mn)[None, :])
+            a = _cosine_scale(gs, qn, mnorm_ptr, items, item_mask)
             corr = _norm_correction(qn, rowdot)
         else:
             a = gs
+            corr = qn  # unused
         tl.store(a_ptr + rn, a, mask=tile_mask)
         xrow = _row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
         orow = _row_offsets(rows, Q, RW, RHW, sob, sobc, sobh, sobw)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            mask2 = row_mask[:, None] & col_mask[None, :]
-            m = tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
-                        mask=item_mask[:, None] & col_mask[None, :], other=0.0)
-            out = _mma(a, m.to(tl.float32), tl.zeros((BLOCK_R, BLOCK_D), tl.float32), A_TF32)
-            if COSINE:
-                q = tl.load(x_ptr + xrow[:, None]
-                            + _col_offsets(cols, BW, BHW, sxc, sxh, sxw)[None, :],
-                            mask=mask2, other=0.0)
-                out -= corr[:, None] * q.to(tl.float32)
-            tl.store(gx_ptr + orow[:, None] + _col_offsets(cols, BW, BHW, soc, soh, sow)[None, :],
-                     out.to(gx_ptr.dtype.element_ty), mask=mask2)
+        _rows_times_items(a, m_ptr, mrow, item_mask, gx_ptr, orow, x_ptr, xrow, corr, row_mask,
+                          D, BW, BHW, sxc, sxh, sxw, soc, soh, sow, smd,
+                          COSINE, A_TF32, BLOCK_R, BLOCK_D)
 
     # ---------------------------------------------------------------------------------------------
     # Tiled path, 1/3: partial products over (row tiles x item tiles x D splits) of an NCHW
@@ -537,25 +602,24 @@ if HAS_TRITON:
         mrow = items.to(tl.int64) * smn
         d_start = split * SPLIT_D
         d_end = tl.minimum(d_start + SPLIT_D, D)
-        acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-        qsq = tl.zeros((BLOCK_R,), tl.float32)
-        for d0 in range(d_start, d_end, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < d_end
-            q = tl.load(x_ptr + xrow[:, None] + _col_offsets(cols, BW, BHW, sxc, sxh, sxw)[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            m = tl.load(m_ptr + mrow[:, None] + cols[None, :] * smd,
-                        mask=item_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = _mma(q, tl.trans(m), acc, TF32)
-            if STORE_SQ:
-                qf = q.to(tl.float32)
-                qsq += tl.sum(qf * qf, axis=1)
+        acc, qsq = _query_item_dots(tl.zeros((BLOCK_R, BLOCK_N), tl.float32),
+                                    tl.zeros((BLOCK_R,), tl.float32), x_ptr, xrow, row_mask,
+                                    m_ptr, mrow, item_mask, d_start, d_end,
+                                    BW, BHW, sxc, sxh, sxw, smd, STORE_SQ, TF32, BLOCK_D)
         base = split.to(tl.int64) * R * N
         tl.store(ws_ptr + base + rows.to(tl.int64)[:, None] * N + items[None, :], acc,
                  mask=row_mask[:, None] & item_mask[None, :])
         if STORE_SQ:
             if pid_n == 0:
                 tl.store(sq_ptr + split * R + rows, qsq, mask=row_mask)
+
+    @triton.jit
+    def _item_chunk(n0, r64, row_mask, N, BLOCK_N: tl.constexpr):
+        """(items, item_mask, tile mask, offsets r*N + i) of the item chunk at n0."""
+        items = n0 + tl.arange(0, BLOCK_N)
+        item_mask = items < N
+        mask = row_mask[:, None] & item_mask[None, :]
+        return items, item_mask, mask, r64[:, None] * N + items[None, :]
 
     @triton.jit
     def _reduced_chunk(ws_ptr, rn, mask, RN, SPLITS):
@@ -587,14 +651,10 @@ if HAS_TRITON:
         zmax = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         total_e = tl.zeros((BLOCK_R,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            items = n0 + tl.arange(0, BLOCK_N)
-            item_mask = items < N
-            mask = row_mask[:, None] & item_mask[None, :]
-            rn = r64[:, None] * N + items[None, :]
+            items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             s = _reduced_chunk(ws_ptr, rn, mask, R * N, SPLITS)
             if COSINE:
-                mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
-                s = s / (_clamp_norm(qn)[:, None] * _clamp_norm(mn)[None, :])
+                s = _cosine_scale(s, qn, mnorm_ptr, items, item_mask)
             z = tl.where(item_mask[None, :], s / temperature, float("-inf"))
             tl.store(ws_ptr + rn, z, mask=mask)
             new_max = tl.maximum(zmax, tl.max(z, axis=1))
@@ -607,11 +667,8 @@ if HAS_TRITON:
         kept = tl.zeros((BLOCK_R,), tl.float32)
         if SHRINK != 2:
             for n0 in range(0, N, BLOCK_N):
-                items = n0 + tl.arange(0, BLOCK_N)
-                item_mask = items < N
-                mask = row_mask[:, None] & item_mask[None, :]
-                z = tl.load(ws_ptr + r64[:, None] * N + items[None, :], mask=mask,
-                            other=float("-inf"))
+                items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
+                z = tl.load(ws_ptr + rn, mask=mask, other=float("-inf"))
                 p = tl.exp(z - zmax[:, None]) / total_e[:, None]
                 if SHRINK == 0:
                     keep = ((p >= lam) | (p == pmax[:, None])) & item_mask[None, :]
@@ -625,10 +682,7 @@ if HAS_TRITON:
         denom = tl.where(kept >= MEMAE_EPS_C, kept, MEMAE_EPS_C)
         # Pass 3: the weights.
         for n0 in range(0, N, BLOCK_N):
-            items = n0 + tl.arange(0, BLOCK_N)
-            item_mask = items < N
-            mask = row_mask[:, None] & item_mask[None, :]
-            rn = r64[:, None] * N + items[None, :]
+            items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             z = tl.load(ws_ptr + rn, mask=mask, other=float("-inf"))
             p = tl.exp(z - zmax[:, None]) / total_e[:, None]
             if SHRINK == 2:
@@ -641,8 +695,7 @@ if HAS_TRITON:
             tl.store(w_ptr + rn, w.to(w_ptr.dtype.element_ty), mask=mask)
             if STORE_P:
                 tl.store(p_ptr + rn, p.to(p_ptr.dtype.element_ty), mask=mask)
-        tl.store(stats_ptr + rows * 2, qn, mask=row_mask)
-        tl.store(stats_ptr + rows * 2 + 1, lse, mask=row_mask)
+        _store_stats(stats_ptr, rows, row_mask, qn, lse)
 
     @triton.jit
     def _rows_backward_kernel(
@@ -654,16 +707,12 @@ if HAS_TRITON:
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < R
         r64 = rows.to(tl.int64)
-        qn = tl.load(stats_ptr + rows * 2, mask=row_mask, other=0.0)
-        lse = tl.load(stats_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+        qn, lse = _load_stats(stats_ptr, rows, row_mask)
         # Pass 1: dL/dw (kept in split 0 of the workspace), <g, w> and MemAE's total.
         gw_dot = tl.zeros((BLOCK_R,), tl.float32)
         total = tl.zeros((BLOCK_R,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            items = n0 + tl.arange(0, BLOCK_N)
-            item_mask = items < N
-            mask = row_mask[:, None] & item_mask[None, :]
-            rn = r64[:, None] * N + items[None, :]
+            items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             if HAS_GY:
                 g = _reduced_chunk(ws_ptr, rn, mask, R * N, SPLITS)
             else:
@@ -677,46 +726,30 @@ if HAS_TRITON:
                 p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
                 total += tl.sum(_memae_shrink(p, lam), axis=1)
         # Pass 2 (MemAE): <dL/dp, p>.
-        safe_total = tl.where(total >= MEMAE_EPS_C, total, 1.0)
         gp_dot = tl.zeros((BLOCK_R,), tl.float32)
         if SHRINK == 1:
             for n0 in range(0, N, BLOCK_N):
-                items = n0 + tl.arange(0, BLOCK_N)
-                mask = row_mask[:, None] & (items < N)[None, :]
-                rn = r64[:, None] * N + items[None, :]
+                items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
                 g = tl.load(ws_ptr + rn, mask=mask, other=0.0)
                 p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-                gu = tl.where(total[:, None] >= MEMAE_EPS_C,
-                              (g - gw_dot[:, None]) / safe_total[:, None], g / MEMAE_EPS_C)
-                gp_dot += tl.sum(gu * _memae_shrink_grad(p, lam) * p, axis=1)
+                gp_dot += tl.sum(_memae_grad_p(g, p, gw_dot, total, lam) * p, axis=1)
         # Pass 3: dL/ds, A, rowdot and the per-item partial sums of dL/ds * s.
         rowdot = tl.zeros((BLOCK_R,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            items = n0 + tl.arange(0, BLOCK_N)
-            item_mask = items < N
-            mask = row_mask[:, None] & item_mask[None, :]
-            rn = r64[:, None] * N + items[None, :]
+            items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             g = tl.load(ws_ptr + rn, mask=mask, other=0.0)
             w = tl.load(w_ptr + rn, mask=mask, other=0.0).to(tl.float32)
             if SHRINK == 1:
                 p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-                gu = tl.where(total[:, None] >= MEMAE_EPS_C,
-                              (g - gw_dot[:, None]) / safe_total[:, None], g / MEMAE_EPS_C)
-                gp = gu * _memae_shrink_grad(p, lam)
-                gs = p * (gp - gp_dot[:, None]) / temperature
-                weight = p
             else:
-                gs = w * (g - gw_dot[:, None]) / temperature
-                weight = w
+                p = w
+            gs, weight = _similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK)
             if COSINE:
-                s = _recover_similarity(tl.where(weight > 0.0, weight, 1.0), lse[:, None],
-                                        temperature)
-                prod = tl.where(weight > 0.0, gs * s, 0.0)
+                prod = _grad_times_similarity(gs, weight, lse, temperature)
                 rowdot += tl.sum(prod, axis=1)
                 tl.store(colpart_ptr + pid.to(tl.int64) * N + items, tl.sum(prod, axis=0),
                          mask=item_mask)
-                mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
-                a = gs / (_clamp_norm(qn)[:, None] * _clamp_norm(mn)[None, :])
+                a = _cosine_scale(gs, qn, mnorm_ptr, items, item_mask)
             else:
                 a = gs
             tl.store(a_ptr + rn, a, mask=mask)
@@ -747,22 +780,20 @@ if HAS_TRITON:
             item_mask = items < N
             a = tl.load(a_ptr + r64[:, None] * N + items[None, :],
                         mask=row_mask[:, None] & item_mask[None, :], other=0.0)
-            m = tl.load(m_ptr + items.to(tl.int64)[:, None] * smn + cols[None, :] * smd,
-                        mask=item_mask[:, None] & col_mask[None, :], other=0.0)
+            m = _load_items(m_ptr, items.to(tl.int64) * smn, cols, item_mask, col_mask, smd)
             if F32_DOT:
                 acc = _mma(a.to(tl.float32), m.to(tl.float32), acc, TF32)
             else:
                 acc = _mma(a.to(m.dtype), m, acc, TF32)
-        mask2 = row_mask[:, None] & col_mask[None, :]
         if CORRECT:
             corr = tl.load(corr_ptr + rows, mask=row_mask, other=0.0)
-            xrow = _row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
-            q = tl.load(x_ptr + xrow[:, None] + _col_offsets(cols, BW, BHW, sxc, sxh, sxw)[None, :],
-                        mask=mask2, other=0.0)
-            acc -= corr[:, None] * q.to(tl.float32)
+        else:
+            corr = tl.zeros((BLOCK_R,), tl.float32)  # unused
+        xrow = _row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
         orow = _row_offsets(rows, Q, RW, RHW, sob, sobc, sobh, sobw)
-        tl.store(out_ptr + orow[:, None] + _col_offsets(cols, BW, BHW, soc, soh, sow)[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask2)
+        _correct_and_store(acc, out_ptr, orow, x_ptr, xrow, corr, cols,
+                           row_mask[:, None] & col_mask[None, :],
+                           BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT)
 
     # ---------------------------------------------------------------------------------------------
     # Gradient of the memory: gM = w^T G + A^T Q - diag(coldot/|m|^2) M, one program per
@@ -800,8 +831,7 @@ if HAS_TRITON:
             xrow = _row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
             q = tl.load(x_ptr + xrow[:, None] + xcol[None, :], mask=rd_mask, other=0.0)
             acc = _mma(at, q.to(tl.float32), acc, A_TF32)
-        m = tl.load(m_ptr + items.to(tl.int64)[:, None] * smn + cols[None, :] * smd,
-                    mask=item_mask[:, None] & col_mask[None, :], other=0.0)
+        m = _load_items(m_ptr, items.to(tl.int64) * smn, cols, item_mask, col_mask, smd)
         if COSINE:
             coldot = tl.zeros((BLOCK_N,), tl.float32)
             for part in range(0, NUM_PARTS):
@@ -818,6 +848,18 @@ if HAS_TRITON:
         # Sizes become plain ints (a symbolic shape specialises): they pick tiles and paths.
         _, c, h, w = (int(size) for size in x.shape)
         return Division(rh, rw, rc, c // rc, h // rh, w // rw)
+
+    def _problem(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int):
+        """(geometry, B, N, D, rows = B*Q)."""
+        g = _geometry(x, rh, rw, rc)
+        b = int(x.shape[0])
+        n, d = int(memory.shape[0]), int(memory.shape[1])
+        return g, b, n, d, b * g.num_queries
+
+    def _split_d(rows: int, n: int, d: int, device: torch.device) -> tuple[int, int]:
+        """(splits, columns per split) of the tiled path's products."""
+        split_d = _cdiv(_cdiv(d, _splits(rows, n, d, device)), SPLIT_ALIGN) * SPLIT_ALIGN
+        return _cdiv(d, split_d), split_d
 
     def _geo_args(g: Division) -> tuple[int, ...]:
         """(Q, RW, RHW, BW, BHW)."""
@@ -839,10 +881,7 @@ if HAS_TRITON:
             x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int, similarity: str,
             shrink: str, threshold: float, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        g = _geometry(x, rh, rw, rc)
-        b = int(x.shape[0])
-        n, d = int(memory.shape[0]), int(memory.shape[1])
-        rows = b * g.num_queries
+        g, b, n, d, rows = _problem(x, memory, rh, rw, rc)
         memae = shrink == "memae"
         cosine = similarity == "cosine"
         code = _SHRINK_CODES[shrink]
@@ -865,9 +904,7 @@ if HAS_TRITON:
                 COSINE=cosine, SHRINK=code, STORE_P=memae, TF32=tf32,
                 N_PAD=n_pad, ELT=elt)
             return y, w, probs, stats, norms
-        splits = _splits(rows, n, d, x.device)
-        split_d = _cdiv(_cdiv(d, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-        splits = _cdiv(d, split_d)
+        splits, split_d = _split_d(rows, n, d, x.device)
         ws = torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
         sq = torch.empty(splits, rows, device=x.device, dtype=torch.float32)
         wrap_triton(_products_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),
@@ -892,10 +929,7 @@ if HAS_TRITON:
             memory: torch.Tensor, w: torch.Tensor, probs: torch.Tensor, row_stats: torch.Tensor,
             item_norms: torch.Tensor, rh: int, rw: int, rc: int, similarity: str, shrink: str,
             threshold: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        g = _geometry(x, rh, rw, rc)
-        b = int(x.shape[0])
-        n, d = int(memory.shape[0]), int(memory.shape[1])
-        rows = b * g.num_queries
+        g, b, n, d, rows = _problem(x, memory, rh, rw, rc)
         memae = shrink == "memae"
         cosine = similarity == "cosine"
         code = _SHRINK_CODES[shrink]
@@ -931,9 +965,7 @@ if HAS_TRITON:
             colpart = torch.empty(num_parts, n, device=x.device, dtype=torch.float32)
             corr = torch.empty(rows, device=x.device, dtype=torch.float32)
             if has_gy:
-                splits = _splits(rows, n, d, x.device)
-                split_d = _cdiv(_cdiv(d, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-                splits = _cdiv(d, split_d)
+                splits, split_d = _split_d(rows, n, d, x.device)
                 ws = torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
                 wrap_triton(_products_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),
                                                             triton.cdiv(n, meta["BLOCK_N"]),
