@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from daad_ext import available_backends, block_memory, block_memory_ref  # noqa: E402
+from models.checkpoint import atomic_write  # noqa: E402
 
 #: DAAD's four memory scales at 256x256 input: (C, H, W) of the pooled encoder features.
 SCALES = {1: (64, 128, 128), 2: (128, 64, 64), 3: (256, 32, 32), 4: (512, 16, 16)}
@@ -199,15 +199,6 @@ def format_rows(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,10 +241,11 @@ def main(argv=None) -> list[Cell]:
         print(format_rows(scale_cells), flush=True)
         cells += scale_cells
     if args.json:
-        write_json_atomically(args.json, {
+        atomic_write(args.json, lambda f: json.dump({
             "device": device_name, "dtype": str(args.dtype), "batch": args.batch,
             "num_items": args.num_items, "division": args.division, "repeats": args.repeats,
-            "torch": torch.__version__, "cells": [asdict(c) for c in cells]})
+            "torch": torch.__version__, "cells": [asdict(c) for c in cells]}, f, indent=2),
+            binary=False)
     return cells
 
 

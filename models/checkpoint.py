@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Union
+from typing import IO, Any, Callable, Union
 
 import torch
 
@@ -29,25 +29,34 @@ class CheckpointError(ValueError):
     """A file that exists but is not a readable checkpoint of this package."""
 
 
-def save_checkpoint(state: dict[str, Any], path: Union[str, os.PathLike]) -> None:
-    """Writes ``state`` to ``path`` atomically: a crash leaves the old file or the new one.
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO], None], binary: bool = True) -> None:
+    """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
-    within one file system), is flushed to disk, then replaces ``path``.
+    within one file system), is flushed to disk, given the permissions a plain ``open`` would
+    give, then replaces ``path``.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_checkpoint(state: dict[str, Any], path: Union[str, os.PathLike]) -> None:
+    """Writes ``state`` (with this format's tag) to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .checkpoint import atomic_write
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -167,11 +169,7 @@ def _to_uint8(batch) -> list:
 
 def write_json(path: str, payload: Any) -> None:
     """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(payload, f), binary=False)
 
 
 def run_study(setting_name: str, out: str, roots: dict[str, str], jobs: int) -> None:
@@ -429,10 +427,7 @@ def build_tables(setting_name: str, out: str) -> str:
     draw_figures(s, setting, os.path.join(out, "figures"))
     path = os.path.join(out, "RESULTS.md")
     text = results_markdown(s, setting_name, setting, meta)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), binary=False)
     return path
 
 
