@@ -207,9 +207,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
         mutable_ptr<float>(row_stats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    out_kernel<E, kTC><<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
-        row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, y_table, mutable_ptr<E>(y),
-        items);
+    times_memory_kernel<E, kTC>
+        <<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
+            row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, queries, nullptr,
+            y_table, mutable_ptr<E>(y), items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, w, probs, row_stats, item_norms};
@@ -307,7 +308,8 @@ std::tuple<Tensor, Tensor> backward_cuda(
     }
 
     const RowMajor<E> a_rm = row_major<E>(a, g.rows(), g.N);
-    gq_kernel<E, kTC><<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
+    times_memory_kernel<E, kTC>
+        <<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
         a_rm, Transposed<RowMajor<E>>{mem}, queries,
         cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -8,7 +8,7 @@
 //   row_forward_kernel  one warp per row: S = sum_z S_part[z] (fixed order), cosine scaling,
 //                       temperature, then row_forward_team (csrc/block_memory.h): softmax,
 //                       shrinkage, re-normalisation. Stores w, p (MemAE), (|q|, lse).
-//   out_kernel          y = w @ M, written straight into NCHW y.
+//   times_memory_kernel y = w @ M, written straight into NCHW y.
 // Backward (up to 5 launches):
 //   sim_kernel          GW_part[z] = G[:, Dz] @ M[:, Dz]^T, G gathered from NCHW grad_y.
 //   row_backward_kernel one warp per row: dL/dw = sum_z GW_part[z] + grad_w, then
@@ -16,7 +16,7 @@
 //                       A = dL/ds / (|q||m_i|) (cosine) or dL/ds (dot), in the input dtype, the
 //                       products dL/ds_i s_i (cosine) and coef_q = rowdot / |q|^2.
 //   coldot_kernel       coef_m[i] = sum_r (dL/ds s)[r, i] / |m_i|^2 (cosine only).
-//   gq_kernel           grad_x = A @ M - coef_q * q, written straight into NCHW grad_x.
+//   times_memory_kernel grad_x = A @ M - coef_q * q, written straight into NCHW grad_x.
 //   gm_kernel           grad_M = w^T @ G + A^T @ Q - coef_m * M: each CTA owns a tile of items x
 //                       D and reduces over all R rows itself, so grad_M needs no atomics and is
 //                       bitwise reproducible.
@@ -117,25 +117,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// y tile (rows m0.., columns d0.. of the block matrix) = w @ M, stored into NCHW y.
-template <typename E, bool kTC>
-__global__ void __launch_bounds__(kThreads)
-    out_kernel(RowMajor<E> weights, Transposed<RowMajor<E>> memory_t, BlockTable out_blocks,
-               E* __restrict__ out, int items) {
-  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<E>()];
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  TileGemm<E, kTC> gemm;
-  gemm.zero();
-  gemm.accumulate(smem, weights, memory_t, m0, n0, 0, items);
-  gemm.store(smem);
-  const float* cs = c_tile(smem);
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-    const int r = m0 + e / BN, d = n0 + e % BN;
-    if (r < out_blocks.rows && d < out_blocks.dim)
-      out[out_blocks.offset(r, d)] = from_float<E>(cs[(e / BN) * kLdC + e % BN]);
-  }
-}
-
 // One warp per query row: dL/dw, the shared row backward, and the per-row terms of the products.
 // ``gpart``: the G @ M^T slices when ``splits`` > 0 (slice 0 is overwritten), else an R x N
 // scratch. ``wbuf``/``pbuf``: R x N float scratch for the saved w / p. ``prod`` (cosine): R x N
@@ -188,12 +169,14 @@ __global__ void __launch_bounds__(kThreads)
   coef_m[i] = norm_correction(item_norms[i], s);
 }
 
-// grad_x tile = A @ M - coef_q * q, stored into NCHW grad_x.
+// Output tile (rows m0.., columns d0.. of the block matrix) = L @ M, minus coef_q[r] * q where
+// ``coef_q`` is given, stored straight into NCHW ``out``: y = w @ M in the forward, and
+// grad_x = A @ M - coef_q * q in the backward.
 template <typename E, bool kTC>
 __global__ void __launch_bounds__(kThreads)
-    gq_kernel(RowMajor<E> a, Transposed<RowMajor<E>> memory_t, BlockLoad<E> queries,
-              const float* __restrict__ coef_q, BlockTable out_blocks, E* __restrict__ grad_x,
-              int items) {
+    times_memory_kernel(RowMajor<E> a, Transposed<RowMajor<E>> memory_t, BlockLoad<E> queries,
+                        const float* __restrict__ coef_q, BlockTable out_blocks,
+                        E* __restrict__ out, int items) {
   __shared__ __align__(128) unsigned char smem[tile_smem_bytes<E>()];
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   TileGemm<E, kTC> gemm;
@@ -206,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     if (r < out_blocks.rows && d < out_blocks.dim) {
       float v = cs[(e / BN) * kLdC + e % BN];
       if (coef_q != nullptr) v -= coef_q[r] * queries(r, d);
-      grad_x[out_blocks.offset(r, d)] = from_float<E>(v);
+      out[out_blocks.offset(r, d)] = from_float<E>(v);
     }
   }
 }
