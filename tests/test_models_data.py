@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models.data import MNIST_IDX_SPLIT, build_dataset, read_idx
-from test_models_support import HAZELNUT, MNIST, needs_hazelnut, needs_mnist, single_thread  # noqa: F401  (autouse fixture)
+from models_support import HAZELNUT, MNIST, needs_hazelnut, needs_mnist, single_thread  # noqa: F401  (autouse fixture)
 
 
 def check_hazelnut(root, size=32):

@@ -11,7 +11,7 @@ from models import train
 from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.trainer import Trainer
-from test_models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
+from models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
 
 
 def free_port() -> int:

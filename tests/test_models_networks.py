@@ -10,7 +10,7 @@ import torch
 from models.config import MODEL_NAMES, ModelConfig, TrainConfig, check_size, parse_model
 from models.networks import AnomalyDetector, Discriminator
 from models.trainer import Trainer
-from test_models_support import single_thread  # noqa: F401  (autouse fixture)
+from models_support import single_thread  # noqa: F401  (autouse fixture)
 
 SMALL = dict(size=32, width=4, division=(2, 2, 1), num_items=16, backend="auto")
 

@@ -9,7 +9,7 @@ import torch
 
 from models import evaluate, predict, train
 from models.checkpoint import load_checkpoint
-from test_models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
+from models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
 
 pytestmark = needs_hazelnut
 TINY = ["--dataset", "mvtec", "--root", str(HAZELNUT), "--size", "32", "--width", "4",

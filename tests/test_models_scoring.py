@@ -11,7 +11,7 @@ from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.losses import (LossWeights, alignment_loss, discriminator_loss, entropy_loss,
                            generator_loss)
 from models.scoring import fuse_scores, image_auroc, min_max, pixel_auroc
-from test_models_support import single_thread  # noqa: F401  (autouse fixture)
+from models_support import single_thread  # noqa: F401  (autouse fixture)
 
 
 def test_fusion_against_hand_computed_values():
