@@ -73,76 +73,93 @@ DAAD_HD T memae_shrink_grad(T p, T lam) {
   return a > T(0) ? (a * a + a * e + p * e) / ((a + e) * (a + e)) : T(0);
 }
 
+// exp and log in the precision of T: the C functions, because the host's plain ``exp(float)``
+// promotes to double (slower, and not what the device computes).
+DAAD_HD float math_exp(float v) { return expf(v); }
+DAAD_HD double math_exp(double v) { return exp(v); }
+DAAD_HD float math_log(float v) { return logf(v); }
+DAAD_HD double math_log(double v) { return log(v); }
+
 // The similarity s_i recovered from the saved weight (w_i, or p_i for MemAE) and the row's lse.
 template <typename T>
 DAAD_HD T recover_similarity(T weight, T lse, T temperature) {
-  return temperature * (log(weight) + lse);
+  return temperature * (math_log(weight) + lse);
 }
 
-// A "team" runs one row's epilogue together: member ``rank()`` of ``size()`` handles the items
-// i = rank, rank + size, ... and ``sum``/``max`` combine one value from every member and return the
-// result to all of them. The CPU kernel uses ``SerialTeam`` (one member, identity reductions: the
-// plain loops); the CUDA kernels use a warp (csrc/cuda/common.cuh) with shuffle reductions. Each
-// member only ever reads and writes its own items, so the row arrays need no synchronisation.
+// A "team" runs one row's epilogue together. It offers three loops over the row's items:
+//   for_each(n, f)       calls f(i) for every item i < n,
+//   sum(n, f)            returns sum_i f(i),
+//   max(n, init, f)      returns max(init, max_i f(i)), ignoring NaN values of f,
+// where f may write item i (and only item i) of the row arrays, so the iterations are independent,
+// and every member receives the result. The CPU kernel uses ``SerialTeam``: one thread, whose loops
+// are OpenMP SIMD loops (the compiler may vectorise them, reductions included, in a fixed order
+// per build). The CUDA kernels use a warp (``WarpTeam``, csrc/cuda/common.cuh): lane l takes the
+// items l, l + 32, ..., and shuffles combine the partial results.
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define DAAD_PRAGMA(text) _Pragma(#text)
+#else
+#define DAAD_PRAGMA(text)
+#endif
+
 struct SerialTeam {
-  DAAD_HD int rank() const { return 0; }
-  DAAD_HD int size() const { return 1; }
-  template <typename T>
-  DAAD_HD T sum(T v) const { return v; }
-  template <typename T>
-  DAAD_HD T max(T v) const { return v; }
+  template <typename F>
+  void for_each(int n, F&& f) const {
+    DAAD_PRAGMA(omp simd)
+    for (int i = 0; i < n; ++i) f(i);
+  }
+
+  template <typename F>
+  auto sum(int n, F&& f) const -> decltype(f(0)) {
+    decltype(f(0)) total = 0;
+    DAAD_PRAGMA(omp simd reduction(+ : total))
+    for (int i = 0; i < n; ++i) total += f(i);
+    return total;
+  }
+
+  template <typename T, typename F>
+  T max(int n, T init, F&& f) const {
+    T result = init;
+    DAAD_PRAGMA(omp simd reduction(max : result))
+    for (int i = 0; i < n; ++i) {
+      const T v = f(i);
+      result = v > result ? v : result;
+    }
+    return result;
+  }
 };
 
 // Forward epilogue of one row. ``z`` holds the N logits on entry and is overwritten with the
-// softmax p. Writes the weights to ``w`` (and p to ``p_out`` for MemAE, when not null) and
-// returns the row's lse (see the header comment). NaN logits give NaN weights.
+// softmax p. Writes the weights to ``w`` (which may be ``z`` itself, except for MemAE), p to
+// ``p_out`` for MemAE when it is not null, and returns the row's lse (see the header comment).
+// NaN logits give NaN weights. Every step is branch-free per item, so that it vectorises.
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
 template <typename T, typename Team>
 DAAD_HD T row_forward_team(const Team& team, T* z, int n, Shrink shrink, T lam, T* w, T* p_out) {
-  const int first = team.rank(), step = team.size();
-  T zmax = T(-INFINITY);
-  for (int i = first; i < n; i += step) zmax = z[i] > zmax ? z[i] : zmax;
-  zmax = team.max(zmax);
-  T sum = T(0);
-  for (int i = first; i < n; i += step) {
-    z[i] = exp(z[i] - zmax);
-    sum += z[i];
-  }
-  sum = team.sum(sum);
-  const T lse_all = zmax + log(sum);
-  T pmax = T(0);
-  for (int i = first; i < n; i += step) {
-    z[i] /= sum;
-    pmax = z[i] > pmax ? z[i] : pmax;
-  }
-  pmax = team.max(pmax);
+  const T zmax = team.max(n, T(-INFINITY), [&](int i) { return z[i]; });
+  const T total_e = team.sum(n, [&](int i) { return z[i] = math_exp(z[i] - zmax); });
+  const T lse_all = zmax + math_log(total_e);
+  const T pmax = team.max(n, T(0), [&](int i) { return z[i] /= total_e; });
   const T* p = z;
   if (shrink == Shrink::None) {
-    for (int i = first; i < n; i += step) w[i] = p[i];
+    team.for_each(n, [&](int i) { w[i] = p[i]; });
     return lse_all;
   }
   if (shrink == Shrink::Hard) {
     // Keep p_i >= lam and the row maximum, so that no row is empty.
-    T kept = T(0);
-    for (int i = first; i < n; i += step)
-      kept += (p[i] >= lam || p[i] == pmax) ? p[i] : zero_keeping_nan(p[i]);
-    kept = team.sum(kept);
-    for (int i = first; i < n; i += step)
-      w[i] = (p[i] >= lam || p[i] == pmax) ? p[i] / kept : zero_keeping_nan(p[i]);
-    return lse_all + log(kept);
+    const auto kept_or_zero = [&](int i) {
+      const T v = p[i];
+      return (v >= lam) | (v == pmax) ? v : zero_keeping_nan(v);
+    };
+    const T kept = team.sum(n, kept_or_zero);
+    team.for_each(n, [&](int i) { w[i] = kept_or_zero(i) / kept; });
+    return lse_all + math_log(kept);
   }
-  T total = T(0);
-  for (int i = first; i < n; i += step) {
-    w[i] = memae_shrink(p[i], lam);
-    total += w[i];
-  }
-  total = team.sum(total);
+  const T total = team.sum(n, [&](int i) { return w[i] = memae_shrink(p[i], lam); });
   const T denom = total >= T(kMemAEEps) ? total : T(kMemAEEps);
-  for (int i = first; i < n; i += step) w[i] /= denom;
-  if (p_out != nullptr)
-    for (int i = first; i < n; i += step) p_out[i] = p[i];
+  team.for_each(n, [&](int i) { w[i] /= denom; });
+  if (p_out != nullptr) team.for_each(n, [&](int i) { p_out[i] = p[i]; });
   return lse_all;
 }
 
@@ -161,34 +178,25 @@ DAAD_HD T row_forward(T* z, int n, Shrink shrink, T lam, T* w, T* p_out) {
 template <typename T, typename Team>
 DAAD_HD T row_backward_team(const Team& team, T* g, const T* w, const T* p, int n, Shrink shrink,
                             T lam, T temperature, T lse, T* gs_times_s) {
-  const int first = team.rank(), step = team.size();
-  T gw_dot = T(0);
-  for (int i = first; i < n; i += step) gw_dot += g[i] * w[i];
-  gw_dot = team.sum(gw_dot);
+  const T gw_dot = team.sum(n, [&](int i) { return g[i] * w[i]; });
   const T* weight = w;  // the weights whose log recovers z
   if (shrink == Shrink::MemAE) {
-    T total = T(0);
-    for (int i = first; i < n; i += step) total += memae_shrink(p[i], lam);
-    total = team.sum(total);
-    T gp_dot = T(0);
-    for (int i = first; i < n; i += step) {
+    const T total = team.sum(n, [&](int i) { return memae_shrink(p[i], lam); });
+    const T gp_dot = team.sum(n, [&](int i) {
       const T gu = total >= T(kMemAEEps) ? (g[i] - gw_dot) / total : g[i] / T(kMemAEEps);
       g[i] = gu * memae_shrink_grad(p[i], lam);  // dL/dp
-      gp_dot += g[i] * p[i];
-    }
-    gp_dot = team.sum(gp_dot);
-    for (int i = first; i < n; i += step) g[i] = p[i] * (g[i] - gp_dot) / temperature;
+      return g[i] * p[i];
+    });
+    team.for_each(n, [&](int i) { g[i] = p[i] * (g[i] - gp_dot) / temperature; });
     weight = p;
   } else {
-    for (int i = first; i < n; i += step) g[i] = w[i] * (g[i] - gw_dot) / temperature;
+    team.for_each(n, [&](int i) { g[i] = w[i] * (g[i] - gw_dot) / temperature; });
   }
-  T rowdot = T(0);
-  for (int i = first; i < n; i += step) {
+  return team.sum(n, [&](int i) {
     const T prod = weight[i] > T(0) ? g[i] * recover_similarity(weight[i], lse, temperature) : T(0);
-    rowdot += prod;
     if (gs_times_s != nullptr) gs_times_s[i] = prod;
-  }
-  return team.sum(rowdot);
+    return prod;
+  });
 }
 
 template <typename T>

@@ -44,7 +44,7 @@ using at::Tensor;
 // Target size of one column-chunk buffer (rows x chunk; one or two per thread), and of the
 // per-row-block N-wide buffers (rows x N). The environment variables DAAD_EXT_CPU_CHUNK_BYTES and
 // DAAD_EXT_CPU_ROW_BLOCK_BYTES override them (tests use them to force several chunks and blocks).
-constexpr int64_t kChunkBytes = int64_t(1) << 20;
+constexpr int64_t kChunkBytes = int64_t(512) << 10;
 constexpr int64_t kRowBlockBytes = int64_t(4) << 20;
 // Below these sizes MKL loses efficiency; chunks are made at least this big where possible.
 constexpr int64_t kMinChunk = 256;

@@ -101,11 +101,9 @@ struct Shared {
   std::barrier<> sync{kLanes};
   float slots[kLanes];
 };
-struct ThreadTeam {
+struct ThreadTeam {  // the loops of WarpTeam (csrc/cuda/common.cuh), over threads
   Shared* shared;
   int lane;
-  int rank() const { return lane; }
-  int size() const { return kLanes; }
   template <typename Op>
   float combine(float v, Op op) const {
     shared->slots[lane] = v;
@@ -115,8 +113,25 @@ struct ThreadTeam {
     shared->sync.arrive_and_wait();  // nobody overwrites a slot before everybody has read it
     return r;
   }
-  float sum(float v) const { return combine(v, [](float a, float b) { return a + b; }); }
-  float max(float v) const { return combine(v, [](float a, float b) { return b > a ? b : a; }); }
+  template <typename F>
+  void for_each(int n, F&& f) const {
+    for (int i = lane; i < n; i += kLanes) f(i);
+  }
+  template <typename F>
+  float sum(int n, F&& f) const {
+    float acc = 0.f;
+    for (int i = lane; i < n; i += kLanes) acc += f(i);
+    return combine(acc, [](float a, float b) { return a + b; });
+  }
+  template <typename F>
+  float max(int n, float init, F&& f) const {
+    float acc = init;
+    for (int i = lane; i < n; i += kLanes) {
+      const float v = f(i);
+      acc = v > acc ? v : acc;
+    }
+    return combine(acc, [](float a, float b) { return b > a ? b : a; });
+  }
 };
 
 static bool close(float a, float b) { return std::fabs(a - b) <= 1e-5f + 1e-4f * std::fabs(b); }

@@ -349,10 +349,10 @@ struct TileGemm<E, true> {
 // The xor butterfly leaves the bitwise same result in every lane (addition is commutative).
 struct WarpTeam {
   int lane;
-  __host__ __device__ __forceinline__ int rank() const { return lane; }
-  __host__ __device__ __forceinline__ int size() const { return 32; }
+
+  // The sum and the maximum of one value per lane, returned to every lane.
   template <typename T>
-  __host__ __device__ __forceinline__ T sum(T v) const {
+  __host__ __device__ __forceinline__ static T reduce_sum(T v) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -360,7 +360,7 @@ struct WarpTeam {
     return v;
   }
   template <typename T>
-  __host__ __device__ __forceinline__ T max(T v) const {
+  __host__ __device__ __forceinline__ static T reduce_max(T v) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -370,9 +370,30 @@ struct WarpTeam {
 #endif
     return v;
   }
+
+  // The team loops of csrc/block_memory.h: lane l takes the items l, l + 32, ...
+  template <typename F>
+  __host__ __device__ __forceinline__ void for_each(int n, F&& f) const {
+    for (int i = lane; i < n; i += 32) f(i);
+  }
+  template <typename F>
+  __host__ __device__ __forceinline__ auto sum(int n, F&& f) const -> decltype(f(0)) {
+    decltype(f(0)) acc = 0;
+    for (int i = lane; i < n; i += 32) acc += f(i);
+    return reduce_sum(acc);
+  }
+  template <typename T, typename F>
+  __host__ __device__ __forceinline__ T max(int n, T init, F&& f) const {
+    T acc = init;
+    for (int i = lane; i < n; i += 32) {
+      const T v = f(i);
+      acc = v > acc ? v : acc;
+    }
+    return reduce_max(acc);
+  }
 };
 
-__device__ __forceinline__ float warp_sum(float v) { return WarpTeam{0}.sum(v); }
+__device__ __forceinline__ float warp_sum(float v) { return WarpTeam::reduce_sum(v); }
 
 }  // namespace cuda
 }  // namespace daad_ext
