@@ -167,45 +167,58 @@ __device__ __forceinline__ float* c_tile(unsigned char* smem) {
   return reinterpret_cast<float*>(smem);
 }
 
+// Calls f(r, c, value) for every element (r, c) of the CTA's stored tile at (m0, n0) (after
+// ``acc.store(smem)``) with r < rows and c < cols: the epilogue of every product kernel.
+template <class F>
+__device__ __forceinline__ void for_tile_elements(unsigned char* smem, int m0, int n0, int rows,
+                                                  int cols, F&& f) {
+  const float* cs = c_tile(smem);
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = m0 + e / BN, c = n0 + e % BN;
+    if (r < rows && c < cols) f(r, c, cs[(e / BN) * kLdC + e % BN]);
+  }
+}
+
+// One thread's share of an operand tile (ROWS x BK) held in registers between the global loads
+// and the shared-memory stores. Element j is (row(j), k(j)) of the tile, walked along k where the
+// operand is contiguous in k (``L::kKContig``, coalesced loads), else along the rows.
+template <typename E, int ROWS, class L>
+struct OperandTile {
+  static constexpr int kPerThread = ROWS * BK / kThreads;
+  static_assert(kPerThread * kThreads == ROWS * BK, "the tile must split evenly over the threads");
+  float values[kPerThread];
+
+  __device__ __forceinline__ static int row(int j) {
+    const int e = threadIdx.x + j * kThreads;
+    return L::kKContig ? e / BK : e % ROWS;
+  }
+  __device__ __forceinline__ static int k(int j) {
+    const int e = threadIdx.x + j * kThreads;
+    return L::kKContig ? e % BK : e / ROWS;
+  }
+  // Rows r0.., columns k0.. of the operand, 0 from k_end on.
+  __device__ __forceinline__ void load(const L& operand, int r0, int k0, int k_end) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+      values[j] = (k0 + k(j) < k_end) ? operand(r0 + row(j), k0 + k(j)) : 0.f;
+  }
+  __device__ __forceinline__ void store(E* tile) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) tile[row(j) * kLdAB + k(j)] = from_float<E>(values[j]);
+  }
+};
+
 // Loads the A (BM x BK) and B (BN x BK) tiles at (m0, k0) and (n0, k0), k limited to k_end.
 // Values are first gathered into registers (all loads in flight together), then stored.
 template <typename E, class LA, class LB>
 __device__ __forceinline__ void load_tiles(unsigned char* smem, const LA& la, const LB& lb, int m0,
                                            int n0, int k0, int k_end) {
-  constexpr int kPerThreadA = BM * BK / kThreads;
-  constexpr int kPerThreadB = BN * BK / kThreads;
-  static_assert(kPerThreadA * kThreads == BM * BK && kPerThreadB * kThreads == BN * BK, "tiles");
-  float ra[kPerThreadA], rb[kPerThreadB];
-#pragma unroll
-  for (int j = 0; j < kPerThreadA; ++j) {
-    const int e = threadIdx.x + j * kThreads;
-    const int m = LA::kKContig ? e / BK : e % BM;
-    const int k = LA::kKContig ? e % BK : e / BM;
-    ra[j] = (k0 + k < k_end) ? la(m0 + m, k0 + k) : 0.f;
-  }
-#pragma unroll
-  for (int j = 0; j < kPerThreadB; ++j) {
-    const int e = threadIdx.x + j * kThreads;
-    const int n = LB::kKContig ? e / BK : e % BN;
-    const int k = LB::kKContig ? e % BK : e / BN;
-    rb[j] = (k0 + k < k_end) ? lb(n0 + n, k0 + k) : 0.f;
-  }
-  E* as = a_tile<E>(smem);
-  E* bs = b_tile<E>(smem);
-#pragma unroll
-  for (int j = 0; j < kPerThreadA; ++j) {
-    const int e = threadIdx.x + j * kThreads;
-    const int m = LA::kKContig ? e / BK : e % BM;
-    const int k = LA::kKContig ? e % BK : e / BM;
-    as[m * kLdAB + k] = from_float<E>(ra[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < kPerThreadB; ++j) {
-    const int e = threadIdx.x + j * kThreads;
-    const int n = LB::kKContig ? e / BK : e % BN;
-    const int k = LB::kKContig ? e % BK : e / BN;
-    bs[n * kLdAB + k] = from_float<E>(rb[j]);
-  }
+  OperandTile<E, BM, LA> a;
+  OperandTile<E, BN, LB> b;
+  a.load(la, m0, k0, k_end);
+  b.load(lb, n0, k0, k_end);
+  a.store(a_tile<E>(smem));
+  b.store(b_tile<E>(smem));
 }
 
 // CUDA-core fp32 path: thread t owns rows 4*(t/16) + {0..3} and columns t%16 + 16*{0..7}.

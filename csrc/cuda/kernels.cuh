@@ -41,12 +41,9 @@ __global__ void __launch_bounds__(kThreads)
   gemm.zero();
   gemm.accumulate(smem, queries, memory, m0, n0, k_begin, k_end);
   gemm.store(smem);
-  const float* cs = c_tile(smem);
   float* out = partial + int64_t(blockIdx.z) * rows * items;
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-    const int r = m0 + e / BN, n = n0 + e % BN;
-    if (r < rows && n < items) out[int64_t(r) * items + n] = cs[(e / BN) * kLdC + e % BN];
-  }
+  for_tile_elements(smem, m0, n0, rows, items,
+                    [&](int r, int n, float v) { out[int64_t(r) * items + n] = v; });
   if (qsq != nullptr && blockIdx.y == 0) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int rr = warp; rr < BM; rr += kWarps) {
@@ -183,15 +180,10 @@ __global__ void __launch_bounds__(kThreads)
   gemm.zero();
   gemm.accumulate(smem, a, memory_t, m0, n0, 0, items);
   gemm.store(smem);
-  const float* cs = c_tile(smem);
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-    const int r = m0 + e / BN, d = n0 + e % BN;
-    if (r < out_blocks.rows && d < out_blocks.dim) {
-      float v = cs[(e / BN) * kLdC + e % BN];
-      if (coef_q != nullptr) v -= coef_q[r] * queries(r, d);
-      out[out_blocks.offset(r, d)] = from_float<E>(v);
-    }
-  }
+  for_tile_elements(smem, m0, n0, out_blocks.rows, out_blocks.dim, [&](int r, int d, float v) {
+    if (coef_q != nullptr) v -= coef_q[r] * queries(r, d);
+    out[out_blocks.offset(r, d)] = from_float<E>(v);
+  });
 }
 
 // grad_M tile (items m0.., columns d0..) = w^T @ G + A^T @ Q - coef_m * M, reduced over all rows
@@ -209,15 +201,10 @@ __global__ void __launch_bounds__(kThreads)
   if (has_grad_y) gemm.accumulate(smem, w_t, grad_y_t, m0, n0, 0, rows);
   gemm.accumulate(smem, a_t, queries_t, m0, n0, 0, rows);
   gemm.store(smem);
-  const float* cs = c_tile(smem);
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-    const int i = m0 + e / BN, d = n0 + e % BN;
-    if (i < memory.rows && d < memory.cols) {
-      float v = cs[(e / BN) * kLdC + e % BN];
-      if (coef_m != nullptr) v -= coef_m[i] * memory(i, d);
-      grad_m[int64_t(i) * memory.cols + d] = from_float<E>(v);
-    }
-  }
+  for_tile_elements(smem, m0, n0, memory.rows, memory.cols, [&](int i, int d, float v) {
+    if (coef_m != nullptr) v -= coef_m[i] * memory(i, d);
+    grad_m[int64_t(i) * memory.cols + d] = from_float<E>(v);
+  });
 }
 
 }  // namespace cuda
