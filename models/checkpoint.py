@@ -1,9 +1,18 @@
-"""Atomic checkpoints that load with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically, verified by a checksum, loaded with ``torch.load(weights_only=True)``.
 
 A checkpoint is a dict of tensors and plain Python values: ``format``, ``config`` (a
 :meth:`~models.config.TrainConfig.to_dict`), ``epoch``, the state of the networks and optimizers,
-the per-epoch ``history`` and, after the last epoch, the ``calibration`` used by
-:mod:`models.predict`.
+the per-epoch ``history``, after the last epoch the ``calibration`` used by :mod:`models.predict`,
+and ``checksum``: a SHA-256 of everything else, computed when it is saved.
+
+Loading refuses, with a :class:`CheckpointError` naming the file: a file that is not a readable
+checkpoint; one whose contents fail the checksum (flipped bytes, an edited setting); one whose
+settings do not fit its weights or that lacks a network's weights (:func:`load_into`); one with
+NaN or infinite weights (:func:`restore_networks`). A checkpoint written before checksums existed
+loads with a :class:`UnverifiedCheckpointWarning`.
+
+Each save first removes the temporary files that earlier saves to the same path left when their
+process was killed (a temporary file's name holds its writer's host and pid).
 
 Example:
     >>> import os, tempfile, torch
@@ -15,31 +24,84 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
-from typing import IO, Any, Callable, Union
+import warnings
+from typing import IO, TYPE_CHECKING, Any, Callable, Union
 
 import torch
 
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .networks import AnomalyDetector
+
 FORMAT = "daad-models/1"
 REQUIRED_KEYS = ("config", "epoch", "generator")
+PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
-    """A file that exists but is not a readable checkpoint of this package."""
+    """A file that exists but is not a sound checkpoint of this package."""
 
 
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO], None], binary: bool = True) -> None:
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint without a checksum (written by an older version): its contents are not verified."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: PathLike) -> list[str]:
+    """Deletes the temporary files of :func:`atomic_write` to ``path`` whose writer is dead.
+
+    Only files of this writer's naming pattern for this very path, written on this host, by a
+    process that no longer exists: a live writer's file is never touched. Returns their paths.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)-{re.escape(_host())}\.\w+\.tmp")
+    removed = []
+    for entry in os.scandir(folder):
+        match = pattern.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
     """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
-    within one file system), is flushed to disk, given the permissions a plain ``open`` would
-    give, then replaces ``path``.
+    within one file system), named ``.<name>.<pid>-<host>.<random>.tmp``, is flushed to disk,
+    given the permissions a plain ``open`` would give, then replaces ``path``. Temporary files of
+    killed earlier writers are removed first.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
+                               suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -54,13 +116,46 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO], None], bin
         raise
 
 
-def save_checkpoint(state: dict[str, Any], path: Union[str, os.PathLike]) -> None:
-    """Writes ``state`` (with this format's tag) to ``path`` atomically."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+# ----------------------------------------------------------------------------- save and load
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
-    """Loads a checkpoint with ``weights_only=True``; clear errors for missing, truncated or foreign files."""
+def checksum(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: tensors by dtype, shape and bytes, other values by repr.
+
+    Dicts are walked in their order, which ``torch.save`` and ``torch.load`` keep.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {t.dtype} {tuple(value.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list {len(value)};".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: PathLike) -> None:
+    """Writes ``state`` (with this format's tag and its checksum) to ``path`` atomically."""
+    tagged = {"format": FORMAT, **state}
+    tagged["checksum"] = checksum(tagged)
+    atomic_write(path, lambda f: torch.save(tagged, f))
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint with ``weights_only=True`` and verifies its checksum; clear errors otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -72,7 +167,56 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of models.train "
                               f"(expected format {FORMAT!r})")
+    stored = state.pop("checksum", None)
+    if stored is None:
+        warnings.warn(f"{path} has no checksum (written before checkpoints had one): its contents "
+                      "cannot be verified", UnverifiedCheckpointWarning)
+    elif stored != checksum(state):
+        raise CheckpointError(f"{path} fails its checksum: its contents changed after it was written "
+                              "(corrupted on disk or in transfer, or edited); it was not loaded")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {missing}")
     return state
+
+
+def stored_config(state: dict[str, Any], source: str) -> TrainConfig:
+    """The run's settings stored in a checkpoint; invalid ones raise a :class:`CheckpointError`."""
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source} holds invalid settings: {e}") from e
+
+
+def load_into(target: Any, state: dict[str, Any], key: str, source: str) -> None:
+    """``target.load_state_dict(state[key])`` (a network or an optimizer), with the checkpoint named
+    in the error when the entry is missing or does not fit ``target``."""
+    value = state.get(key)
+    if not isinstance(value, dict) or not value:
+        raise CheckpointError(f"{source} lacks the {key} state that its settings call for")
+    try:
+        target.load_state_dict(value)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{source}: its stored settings do not fit its {key} state "
+                              f"({' '.join(line.strip() for line in first[:3])}); the settings were "
+                              "edited or the state comes from another run") from e
+
+
+def restore_networks(model: "AnomalyDetector", state: dict[str, Any], source: str) -> None:
+    """Loads a checkpoint's generator and (where ``model`` has one) discriminator weights.
+
+    Refuses, naming ``source``, weights that are missing, do not fit the model, or hold NaN or
+    infinite values (what a diverged run would have saved).
+    """
+    for key, network in (("generator", model.generator), ("discriminator", model.discriminator)):
+        if network is None:
+            continue
+        load_into(network, state, key, source)
+        broken = [name for name, t in network.state_dict().items()
+                  if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            raise CheckpointError(f"{source} holds non-finite (NaN or infinite) {key} weights in "
+                                  f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}: the run "
+                                  "that wrote it diverged; use an earlier checkpoint or train again "
+                                  "with a lower --lr")

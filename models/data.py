@@ -18,9 +18,23 @@ Layouts (``root`` is the folder given by ``--root``):
   one class normal, the same one-class protocol. 3 channels.
 * ``folder``: ``root/train/*`` normal images; ``root/test/normal/*`` and ``root/test/anomalous/*``.
 
+Image files (``mvtec``, ``folder``) are all decoded once when the data set is built, before any
+training (see :mod:`models.images` for the formats read and the files ignored):
+
+* unreadable images and masks raise one :class:`~models.images.BadImageError` listing every one
+  with its reason; with ``skip_bad_images`` they are left out with a :class:`DataWarning` (an
+  unreadable mask leaves its image in, as an image without a mask);
+* a mask must be the image at some scale (a different aspect ratio is unreadable: it belongs
+  to another image); a scaled one is resized with the image;
+* a defective test image without a mask gets a :class:`DataWarning` naming it; it counts for the
+  image AUROC and is left out of the pixel AUROC (``item["mask_known"]`` is False).
+
+The real data's folder is :func:`data_root`: ``$DAAD_DATA_ROOT``, else ``../shared/data`` beside
+the checkout.
+
 Example:
-    >>> from models.data import build_dataset
-    >>> test = build_dataset("mvtec", "../shared/data/mvtec_hazelnut_subset", "test", size=64)  # doctest: +SKIP
+    >>> from models.data import build_dataset, data_root
+    >>> test = build_dataset("mvtec", str(data_root() / "mvtec_hazelnut_subset"), "test", size=64)  # doctest: +SKIP
     >>> item = test[0]; item["image"].shape, item["mask"].shape, test.has_masks  # doctest: +SKIP
     (torch.Size([3, 64, 64]), torch.Size([1, 64, 64]), True)
 """
@@ -28,20 +42,36 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import BadImageError, decoded_size, list_images, read_pixels, scaled_copy
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 DATASETS = ("mvtec", "mnist", "cifar10", "folder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: First test-set index of the MNIST IDX index split (see the module docstring).
 MNIST_IDX_SPLIT = 5000
 CHANNELS = {"mvtec": 3, "mnist": 1, "cifar10": 3, "folder": 3}
+#: Environment variable naming the folder that holds the real data sets.
+DATA_ROOT_ENV = "DAAD_DATA_ROOT"
+
+
+class DataWarning(UserWarning):
+    """Files of a data set left out or only partly used (see the module docstring)."""
+
+
+def data_root() -> Path:
+    """The folder of the real data sets: ``$DAAD_DATA_ROOT``, else ``<checkout>/../shared/data``."""
+    override = os.environ.get(DATA_ROOT_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def dataset_channels(name: str) -> int:
@@ -63,35 +93,47 @@ def prepare(image: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Ten
     return (F.interpolate(x, size=(size, size), mode=mode)[0] > 127).float()
 
 
+def _as_chw(array: np.ndarray) -> torch.Tensor:
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy of PIL's buffer
+
+
 def load_image(path: str, channels: int, size: int) -> torch.Tensor:
     """An image file as a (channels, size, size) tensor in [-1, 1]."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB" if channels == 3 else "L"))
-    array = array[..., None] if array.ndim == 2 else array
-    return prepare(torch.from_numpy(array.copy()).permute(2, 0, 1), size)
+    return prepare(_as_chw(read_pixels(path, channels)), size)
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("L"))
-    return prepare(torch.from_numpy(array.copy())[None], size, mode="nearest-exact")
+    return prepare(_as_chw(read_pixels(path, 1)), size, mode="nearest-exact")
 
 
 class OneClassDataset(Dataset):
-    """Images (from files or from a uint8 array), their labels and optional mask files."""
+    """Images (from files or from a uint8 array), their labels and optional mask files.
+
+    ``mask_known[i]`` says whether item i's mask is ground truth: a mask file, or all zeros for a
+    normal image of a data set with masks. Items without one are left out of the pixel AUROC.
+    """
 
     def __init__(self, names: Sequence[str], labels: Sequence[int], channels: int, size: int,
                  mask_paths: Optional[Sequence[Optional[str]]] = None,
-                 arrays: Optional[torch.Tensor] = None, augment: bool = False) -> None:
+                 arrays: Optional[torch.Tensor] = None, augment: bool = False,
+                 mask_known: Optional[Sequence[bool]] = None) -> None:
         self.names, self.labels = list(names), [int(v) for v in labels]
         self.channels, self.size, self.augment = channels, size, augment
         self.mask_paths = list(mask_paths) if mask_paths is not None else [None] * len(self.names)
         #: uint8 (N, C, H, W) for array datasets; None when ``names`` are image files.
         self.arrays = arrays
         self.has_masks = any(p is not None for p in self.mask_paths)
+        self.mask_known = (list(mask_known) if mask_known is not None
+                           else [p is not None for p in self.mask_paths])
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def without_augmentation(self) -> "OneClassDataset":
+        """The same items, not flipped (to score the training images): no file is read again."""
+        return OneClassDataset(self.names, self.labels, self.channels, self.size, self.mask_paths,
+                               self.arrays, augment=False, mask_known=self.mask_known)
 
     def __getitem__(self, index: int) -> dict:
         if self.arrays is None:
@@ -106,55 +148,90 @@ class OneClassDataset(Dataset):
             for dim in (-1, -2):
                 if torch.rand(()) < 0.5:
                     image, mask = image.flip(dim), mask.flip(dim)
-        return {"image": image, "label": self.labels[index], "mask": mask, "index": index}
+        return {"image": image, "label": self.labels[index], "mask": mask,
+                "mask_known": self.mask_known[index], "index": index}
 
 
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return files
-
-
-def _mvtec_mask(root: Path, defect: str, image: Path) -> str:
-    candidates = [root / "ground_truth" / defect / f"{image.stem}{suffix}.png" for suffix in ("_mask", "")]
-    for path in candidates:
+def _mvtec_mask(root: Path, defect: str, image: Path) -> Optional[str]:
+    for suffix in ("_mask", ""):
+        path = root / "ground_truth" / defect / f"{image.stem}{suffix}.png"
         if path.is_file():
             return str(path)
-    raise FileNotFoundError(f"no ground-truth mask for {image}: expected {candidates[0]} or {candidates[1]}")
+    return None
 
 
-def mvtec_dataset(root: Path, split: str, size: int, augment: bool) -> OneClassDataset:
+def file_dataset(images: Sequence[Path], labels: Sequence[int], size: int, augment: bool,
+                 skip_bad_images: bool, masks: Optional[Sequence[Optional[str]]] = None) -> OneClassDataset:
+    """A dataset of image files after decoding every image and mask once (see the module docstring).
+
+    ``masks`` (data sets with ground truth): each image's mask file, or None; the mask of a normal
+    image is known without a file (all zeros), that of a defective one only from its file.
+    """
+    has_masks = masks is not None
+    masks = list(masks) if has_masks else [None] * len(images)
+    problems, keep = [], []
+    for i, path in enumerate(images):
+        try:
+            size_of_image = decoded_size(path)
+        except BadImageError as e:
+            problems += e.problems
+            continue
+        keep.append(i)
+        if masks[i] is None:
+            continue
+        try:
+            size_of_mask = decoded_size(masks[i])
+            if not scaled_copy(size_of_mask, size_of_image):
+                raise BadImageError([(masks[i], f"mask of {size_of_mask[0]}x{size_of_mask[1]} does not fit "
+                                                f"its image {path.name} of {size_of_image[0]}x{size_of_image[1]} "
+                                                "at any scale")])
+        except BadImageError as e:
+            problems += e.problems
+            masks[i] = None
+    if problems:
+        if not skip_bad_images:
+            raise BadImageError(problems, "fix or remove them, or pass --skip-bad-images to leave them out")
+        warnings.warn(str(BadImageError(problems, "left out (--skip-bad-images); an image whose mask "
+                                                  "is unreadable is kept without its mask")), DataWarning)
+    unmasked = [str(images[i]) for i in keep if has_masks and labels[i] and masks[i] is None]
+    if unmasked:
+        warnings.warn(f"{len(unmasked)} defective image(s) without a readable ground-truth mask: "
+                      f"{', '.join(unmasked)}; they count for the image AUROC and are left out of the "
+                      "pixel AUROC", DataWarning)
+    return OneClassDataset([str(images[i]) for i in keep], [labels[i] for i in keep], 3, size,
+                           mask_paths=[masks[i] for i in keep], augment=augment,
+                           mask_known=[has_masks and (not labels[i] or masks[i] is not None) for i in keep])
+
+
+def mvtec_dataset(root: Path, split: str, size: int, augment: bool, skip_bad_images: bool) -> OneClassDataset:
     if not (root / "train" / "good").is_dir():
         raise FileNotFoundError(
             f"{root} is not an MVTec AD category folder: {root / 'train' / 'good'} not found (expected "
             "train/good, test/<good or defect type>, ground_truth/<defect type>)")
     if split == "train":
-        files = _image_files(root / "train" / "good")
-        return OneClassDataset([str(p) for p in files], [0] * len(files), 3, size, augment=augment)
+        files = list_images(root / "train" / "good")
+        return file_dataset(files, [0] * len(files), size, augment, skip_bad_images)
     test = root / "test"
-    kinds = sorted(p.name for p in test.iterdir() if p.is_dir()) if test.is_dir() else []
+    kinds = sorted(p.name for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if test.is_dir() else []
     if not kinds:
         raise FileNotFoundError(f"no test/<good or defect type> folders under {root}")
-    names, labels, masks = [], [], []
+    files, labels, masks = [], [], []
     for kind in kinds:
-        for path in _image_files(test / kind):
-            names.append(str(path))
+        for path in list_images(test / kind):
+            files.append(path)
             labels.append(int(kind != "good"))
             masks.append(None if kind == "good" else _mvtec_mask(root, kind, path))
-    return OneClassDataset(names, labels, 3, size, mask_paths=masks, augment=augment)
+    return file_dataset(files, labels, size, augment, skip_bad_images, masks)
 
 
-def folder_dataset(root: Path, split: str, size: int, augment: bool) -> OneClassDataset:
+def folder_dataset(root: Path, split: str, size: int, augment: bool, skip_bad_images: bool) -> OneClassDataset:
     if split == "train":
-        files = [(p, 0) for p in _image_files(root / "train")]
+        files = [(p, 0) for p in list_images(root / "train")]
     else:
         files = [(p, label) for label, kind in enumerate(("normal", "anomalous"))
-                 for p in _image_files(root / "test" / kind)]
-    return OneClassDataset([str(p) for p, _ in files], [label for _, label in files], 3, size,
-                           augment=augment)
+                 for p in list_images(root / "test" / kind)]
+    return file_dataset([p for p, _ in files], [label for _, label in files], size, augment, skip_bad_images)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -229,10 +306,12 @@ def one_class_dataset(name: str, root: Path, split: str, size: int, normal_class
 
 
 def build_dataset(name: str, root: str, split: str, size: int, normal_class: int = 0,
-                  category: Optional[str] = None, augment: bool = False) -> OneClassDataset:
+                  category: Optional[str] = None, augment: bool = False,
+                  skip_bad_images: bool = False) -> OneClassDataset:
     """The ``split`` ("train" or "test") of dataset ``name`` under ``root``, resized to ``size``.
 
     ``category`` selects a sub-folder of ``root`` (an MVTec AD category of a full MVTec root).
+    ``skip_bad_images`` leaves unreadable image files out with a warning instead of raising.
     """
     check_dataset_name(name)
     if split not in ("train", "test"):
@@ -241,11 +320,19 @@ def build_dataset(name: str, root: str, split: str, size: int, normal_class: int
     if not path.is_dir():
         raise FileNotFoundError(f"dataset root not found: {path}")
     if name == "mvtec":
-        dataset = mvtec_dataset(path, split, size, augment)
+        dataset = mvtec_dataset(path, split, size, augment, skip_bad_images)
     elif name == "folder":
-        dataset = folder_dataset(path, split, size, augment)
+        dataset = folder_dataset(path, split, size, augment, skip_bad_images)
     else:
         dataset = one_class_dataset(name, path, split, size, normal_class, augment)
     if len(dataset) == 0:
         raise ValueError(f"the {split} split of {name} under {path} is empty")
     return dataset
+
+
+def config_dataset(config: "TrainConfig", split: str, root: Optional[str] = None, augment: bool = False,
+                   skip_bad_images: bool = False) -> OneClassDataset:
+    """The ``split`` of the data set a run's config names, under ``root`` (default: the config's)."""
+    return build_dataset(config.dataset, root or config.root, split, size=config.model.size,
+                         normal_class=config.normal_class, category=config.category,
+                         augment=augment, skip_bad_images=skip_bad_images)

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .data import OneClassDataset, build_dataset
+from .data import OneClassDataset, config_dataset
 from .distributed import resolve_device
 from .inference import ScoreSet, collect_scores, compute_metrics, load_detector
 from .networks import AnomalyDetector
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by models.train")
     p.add_argument("--root", help="data folder (default: the one the model was trained on)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable image files out with a warning (default: stop, listing them)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gamma", type=float, help="fusion weight of R (default: the checkpoint's)")
     p.add_argument("--num-heatmaps", type=int, default=8, help="test images to draw (default: 8)")
@@ -55,15 +57,15 @@ def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
 
 
 def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optional[float] = None,
-             num_heatmaps: int = 8, batch: int = 16, device: str = "auto") -> dict[str, Any]:
+             num_heatmaps: int = 8, batch: int = 16, device: str = "auto",
+             skip_bad_images: bool = False) -> dict[str, Any]:
     """Writes metrics.json, roc.png and heat maps to ``out``; returns the metrics."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
-    test_set = build_dataset(config.dataset, root or config.root, "test", size=config.model.size,
-                             normal_class=config.normal_class, category=config.category)
+    test_set = config_dataset(config, "test", root=root, skip_bad_images=skip_bad_images)
     gamma = config.fusion_gamma if gamma is None else gamma
     scores = collect_scores(model, test_set, dev, batch)
-    metrics = compute_metrics(scores, gamma, test_set.has_masks)
+    metrics = compute_metrics(scores, gamma)
     fused = fuse_scores(scores.rec, scores.feat, gamma)
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model,
@@ -92,7 +94,7 @@ def draw_heatmaps(model: AnomalyDetector, test_set: OneClassDataset, scores: Sco
         kind = "anomalous" if scores.labels[j] else "normal"
         name = f"{j:04d}_{kind}_{Path(test_set.names[item['index']]).stem}.png"
         save_heatmap(item["image"], x_hat, scores.maps[j], vmax, os.path.join(folder, name),
-                     f"{kind}, score {fused[j]:.3f}", item["mask"][0].numpy() if test_set.has_masks else None)
+                     f"{kind}, score {fused[j]:.3f}", item["mask"][0].numpy() if item["mask_known"] else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.out, args.root, args.gamma, args.num_heatmaps,
-                          args.batch, args.device)
+                          args.batch, args.device, args.skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc")}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, restore_networks, stored_config
 from .config import TrainConfig
 from .networks import AnomalyDetector
 from .scoring import fuse_scores, image_auroc, pixel_auroc
@@ -33,6 +33,8 @@ class ScoreSet(NamedTuple):
     #: smoothed.
     maps: np.ndarray
     masks: np.ndarray
+    #: Whether each image's mask is ground truth (see :class:`~models.data.OneClassDataset`).
+    mask_known: np.ndarray
     indices: np.ndarray
 
 
@@ -49,6 +51,7 @@ def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.devic
         parts["rec"].append(s.rec.cpu().numpy())
         parts["maps"].append(s.error_map.cpu().numpy())
         parts["masks"].append(item["mask"][:, 0].numpy())
+        parts["mask_known"].append(item["mask_known"].numpy())
         parts["indices"].append(item["index"].numpy())
         if s.feat is not None:
             parts["feat"].append(s.feat.cpu().numpy())
@@ -56,14 +59,16 @@ def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.devic
     return ScoreSet(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
 
-def compute_metrics(scores: ScoreSet, gamma: float, has_masks: bool) -> dict[str, Any]:
-    """Image AUROC of the fused score (and of R and L alone), pixel AUROC where masks exist."""
+def compute_metrics(scores: ScoreSet, gamma: float) -> dict[str, Any]:
+    """Image AUROC of the fused score (and of R and L alone), pixel AUROC over the images whose
+    mask is known (None where there is none, or no anomalous pixel among them)."""
     fused = fuse_scores(scores.rec, scores.feat, gamma)
     metrics: dict[str, Any] = {"gamma": gamma, "image_auroc": image_auroc(scores.labels, fused),
                                "image_auroc_rec": image_auroc(scores.labels, scores.rec)}
     if scores.feat is not None:
         metrics["image_auroc_feat"] = image_auroc(scores.labels, scores.feat)
-    metrics["pixel_auroc"] = pixel_auroc(scores.masks, scores.maps) if has_masks else None
+    known = scores.mask_known
+    metrics["pixel_auroc"] = pixel_auroc(scores.masks[known], scores.maps[known]) if known.any() else None
     return metrics
 
 
@@ -79,9 +84,7 @@ def calibration(scores: ScoreSet) -> dict[str, float]:
 def load_detector(path: str, device: torch.device) -> tuple[AnomalyDetector, TrainConfig, dict[str, Any]]:
     """The trained networks of a checkpoint (in eval mode), its config and the checkpoint itself."""
     state = load_checkpoint(path, map_location=device)
-    config = TrainConfig.from_dict(state["config"])
+    config = stored_config(state, path)
     model = AnomalyDetector(config.model).to(device)
-    model.generator.load_state_dict(state["generator"])
-    if model.discriminator is not None:
-        model.discriminator.load_state_dict(state["discriminator"])
+    restore_networks(model, state, path)
     return model.eval(), config, state

@@ -7,7 +7,7 @@ Example:
     >>> from models.losses import LossWeights, generator_loss
     >>> x = torch.zeros(2, 1, 4, 4)
     >>> total, parts = generator_loss(x, x + 0.5, LossWeights(rec=50.0))
-    >>> float(total), parts["rec"]
+    >>> float(total), float(parts["rec"])
     (12.5, 0.25)
 """
 from __future__ import annotations
@@ -61,22 +61,23 @@ def generator_loss(x: torch.Tensor, x_hat: torch.Tensor, weights: LossWeights,
                    memory_weights: Sequence[torch.Tensor] = (),
                    logit_fake: Optional[torch.Tensor] = None,
                    feature_real: Optional[torch.Tensor] = None,
-                   feature_fake: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The generator's total loss and its parts (as floats, for logging).
+                   feature_fake: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's total loss and its parts (detached 0-d tensors, for logging and checks:
+    the caller fetches them from the device in one go).
 
     The adversarial terms are included when the discriminator's outputs are given; the entropy
     term when ``weights.entropy`` is non-zero. ``feature_real`` should be detached: it is a target.
     """
     rec = reconstruction_loss(x, x_hat)
     total = weights.rec * rec
-    parts = {"rec": rec.item()}
+    parts = {"rec": rec.detach()}
     if logit_fake is not None:
         adv, ali = adversarial_loss(logit_fake), alignment_loss(feature_real, feature_fake)
         total = total + weights.adv * adv + weights.ali * ali
-        parts.update(adv=adv.item(), ali=ali.item())
+        parts.update(adv=adv.detach(), ali=ali.detach())
     if weights.entropy:
         ent = entropy_loss(memory_weights)
         total = total + weights.entropy * ent
-        parts["ent"] = ent.item()
-    parts["g"] = total.item()
+        parts["ent"] = ent.detach()
+    parts["g"] = total.detach()
     return total, parts

@@ -1,5 +1,7 @@
 """Figures: the ROC curve and anomaly heat-map overlays (matplotlib, headless Agg backend).
 
+The study's figures (:mod:`models.study.figures`) draw with the same ``plt`` and :func:`save_figure`.
+
 Example:
     >>> import numpy as np, os, tempfile
     >>> from models.plots import save_roc
@@ -26,15 +28,20 @@ def to_display(image: torch.Tensor) -> np.ndarray:
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
+def save_figure(fig: plt.Figure, path: str, dpi: int = 100, top: float = 1.0) -> None:
+    """Lays out, writes and closes ``fig``; ``top`` < 1 keeps room for a suptitle."""
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def save_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> None:
     fpr, tpr = image_roc(labels, scores)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot(fpr, tpr, label="image ROC")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_heatmap(image: torch.Tensor, reconstruction: torch.Tensor, error_map: np.ndarray,
@@ -57,6 +64,4 @@ def save_heatmap(image: torch.Tensor, reconstruction: torch.Tensor, error_map: n
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))  # keep room for the suptitle above the panel titles
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80, top=0.92)  # room for the suptitle above the panel titles

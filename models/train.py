@@ -3,6 +3,10 @@
 Writes to ``--out``: ``checkpoint.pt`` (atomically, after every epoch: config and all state),
 ``config.json`` and ``train_log.jsonl`` (one line of mean losses, time and, with
 ``--eval-every``, test metrics per epoch). ``--resume`` continues the run in ``--out``.
+Every image is decoded before the first step: unreadable files stop the run at once, listed
+(``--skip-bad-images`` leaves them out instead). A NaN or infinite loss or gradient stops the run
+at that step with an error naming it; the last checkpoint, of the last finished epoch, is kept
+as it was, and ``--resume --lr SMALLER`` continues from it.
 Under ``torchrun --nproc_per_node K`` the same command trains with DistributedDataParallel
 (``--batch`` is per process; rank 0 writes).
 
@@ -19,25 +23,35 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, stored_config
 from .config import MODEL_NAMES, ModelConfig, TrainConfig
-from .data import DATASETS, build_dataset, dataset_channels
+from .data import DATASETS, OneClassDataset, config_dataset, dataset_channels
 from .distributed import (DistContext, barrier, mean_over_processes, setup_distributed,
                           teardown_distributed)
 from .inference import calibration, collect_scores, compute_metrics
-from .trainer import Trainer
+from .trainer import DivergenceError, Trainer
 
 MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
-#: Settings a resumed run may change; the others come from the checkpoint.
-RESUMABLE = ("root", "epochs", "workers", "eval_every")
+#: Settings a resumed run may change; the others come from the checkpoint. ``lr``: to go on
+#: with a lower rate after a divergence.
+RESUMABLE = ("root", "epochs", "workers", "eval_every", "lr")
+#: Flags of this invocation only: never stored, free on --resume.
+INVOCATION = ("device", "out", "resume", "skip_bad_images")
 CHECKPOINT = "checkpoint.pt"
+
+
+class Resume(NamedTuple):
+    """The checkpoint a run continues from, and its path."""
+
+    state: dict[str, Any]
+    path: str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--root", help="data folder: an MVTec AD category, the MNIST/CIFAR root or an image folder")
     data.add_argument("--category", help="sub-folder of --root to use (an MVTec AD category)")
     data.add_argument("--normal-class", type=int, help=f"MNIST/CIFAR-10 class that is normal (default: {t.normal_class})")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="leave unreadable image files out with a warning (default: stop, listing them)")
     net = p.add_argument_group("model")
     net.add_argument("--model", choices=MODEL_NAMES, help=f"variant; '+' adds the discriminator (default: {m.model})")
     net.add_argument("--size", type=int, help=f"input size, a multiple of 16*lcm(RH, RW) (default: {m.size})")
@@ -80,27 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_config(args: argparse.Namespace) -> tuple[TrainConfig, Optional[dict]]:
+def make_config(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Resume]]:
     """The run's settings and, when resuming, the checkpoint they come from."""
-    given = {k: v for k, v in vars(args).items() if k not in ("device", "out", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in INVOCATION}
     if "resume" in args:
-        state = load_checkpoint(args.resume or os.path.join(args.out, CHECKPOINT))
+        path = args.resume or os.path.join(args.out, CHECKPOINT)
+        state = load_checkpoint(path)
         fixed = sorted(set(given) - set(RESUMABLE))
         if fixed:
             raise ValueError(f"--resume takes the settings from the checkpoint; only "
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may be given, "
                              f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
-        return replace(TrainConfig.from_dict(state["config"]), **given), state
+        return replace(stored_config(state, path), **given), Resume(state, path)
     if "root" not in given:
         raise ValueError("--root is required (the data folder)")
     model = {k: given.pop(k) for k in MODEL_FIELDS if k in given}
     model["in_channels"] = dataset_channels(given.get("dataset", TrainConfig.dataset))
     return TrainConfig(model=ModelConfig(**model), **given), None
-
-
-def data_options(config: TrainConfig) -> dict:
-    """The keyword arguments of :func:`~models.data.build_dataset` that the config fixes."""
-    return dict(size=config.model.size, normal_class=config.normal_class, category=config.category)
 
 
 def epoch_seed(config: TrainConfig, epoch: int, rank: int) -> int:
@@ -113,66 +125,96 @@ def write_log(out: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(config: TrainConfig, out: str, ctx: DistContext, train_set: Dataset,
-          resume_state: Optional[dict] = None) -> Trainer:
-    """Trains on ``train_set`` (augmented) up to ``config.epochs`` epochs; rank 0 writes to ``out``."""
+def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset,
+          resume: Optional[Resume] = None, skip_bad_images: bool = False) -> Trainer:
+    """Trains on ``train_set`` (augmented) up to ``config.epochs`` epochs; rank 0 writes to ``out``.
+
+    Raises :class:`~models.trainer.DivergenceError` naming the epoch and step where a loss or
+    gradient became NaN or infinite; that epoch is never saved.
+    """
     trainer = Trainer(config, ctx.device, ddp=ctx.distributed)
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state)
+    if resume is not None:
+        trainer.load_state_dict(resume.state, resume.path)
     # DistributedSampler also in one process: shuffling then depends only on (seed, epoch).
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, seed=config.seed)
     # A last batch of one image breaks BatchNorm on the 1x1 maps of small inputs: drop it.
     loader = DataLoader(train_set, batch_size=config.batch, sampler=sampler, num_workers=config.workers,
                         drop_last=len(sampler) % config.batch == 1, persistent_workers=config.workers > 0)
+    checkpoint = os.path.join(out, CHECKPOINT)
+    last_saved = resume.path if resume is not None else None
+    test_set = None  # built (and its files checked) at the first evaluation
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-        if resume_state is None:  # a fresh run starts a fresh log
+        if resume is None:  # a fresh run starts a fresh log
             open(os.path.join(out, "train_log.jsonl"), "w").close()
-    for epoch in range(trainer.epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(config, epoch, ctx.rank))
+    for epoch in range(trainer.epoch + 1, config.epochs + 1):
+        sampler.set_epoch(epoch - 1)
+        torch.manual_seed(epoch_seed(config, epoch - 1, ctx.rank))
         start, sums, steps = time.perf_counter(), {}, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not ctx.is_main,
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ctx.is_main,
                    leave=False, dynamic_ncols=True)
         for item in bar:
-            losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
-            sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
             steps += 1
+            try:
+                losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
+            except DivergenceError as e:
+                raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
+                                                         last_saved, trainer.epoch)) from e
+            sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
-        record = {"epoch": epoch + 1, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
+        record = {"epoch": epoch, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
                   "time_s": round(time.perf_counter() - start, 3)}
-        trainer.epoch = epoch + 1
         if ctx.is_main:
-            if config.eval_every and trainer.epoch % config.eval_every == 0:
-                test_set = build_dataset(config.dataset, config.root, "test", **data_options(config))
+            if config.eval_every and epoch % config.eval_every == 0:
+                test_set = test_set or config_dataset(config, "test", skip_bad_images=skip_bad_images)
                 scores = collect_scores(trainer.model, test_set, ctx.device, config.batch)
-                metrics = compute_metrics(scores, config.fusion_gamma, test_set.has_masks)
+                metrics = compute_metrics(scores, config.fusion_gamma)
                 record.update(image_auroc=metrics["image_auroc"], pixel_auroc=metrics["pixel_auroc"])
-            if trainer.epoch == config.epochs:
-                plain = build_dataset(config.dataset, config.root, "train", **data_options(config))
-                trainer.calibration = calibration(collect_scores(trainer.model, plain, ctx.device, config.batch))
-            trainer.history.append(record)
-            save_checkpoint(trainer.state_dict(), os.path.join(out, CHECKPOINT))
+            calib = None
+            if epoch == config.epochs:
+                plain = train_set.without_augmentation()
+                calib = calibration(collect_scores(trainer.model, plain, ctx.device, config.batch))
+            trainer.end_epoch(record, calib)
+            save_checkpoint(trainer.state_dict(), checkpoint)
             write_log(out, record)
             tqdm.write(json.dumps(record), file=sys.stdout)
+        else:
+            trainer.end_epoch(record)
         barrier(ctx)
+        last_saved = checkpoint
     return trainer
+
+
+def divergence_message(error: DivergenceError, epoch: int, step: int, steps: int, config: TrainConfig,
+                       out: str, last_saved: Optional[str], saved_epoch: int) -> str:
+    """What diverged, where, what was kept, and the command to go on with a lower learning rate."""
+    lower = f"--lr {config.learning_rate / 10:g}"
+    if last_saved is None:
+        kept = f"no checkpoint was written (no epoch finished); start again with a lower rate, e.g. {lower}"
+    else:
+        kept = (f"{last_saved} (epoch {saved_epoch}) was kept as it was; continue from it with a lower "
+                f"rate: python -m models.train --resume {last_saved} --out {out} {lower}")
+    return (f"training diverged at epoch {epoch}, step {step} of {steps}: {error} (learning rate "
+            f"{config.learning_rate:g}). {kept}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     """Runs the command line; returns the trainer (its ``model`` holds the trained networks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:  # bad flags, paths, sizes and checkpoints end here with a one-line message
-        config, resume_state = make_config(args)
-        train_set = build_dataset(config.dataset, config.root, "train", augment=True, **data_options(config))
+    skip_bad_images = getattr(args, "skip_bad_images", False)
+    try:  # bad flags, paths, sizes, images and checkpoints end here with a message naming them
+        config, resume = make_config(args)
+        train_set = config_dataset(config, "train", augment=True, skip_bad_images=skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     ctx = setup_distributed(args.device)
     try:
-        return train(config, args.out, ctx, train_set, resume_state)
+        return train(config, args.out, ctx, train_set, resume, skip_bad_images)
+    except DivergenceError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:
         teardown_distributed()
 

@@ -11,18 +11,31 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import get_total_norm
 
+from .checkpoint import load_into, restore_networks
 from .config import TrainConfig
 from .losses import LossWeights, discriminator_loss, generator_loss
 from .networks import AnomalyDetector
 
 
+class DivergenceError(RuntimeError):
+    """A loss or a gradient of a training step is NaN or infinite: the run has diverged."""
+
+
+def largest_gradient(module: torch.nn.Module) -> torch.Tensor:
+    """max |grad| over the parameters of ``module``, on their device (NaN or inf if any is)."""
+    return get_total_norm([p.grad for p in module.parameters() if p.grad is not None], norm_type=math.inf)
+
+
 class Trainer:
-    """Holds the networks, their optimizers, the epoch count and the per-epoch history.
+    """Holds the networks, their optimizers, the epoch count, the per-epoch history and the
+    calibration; :meth:`end_epoch` is the one way the count, history and calibration change.
 
     With ``ddp=True`` (a process group must exist) the generator and discriminator are wrapped
     separately in DistributedDataParallel, so each optimizer step sees gradients averaged over
@@ -56,6 +69,9 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         """One generator step, then one discriminator step; returns the losses.
 
+        The losses and the largest gradient of each network come from the device in one transfer
+        at the end, the step's only host sync. If any is NaN or infinite, raises
+        :class:`DivergenceError` naming them: the weights are then broken and must not be saved.
         The gradients stay in the parameters' ``.grad`` until the next step (tests read them).
         """
         self.model.train()
@@ -70,6 +86,7 @@ class Trainer:
                                feature_fake=feature_fake)
         loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial)
         loss_g.backward()
+        checks = {"generator gradient": largest_gradient(self.model.generator)}
         self.opt_g.step()
         if self.discriminator is not None:
             # The generator's backward also filled the discriminator's .grad: clear it. D(x) is
@@ -77,9 +94,23 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             loss_d = discriminator_loss(logit_real, self.discriminator(x_hat.detach())[0])
             loss_d.backward()
+            checks["discriminator gradient"] = largest_gradient(self.model.discriminator)
             self.opt_d.step()
-            losses["d"] = loss_d.item()
-        return losses
+            losses["d"] = loss_d.detach()
+        values = dict(zip([*losses, *checks], torch.stack([*losses.values(), *checks.values()]).tolist()))
+        broken = [f"{'loss' if name in losses else 'largest'} {name} = {value}"
+                  for name, value in values.items() if not math.isfinite(value)]
+        if broken:
+            raise DivergenceError("non-finite " + ", ".join(broken))
+        return {name: values[name] for name in losses}
+
+    def end_epoch(self, record: dict[str, Any], calibration: Optional[dict[str, float]] = None) -> None:
+        """Counts a finished epoch and keeps its log ``record``; after the last epoch, also the
+        ``calibration`` (:func:`~models.inference.calibration`) that single-image scoring needs."""
+        self.epoch += 1
+        self.history.append(record)
+        if calibration is not None:
+            self.calibration = calibration
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds, in types that ``torch.load(weights_only=True)`` accepts."""
@@ -95,12 +126,19 @@ class Trainer:
             "calibration": self.calibration,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.generator.load_state_dict(state["generator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        if self.model.discriminator is not None:
-            self.model.discriminator.load_state_dict(state["discriminator"])
-            self.opt_d.load_state_dict(state["opt_d"])
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Continues from a checkpoint's state (``source`` names it in errors).
+
+        The config's learning rate replaces the stored one, so that a run resumed after a
+        divergence can go on with a lower ``--lr``; the other optimizer settings are kept.
+        """
+        restore_networks(self.model, state, source)
+        load_into(self.opt_g, state, "opt_g", source)
+        if self.opt_d is not None:
+            load_into(self.opt_d, state, "opt_d", source)
+        for optimizer in filter(None, (self.opt_g, self.opt_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = self.config.learning_rate
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         self.calibration = state.get("calibration")

@@ -1,16 +1,20 @@
-"""models/: the data loaders on the shipped real data (MVTec AD hazelnut subset, MNIST IDX)."""
+"""models/: the data loaders on the shipped real data (MVTec AD hazelnut subset, MNIST IDX), and
+on small synthetic folders of what real folders hold: broken files, odd formats, stray files."""
 from __future__ import annotations
 
 import gzip
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from models.data import MNIST_IDX_SPLIT, build_dataset, read_idx
-from models_support import HAZELNUT, MNIST, needs_hazelnut, needs_mnist, single_thread  # noqa: F401  (autouse fixture)
+from models.data import MNIST_IDX_SPLIT, DataWarning, build_dataset, load_image, read_idx
+from models.images import BadImageError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def check_hazelnut(root, size=32):
@@ -28,27 +32,22 @@ def check_hazelnut(root, size=32):
     return test
 
 
-@needs_hazelnut
-def test_hazelnut_subset_with_stem_png_masks():
-    check_hazelnut(HAZELNUT)
+def test_hazelnut_subset_with_stem_png_masks(hazelnut):
+    check_hazelnut(hazelnut)
 
 
-@needs_hazelnut
-def test_hazelnut_subset_with_mvtec_mask_names(tmp_path):
+def test_hazelnut_subset_with_mvtec_mask_names(hazelnut, tmp_path):
     root = tmp_path / "hazelnut"
-    shutil.copytree(HAZELNUT, root)
+    shutil.copytree(hazelnut, root)
     for mask in (root / "ground_truth" / "colour").iterdir():
         mask.rename(mask.with_name(f"{mask.stem}_mask.png"))
     check_hazelnut(root)
-    (root / "ground_truth" / "colour" / "03_mask.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"03_mask.png or .*03.png"):
-        build_dataset("mvtec", str(root), "test", size=32)
 
 
-@needs_hazelnut
-def test_training_flips(tmp_path):
-    data = build_dataset("mvtec", str(HAZELNUT), "train", size=32, augment=True)
-    plain = build_dataset("mvtec", str(HAZELNUT), "train", size=32)[0]["image"]
+def test_training_flips(hazelnut):
+    data = build_dataset("mvtec", str(hazelnut), "train", size=32, augment=True)
+    plain = data.without_augmentation()[0]["image"]
+    assert torch.equal(plain, build_dataset("mvtec", str(hazelnut), "train", size=32)[0]["image"])
     flips = {plain.flip(-1).numpy().tobytes(), plain.flip(-2).numpy().tobytes(),
              plain.flip(-1).flip(-2).numpy().tobytes(), plain.numpy().tobytes()}
     torch.manual_seed(0)
@@ -56,11 +55,10 @@ def test_training_flips(tmp_path):
     assert seen == flips
 
 
-@needs_mnist
-def test_mnist_idx_one_class_split():
-    train = build_dataset("mnist", str(MNIST), "train", size=32, normal_class=3)
-    test = build_dataset("mnist", str(MNIST), "test", size=32, normal_class=3)
-    digits = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+def test_mnist_idx_one_class_split(mnist):
+    train = build_dataset("mnist", str(mnist), "train", size=32, normal_class=3)
+    test = build_dataset("mnist", str(mnist), "test", size=32, normal_class=3)
+    digits = read_idx(mnist / "t10k-labels-idx1-ubyte.gz")
     assert len(train) == int((digits[:MNIST_IDX_SPLIT] == 3).sum())
     assert len(test) == len(digits) - MNIST_IDX_SPLIT
     assert sum(test.labels) == int((digits[MNIST_IDX_SPLIT:] != 3).sum())
@@ -70,18 +68,17 @@ def test_mnist_idx_one_class_split():
     assert item["image"].min() == -1  # MNIST's black background
 
 
-@needs_mnist
-def test_mnist_torchvision_layout(tmp_path):
+def test_mnist_torchvision_layout(mnist, tmp_path):
     # torchvision's layout, built from the shipped t10k files (standing in for the train files too).
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for kind in ("images-idx3", "labels-idx1"):
-        data = gzip.decompress((MNIST / f"t10k-{kind}-ubyte.gz").read_bytes())
+        data = gzip.decompress((mnist / f"t10k-{kind}-ubyte.gz").read_bytes())
         for split in ("train", "t10k"):
             (raw / f"{split}-{kind}-ubyte").write_bytes(data)
     train = build_dataset("mnist", str(tmp_path), "train", size=32, normal_class=7)
     test = build_dataset("mnist", str(tmp_path), "test", size=32, normal_class=7)
-    digits = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+    digits = read_idx(mnist / "t10k-labels-idx1-ubyte.gz")
     assert len(train) == int((digits == 7).sum()) and len(test) == 10000
     assert sum(test.labels) == int((digits != 7).sum())
     assert train[0]["image"].shape == (1, 32, 32)
@@ -126,3 +123,117 @@ def test_bad_paths_raise_clear_errors(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         build_dataset("folder", str(tmp_path), "train", size=32)
+
+
+# ----------------------------------------------------------------------------- what real folders hold
+
+
+def write_image(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def write_truncated_jpeg(path):
+    write_image(path, np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def grey(value, shape=(12, 12)):
+    return np.full(shape, value, np.uint8)
+
+
+def test_unreadable_images_are_all_listed_before_training(tmp_path):
+    for i in range(2):
+        write_image(tmp_path / "train" / f"{i}.png", grey(100))
+    truncated = write_truncated_jpeg(tmp_path / "train" / "cut.jpg")
+    text = tmp_path / "train" / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(BadImageError) as error:
+        build_dataset("folder", str(tmp_path), "train", size=16)
+    assert [path for path, _ in error.value.problems] == [str(truncated), str(text)]
+    message = str(error.value)
+    assert f"{truncated}: OSError: image file is truncated" in message
+    assert f"{text}: UnidentifiedImageError: cannot identify image file" in message
+    assert "--skip-bad-images" in message
+    with pytest.warns(DataWarning, match="2 unreadable image files") as caught:
+        data = build_dataset("folder", str(tmp_path), "train", size=16, skip_bad_images=True)
+    assert str(truncated) in str(caught[0].message) and str(text) in str(caught[0].message)
+    assert [Path(n).name for n in data.names] == ["0.png", "1.png"]
+
+
+def test_every_pixel_format_reads_as_8_bit(tmp_path):
+    colour = np.array([200, 100, 50], np.uint8)
+    rgba = np.concatenate([np.broadcast_to(colour, (12, 12, 3)), grey(0)[..., None]], axis=2)
+    palette = Image.fromarray(np.broadcast_to(colour, (12, 12, 3)).copy()).quantize(colors=2)
+    (tmp_path / "train").mkdir()
+    palette.save(tmp_path / "train" / "palette.png")
+    write_image(tmp_path / "train" / "gray.png", grey(77))
+    write_image(tmp_path / "train" / "rgba.png", rgba)  # fully transparent: the colour still counts
+    write_image(tmp_path / "train" / "deep.png", np.full((12, 12), 0x8080, np.uint16))  # 16 bit: 128
+    assert Image.open(tmp_path / "train" / "deep.png").mode.startswith("I")
+    data = build_dataset("folder", str(tmp_path), "train", size=8)
+    expected = {"deep.png": [128] * 3, "gray.png": [77] * 3, "palette.png": colour, "rgba.png": colour}
+    assert sorted(expected) == sorted(Path(n).name for n in data.names)
+    for i, name in enumerate(data.names):
+        image = data[i]["image"]
+        want = torch.tensor(np.asarray(expected[Path(name).name], np.float32) / 127.5 - 1)
+        torch.testing.assert_close(image, want[:, None, None].expand(3, 8, 8), rtol=0, atol=1e-6, msg=name)
+
+
+def test_hidden_and_other_files_are_ignored_and_empty_folders_named(tmp_path):
+    write_image(tmp_path / "train" / "0.png", grey(10))
+    (tmp_path / "train" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS companion
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "train" / "labels.csv").write_text("name,label\n")
+    (tmp_path / "train" / "more.png").mkdir()
+    assert [Path(n).name for n in build_dataset("folder", str(tmp_path), "train", size=8).names] == ["0.png"]
+    (tmp_path / "train" / "0.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no images .* in .*train \(4 other entries ignored\)"):
+        build_dataset("folder", str(tmp_path), "train", size=8)
+    empty = tmp_path / "other"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no images .* \(it is empty\)"):
+        build_dataset("folder", str(empty), "train", size=8)
+
+
+def mvtec_with_masks(root):
+    """A tiny MVTec category: crack 0 has a half-scale mask, crack 1 one of another aspect ratio,
+    crack 2 none."""
+    write_image(root / "train" / "good" / "0.png", grey(50, (20, 20)))
+    write_image(root / "test" / "good" / "0.png", grey(50, (20, 20)))
+    for i in range(3):
+        write_image(root / "test" / "crack" / f"{i}.png", grey(90, (20, 20)))
+    half = grey(0, (10, 10))
+    half[:5] = 255  # the top half of the image is the defect
+    write_image(root / "ground_truth" / "crack" / "0_mask.png", half)
+    write_image(root / "ground_truth" / "crack" / "1_mask.png", grey(255, (10, 14)))
+    return root
+
+
+def test_masks_at_another_scale_mismatched_or_missing(tmp_path):
+    root = mvtec_with_masks(tmp_path)
+    mismatched = root / "ground_truth" / "crack" / "1_mask.png"
+    with pytest.raises(BadImageError, match=r"1_mask.png: mask of 14x10 does not fit its image 1.png of 20x20"):
+        build_dataset("mvtec", str(root), "test", size=8)
+    with pytest.warns(DataWarning) as caught:
+        test = build_dataset("mvtec", str(root), "test", size=8, skip_bad_images=True)
+    first, second = (str(w.message) for w in caught)
+    assert str(mismatched) in first
+    assert "2 defective image(s) without a readable ground-truth mask" in second
+    assert str(root / "test" / "crack" / "1.png") in second and str(root / "test" / "crack" / "2.png") in second
+    assert [Path(n).name for n in test.names] == ["0.png", "1.png", "2.png", "0.png"]  # crack, then good
+    assert test.labels == [1, 1, 1, 0] and test.mask_known == [True, False, False, True]
+    mask = test[0]["mask"][0]
+    assert mask[:4].eq(1).all() and mask[4:].eq(0).all()  # the half-scale mask, resized with the image
+    (root / "ground_truth" / "crack" / "1_mask.png").unlink()  # a missing mask alone: a warning only
+    with pytest.warns(DataWarning, match="2 defective image"):
+        assert len(build_dataset("mvtec", str(root), "test", size=8)) == 4
+
+
+def test_predict_style_reads_name_the_file(tmp_path):
+    truncated = write_truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(BadImageError, match=f"{truncated}: OSError: image file is truncated"):
+        load_image(str(truncated), 3, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -11,7 +12,8 @@ from models import train
 from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.trainer import Trainer
-from models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def free_port() -> int:
@@ -20,21 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(rank: int, world_size: int, port: int, out: str) -> None:
+def run_rank(rank: int, world_size: int, port: int, root: str, out: str) -> None:
     """One process: torchrun's environment, then the command line's own entry point."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = train.main(["--dataset", "mvtec", "--root", str(HAZELNUT), "--model", "daad+", "--size", "32",
+    trainer = train.main(["--dataset", "mvtec", "--root", root, "--model", "daad+", "--size", "32",
                           "--width", "4", "--division", "2", "2", "1", "--num-items", "20", "--batch", "4",
                           "--epochs", "1", "--device", "cpu", "--out", out])
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     torch.save(params, os.path.join(out, f"params-rank{rank}.pt"))
 
 
-@needs_hazelnut
-def test_two_processes_keep_identical_replicas(tmp_path):
-    mp.spawn(run_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_processes_keep_identical_replicas(hazelnut, tmp_path):
+    mp.spawn(run_rank, args=(2, free_port(), str(hazelnut), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"params-rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)

@@ -9,8 +9,9 @@ import torch
 
 from models.config import MODEL_NAMES, ModelConfig, TrainConfig, check_size, parse_model
 from models.networks import AnomalyDetector, Discriminator
-from models.trainer import Trainer
-from models_support import single_thread  # noqa: F401  (autouse fixture)
+from models.trainer import DivergenceError, Trainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL = dict(size=32, width=4, division=(2, 2, 1), num_items=16, backend="auto")
 
@@ -83,6 +84,20 @@ def test_one_training_step_of_every_variant(name, backend):
         assert not torch.equal(memory.memory.detach(), old)
 
 
+def test_a_non_finite_loss_or_gradient_stops_the_step():
+    config = TrainConfig(model=ModelConfig(model="daad+", **SMALL), seed=1)
+    trainer = Trainer(config, torch.device("cpu"))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with pytest.raises(DivergenceError, match=r"non-finite loss rec = nan, .*loss g = nan"):
+        trainer.train_step(x.clone().index_fill_(0, torch.tensor([1]), float("nan")))
+    # Finite losses, an infinite gradient (as an overflow in the backward pass would give).
+    trainer = Trainer(config, torch.device("cpu"))
+    last = list(trainer.model.discriminator.parameters())[-1]
+    last.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(DivergenceError, match=r"^non-finite largest discriminator gradient = inf$"):
+        trainer.train_step(x)
+
+
 def test_learning_rate_and_gamma_defaults_follow_the_paper():
     daad = TrainConfig(model=ModelConfig(model="daad", **SMALL))
     plus = TrainConfig(model=ModelConfig(model="daad+", **SMALL))
@@ -114,7 +129,8 @@ def test_valid_sizes():
 
 @pytest.mark.parametrize("module", ["models", "models.config", "models.networks", "models.trainer",
                                     "models.losses", "models.scoring", "models.inference",
-                                    "models.checkpoint", "models.distributed", "models.plots"])
+                                    "models.checkpoint", "models.distributed", "models.plots",
+                                    "models.images", "models.study.plan"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

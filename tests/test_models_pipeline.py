@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,16 +10,29 @@ import torch
 
 from models import evaluate, predict, train
 from models.checkpoint import load_checkpoint
-from models_support import HAZELNUT, needs_hazelnut, single_thread  # noqa: F401  (autouse fixture)
+from models.data import DataWarning
 
-pytestmark = needs_hazelnut
-TINY = ["--dataset", "mvtec", "--root", str(HAZELNUT), "--size", "32", "--width", "4",
-        "--division", "2", "2", "1", "--num-items", "20", "--batch", "8", "--device", "cpu"]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_train_evaluate_predict(tmp_path, capsys):
+@pytest.fixture
+def tiny(hazelnut):
+    """Flags of a tiny training on the hazelnut subset (a second an epoch)."""
+    return ["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
+            "--division", "2", "2", "1", "--num-items", "20", "--batch", "8", "--device", "cpu"]
+
+
+def error_of(module, argv, capsys, code=2):
+    """The message of a command line that must fail with exit status ``code``."""
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == code
+    return capsys.readouterr().err
+
+
+def test_train_evaluate_predict(hazelnut, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    trainer = train.main(TINY + ["--model", "daad+", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
+    trainer = train.main(tiny + ["--model", "daad+", "--epochs", "2", "--eval-every", "1", "--out", str(out)])
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 2 and state["config"]["model"]["model"] == "daad+"
     assert set(state) >= {"generator", "discriminator", "opt_g", "opt_d", "history", "calibration"}
@@ -29,7 +43,7 @@ def test_train_evaluate_predict(tmp_path, capsys):
     assert trainer.epoch == 2
 
     result = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"),
-                            "--root", str(HAZELNUT), "--num-heatmaps", "4", "--device", "cpu"])
+                            "--root", str(hazelnut), "--num-heatmaps", "4", "--device", "cpu"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
     assert metrics["image_auroc"] == pytest.approx(log[-1]["image_auroc"]) == result["image_auroc"]
@@ -39,7 +53,7 @@ def test_train_evaluate_predict(tmp_path, capsys):
     heatmaps = sorted(p.name for p in (tmp_path / "eval" / "heatmaps").iterdir())
     assert len(heatmaps) == 4 and sum("anomalous" in n for n in heatmaps) == 2
 
-    images = [str(HAZELNUT / "test" / "colour" / "00.jpg"), str(HAZELNUT / "test" / "good" / "04.jpg")]
+    images = [str(hazelnut / "test" / "colour" / "00.jpg"), str(hazelnut / "test" / "good" / "04.jpg")]
     results = predict.main([str(out / "checkpoint.pt"), *images, "--out", str(tmp_path / "pred"), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert all(img in printed and "score=" in printed for img in images)
@@ -47,8 +61,8 @@ def test_train_evaluate_predict(tmp_path, capsys):
     assert all((tmp_path / "pred" / n).stat().st_size > 0 for n in ("00_heatmap.png", "04_heatmap.png"))
 
 
-def test_resume_continues_exactly(tmp_path):
-    args = TINY + ["--model", "memae+", "--seed", "3"]
+def test_resume_continues_exactly(tiny, tmp_path):
+    args = tiny + ["--model", "memae+", "--seed", "3"]
     straight = train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")])
     train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")])
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt").get("calibration") is not None
@@ -60,22 +74,63 @@ def test_resume_continues_exactly(tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
 
 
-def test_cli_errors(tmp_path, capsys):
-    def error_of(module, argv):
-        with pytest.raises(SystemExit) as exc:
-            module.main(argv)
-        assert exc.value.code == 2
-        return capsys.readouterr().err
-
-    assert "valid sizes are the multiples of 128" in error_of(train, TINY + ["--model", "daad", "--division", "8", "8", "1", "--size", "64", "--out", str(tmp_path)])
-    assert "dataset root not found" in error_of(train, ["--root", str(tmp_path / "none"), "--out", str(tmp_path)])
-    assert "--root is required" in error_of(train, ["--out", str(tmp_path)])
-    assert "checkpoint not found" in error_of(train, ["--resume", "--out", str(tmp_path)])
+def test_cli_errors(tiny, tmp_path, capsys):
+    assert "valid sizes are the multiples of 128" in error_of(train, tiny + ["--model", "daad", "--division", "8", "8", "1", "--size", "64", "--out", str(tmp_path)], capsys)
+    assert "dataset root not found" in error_of(train, ["--root", str(tmp_path / "none"), "--out", str(tmp_path)], capsys)
+    assert "--root is required" in error_of(train, ["--out", str(tmp_path)], capsys)
+    assert "checkpoint not found" in error_of(train, ["--resume", "--out", str(tmp_path)], capsys)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 64)
-    assert "not a readable PyTorch checkpoint" in error_of(evaluate, ["--checkpoint", str(bad), "--out", str(tmp_path)])
+    assert "not a readable PyTorch checkpoint" in error_of(evaluate, ["--checkpoint", str(bad), "--out", str(tmp_path)], capsys)
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
-    assert "not a checkpoint of models.train" in error_of(predict, [str(tmp_path / "foreign.pt"), "x.png"])
-    train.main(TINY + ["--model", "ae", "--epochs", "1", "--out", str(tmp_path / "run")])
-    assert "only --root, --epochs" in error_of(train, ["--resume", "--model", "daad", "--out", str(tmp_path / "run")])
-    assert "image not found" in error_of(predict, [str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "x.png")])
+    assert "not a checkpoint of models.train" in error_of(predict, [str(tmp_path / "foreign.pt"), "x.png"], capsys)
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "only --root, --epochs" in error_of(train, ["--resume", "--model", "daad", "--out", str(tmp_path / "run")], capsys)
+    assert "image not found" in error_of(predict, [str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "x.png")], capsys)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    assert f"{text}: UnidentifiedImageError" in error_of(predict, [str(tmp_path / "run" / "checkpoint.pt"), str(text)], capsys)
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny + ["--model", "daad+", "--out", str(out)]
+    train.main(args + ["--epochs", "1"])
+    checkpoint = out / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    message = error_of(train, ["--resume", "--epochs", "3", "--lr", "1e6", "--out", str(out)], capsys, code=1)
+    assert "error: training diverged at epoch 2, step " in message
+    assert "non-finite" in message and "(learning rate 1e+06)" in message
+    assert f"{checkpoint} (epoch 1) was kept as it was" in message
+    assert f"python -m models.train --resume {checkpoint} --out {out} --lr 100000" in message
+    assert checkpoint.read_bytes() == good  # never overwritten with broken weights
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    resumed = train.main(["--resume", "--epochs", "2", "--lr", "1e-4", "--out", str(out), "--device", "cpu"])
+    assert resumed.epoch == 2 and load_checkpoint(checkpoint)["epoch"] == 2
+    assert [group["lr"] for group in resumed.opt_g.param_groups] == [1e-4]
+    # A fresh run that diverges in its first epoch has no checkpoint to offer.
+    fresh = error_of(train, args[:-1] + [str(tmp_path / "fresh"), "--epochs", "1", "--lr", "1e6"], capsys, code=1)
+    assert "training diverged at epoch 1" in fresh and "no checkpoint was written" in fresh
+    assert not (tmp_path / "fresh" / "checkpoint.pt").exists()
+
+
+def test_bad_images_stop_before_training_or_are_skipped(hazelnut, tiny, tmp_path, capsys):
+    root = tmp_path / "hazelnut"
+    shutil.copytree(hazelnut, root)
+    (root / "train" / "good" / "00.jpg").write_bytes((hazelnut / "train" / "good" / "00.jpg").read_bytes()[:5000])
+    (root / "test" / "good" / "04.jpg").write_text("not an image")
+    flags = tiny[:2] + ["--root", str(root)] + tiny[4:] + ["--model", "ae", "--epochs", "1"]
+    message = error_of(train, flags + ["--out", str(tmp_path / "run")], capsys)
+    assert "1 unreadable image file:" in message and "00.jpg: OSError: Truncated File Read" in message
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+    with pytest.warns(DataWarning) as caught:
+        trainer = train.main(flags + ["--eval-every", "1", "--skip-bad-images", "--out", str(tmp_path / "run")])
+    assert ["00.jpg" in str(w.message) for w in caught] == [True, False]  # the training set's
+    assert ["04.jpg" in str(w.message) for w in caught] == [False, True]  # the test set's, at evaluation
+    assert trainer.epoch == 1
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    assert "04.jpg: UnidentifiedImageError" in error_of(evaluate, ["--checkpoint", checkpoint, "--out", str(tmp_path / "eval")], capsys)
+    with pytest.warns(DataWarning, match="04.jpg"):
+        result = evaluate.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "eval"), "--skip-bad-images"])
+    assert result["num_images"] == 22

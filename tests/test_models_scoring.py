@@ -1,17 +1,26 @@
-"""models/: losses, score fusion and metrics against hand-computed values; checkpoint files."""
+"""models/: losses, score fusion and metrics against hand-computed values; checkpoint files,
+including damaged, edited and inconsistent ones."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models import checkpoint as checkpoint_module
+from models.checkpoint import CheckpointError, UnverifiedCheckpointWarning, load_checkpoint, save_checkpoint
+from models.config import ModelConfig, TrainConfig
+from models.inference import ScoreSet, compute_metrics, load_detector
 from models.losses import (LossWeights, alignment_loss, discriminator_loss, entropy_loss,
                            generator_loss)
 from models.scoring import fuse_scores, image_auroc, min_max, pixel_auroc
-from models_support import single_thread  # noqa: F401  (autouse fixture)
+from models.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_fusion_against_hand_computed_values():
@@ -49,7 +58,7 @@ def test_losses_against_hand_computed_values():
     logit_fake = torch.zeros(2)  # D(x_hat) = 0.5: BCE = log 2
     total, parts = generator_loss(x, x_hat, LossWeights(), logit_fake=logit_fake,
                                   feature_real=f_real, feature_fake=f_fake)
-    assert parts["rec"] == pytest.approx(0.25) and parts["adv"] == pytest.approx(math.log(2))
+    assert parts["rec"].item() == pytest.approx(0.25) and parts["adv"].item() == pytest.approx(math.log(2))
     assert total.item() == pytest.approx(50 * 0.25 + 0.5 * math.log(2) + 0.5 * 7)
     assert discriminator_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() == pytest.approx(0, abs=1e-6)
     w = torch.tensor([[[0.5, 0.5, 0.0]]])
@@ -85,3 +94,111 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
         save_checkpoint({"config": {}, "epoch": 2, "generator": {}, "bad": lambda: None}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_pixel_auroc_leaves_out_images_whose_mask_is_unknown():
+    maps = np.zeros((3, 2, 2))
+    maps[0, 0, 0] = maps[2, 1, 1] = 1.0  # image 2's hot pixel would be a false positive ...
+    masks = np.zeros((3, 2, 2))
+    masks[0, 0, 0] = 1
+    scores = ScoreSet(labels=np.array([1, 0, 1]), rec=np.array([3.0, 1.0, 2.0]), feat=None, maps=maps,
+                      masks=masks, mask_known=np.array([True, True, False]), indices=np.arange(3))
+    metrics = compute_metrics(scores, 1.0)
+    assert metrics["image_auroc"] == 1.0
+    assert metrics["pixel_auroc"] == 1.0  # ... but its mask is unknown, so it does not count
+    assert compute_metrics(scores._replace(mask_known=np.ones(3, bool)), 1.0)["pixel_auroc"] < 1.0
+    assert compute_metrics(scores._replace(mask_known=np.zeros(3, bool)), 1.0)["pixel_auroc"] is None
+
+
+# ----------------------------------------------------------------------------- checkpoints that lie
+
+SMALL = ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1), num_items=16)
+
+
+@pytest.fixture
+def trained_checkpoint(tmp_path):
+    trainer = Trainer(TrainConfig(model=SMALL), torch.device("cpu"))
+    trainer.train_step(torch.rand(2, 3, 32, 32) * 2 - 1)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(trainer.state_dict(), path)
+    return path
+
+
+def test_flipped_bytes_fail_the_checksum(trained_checkpoint):
+    data = bytearray(trained_checkpoint.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    broken = trained_checkpoint.with_name("flipped.pt")
+    broken.write_bytes(bytes(data))
+    assert torch.load(broken, weights_only=True)  # PyTorch itself reads it without complaint
+    with pytest.raises(CheckpointError, match=rf"{broken} fails its checksum"):
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_detector(str(broken), torch.device("cpu"))
+
+
+def test_settings_that_disagree_with_the_weights(trained_checkpoint):
+    state = torch.load(trained_checkpoint, weights_only=True)
+    state["config"]["model"]["num_items"] = 17
+    edited = trained_checkpoint.with_name("edited.pt")
+    torch.save(state, edited)  # edited by hand: the checksum no longer matches
+    with pytest.raises(CheckpointError, match=rf"{edited} fails its checksum"):
+        load_checkpoint(edited)
+    state.pop("checksum")
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, edited)  # written inconsistent
+    with pytest.raises(CheckpointError, match=rf"{edited}: its stored settings do not fit its generator "
+                                              r"state \(Error\(s\) in loading state_dict .*size mismatch"):
+        load_detector(str(edited), torch.device("cpu"))
+    config = TrainConfig.from_dict(state["config"])
+    with pytest.raises(CheckpointError, match=rf"{edited}: its stored settings do not fit"):
+        Trainer(config, torch.device("cpu")).load_state_dict(load_checkpoint(edited), str(edited))
+
+
+@pytest.mark.parametrize("key, value", [("generator", {}), ("discriminator", None), ("opt_d", None)])
+def test_missing_network_or_optimizer_state(trained_checkpoint, key, value):
+    state = load_checkpoint(trained_checkpoint)
+    state.pop("format")
+    state[key] = value
+    save_checkpoint(state, trained_checkpoint)
+    with pytest.raises(CheckpointError, match=rf"{trained_checkpoint} lacks the {key} state"):
+        Trainer(TrainConfig(model=SMALL), torch.device("cpu")).load_state_dict(
+            load_checkpoint(trained_checkpoint), str(trained_checkpoint))
+    if key != "opt_d":
+        with pytest.raises(CheckpointError, match=rf"lacks the {key} state"):
+            load_detector(str(trained_checkpoint), torch.device("cpu"))
+
+
+def test_non_finite_weights_are_refused(trained_checkpoint):
+    state = load_checkpoint(trained_checkpoint)
+    state.pop("format")
+    name = next(iter(state["generator"]))
+    state["generator"][name] = torch.full_like(state["generator"][name], float("nan"))
+    save_checkpoint(state, trained_checkpoint)
+    with pytest.raises(CheckpointError, match=rf"non-finite \(NaN or infinite\) generator weights in {name}"):
+        load_detector(str(trained_checkpoint), torch.device("cpu"))
+
+
+def test_a_checkpoint_without_checksum_loads_with_a_warning(trained_checkpoint):
+    state = torch.load(trained_checkpoint, weights_only=True)
+    state.pop("checksum")
+    torch.save(state, trained_checkpoint)
+    with pytest.warns(UnverifiedCheckpointWarning, match="has no checksum"):
+        model, config, _ = load_detector(str(trained_checkpoint), torch.device("cpu"))
+    assert config.model == SMALL
+
+
+def test_a_save_removes_the_temporary_files_of_killed_writers(tmp_path):
+    path = tmp_path / "ck.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = checkpoint_module._host()
+    stale = tmp_path / f".ck.pt.{dead_pid}-{host}.abc123.tmp"
+    live = tmp_path / f".ck.pt.{os.getppid()}-{host}.xyz789.tmp"  # a live writer's: kept
+    elsewhere = tmp_path / f".ck.pt.{dead_pid}-another_host.abc123.tmp"  # another machine's: kept
+    other = tmp_path / f".other.pt.{dead_pid}-{host}.abc123.tmp"  # another file's: kept
+    for f in (stale, live, elsewhere, other):
+        f.write_bytes(b"x" * 1000)
+    save_checkpoint({"config": {}, "epoch": 1, "generator": {}}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ck.pt", live.name, elsewhere.name, other.name])

@@ -1,17 +1,22 @@
-"""The study script's plan, verdicts and table building, on synthetic run records (no training)."""
+"""The study behind ``python -m models.reproduce``: its plan, verdicts, tables and resumption, on
+synthetic run records (no training)."""
+import json
+import re
 from dataclasses import asdict
 
 import pytest
 
 from models import reproduce
-from models.reproduce import SETTINGS, Run, build_tables, compare, plan, write_json
+from models.study.plan import ABLATION, SETTINGS, Run, plan
+from models.study.run import run_study, write_json
+from models.study.tables import build_tables, compare
 
 
 def test_plan_covers_every_cell_once():
     runs = plan(SETTINGS["full"])
     assert len(runs) == len(set(runs))
     mvtec = [r for r in runs if r.dataset == "mvtec"]
-    assert {r.model for r in mvtec} == set(reproduce.ABLATION)
+    assert {r.model for r in mvtec} == set(ABLATION)
     # 64x64 input: the H/16 map is 4 pixels, so divisions 1, 2 and 4; DAAD's default is 2.
     assert {r.division for r in mvtec if r.model == "daad"} == {1, 2, 4}
     assert {r.division for r in mvtec if r.model == "daad+"} == {2}
@@ -28,27 +33,52 @@ def _record(run: Run, image: float, pixel: float, feat: bool = False) -> dict:
             "rec": [0.1, 0.3, 0.2], "feat": [1.0, 2.0, 3.0] if feat else None, "train_s": 1.0}
 
 
-def test_tables_and_verdicts_from_raw_records(tmp_path, monkeypatch):
-    setting = SETTINGS["quick"]
-    raw = tmp_path / "raw" / "quick"
+def write_quick_study(out) -> None:
+    """Records of every run of the quick study: DAAD+ > DAAD > MemAE > AE > AE+Skip, division 2 best."""
+    raw = out / "raw" / "quick"
     image = {"ae": 0.80, "memae": 0.85, "ae+skip": 0.70, "daad": 0.90, "daad+": 0.95}
-    for run in plan(setting):
+    for run in plan(SETTINGS["quick"]):
         score = image[run.model] if run.dataset == "mvtec" else 0.6
-        if run.model == "daad" and run.division != 2:
-            score = 0.75  # the intermediate division is best
-        write_json(str(raw / f"{run.name}.json"),
-                   _record(run, score, score - 0.1, feat=run.model.endswith("+")))
+        if run.dataset == "mvtec" and run.model == "daad" and run.division != 2:
+            score = 0.75
+        write_json(str(raw / f"{run.name}.json"), _record(run, score, score - 0.1, feat=run.model.endswith("+")))
     write_json(str(raw / "study.json"), {"wall_s": 60.0, "jobs": 2, "machine": "test",
                                          "command": "python -m models.reproduce --quick"})
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", text)]
+
+
+def table_row(markdown: str, first_cell: str) -> list[float]:
+    """The numbers of the table row whose first cell is ``first_cell``."""
+    (row,) = [line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]
+    return numbers(row[len(first_cell) + 3:])
+
+
+def claim(markdown: str, label: str) -> tuple[str, list[float]]:
+    """The verdict of one comparison in the claims, and the numbers behind it."""
+    match = re.search(rf"{re.escape(label)}: \*\*([a-z ]+)\*\*(?: \(([^)]*)\))?", markdown)
+    assert match, label
+    return match.group(1), numbers(match.group(2) or "")
+
+
+def test_tables_and_verdicts_from_raw_records(tmp_path):
+    write_quick_study(tmp_path)
     text = open(build_tables("quick", str(tmp_path))).read()
-    assert "| daad+ | 2 | 0.950 ± 0.000 (n=1) | 0.850 ± 0.000 (n=1) | 0.921 |" in text
-    assert "1. DAAD beats AE and MemAE: DAAD vs AE, image AUROC: **held** (0.900 vs 0.800)" in text
-    assert "2. Skip connections alone hurt: AE vs AE+Skip, image AUROC: **held**" in text
-    assert "3. An intermediate block size is best (division 2" in text
-    assert "DAAD+ (fused) vs DAAD, image AUROC: **held** (0.950 vs 0.900)" in text
-    for figure in ("reconstructions_by_block_size", "score_distributions", "auroc_vs_block_size"):
-        if figure != "reconstructions_by_block_size":  # needs reconstructions, not in these records
-            assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
+    # model | division | image mean ± sd (n) | pixel mean ± sd (n) | paper
+    assert table_row(text, "daad+") == pytest.approx([2, 0.95, 0.0, 1, 0.85, 0.0, 1, 0.921])
+    assert table_row(text, "ae") == pytest.approx([0.80, 0.0, 1, 0.70, 0.0, 1, 0.884])  # no division
+    # division | block sizes 32/16/8/4 divided by it | paper's division | image | pixel | paper
+    assert table_row(text, "4") == pytest.approx([8, 4, 2, 1, 16, 0.75, 0, 1, 0.65, 0, 1, 0.813])
+    assert table_row(text, "DAAD+, L only") == pytest.approx([0.5, 0.0, 1])
+    assert table_row(text, "mean of 2 digits") == pytest.approx([0.6])
+    assert claim(text, "DAAD vs AE, image AUROC") == ("held", [0.9, 0.8])
+    assert claim(text, "AE vs AE+Skip, pixel AUROC") == ("held", [0.7, 0.6])
+    assert claim(text, "division 2 vs 1, image AUROC") == ("held", [0.9, 0.75])
+    assert claim(text, "DAAD+ (fused) vs DAAD, image AUROC") == ("held", [0.95, 0.9])
+    for figure in ("score_distributions", "auroc_vs_block_size"):  # the third needs reconstructions
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
 
 
 def test_compare_is_inconclusive_within_the_seed_spread():
@@ -63,3 +93,23 @@ def test_compare_is_inconclusive_within_the_seed_spread():
 def test_tables_only_needs_raw_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no raw runs"):
         build_tables("full", str(tmp_path))
+
+
+def test_finished_runs_are_never_repeated(tmp_path, capsys):
+    write_quick_study(tmp_path)
+    run_study("quick", str(tmp_path), {"mvtec": "unused", "mnist": "unused"}, jobs=1)
+    assert "quick study: 9 runs, 9 already done" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "raw" / "quick" / "study.json").read_text())
+    assert meta["wall_s"] >= 60.0 and meta["jobs"] == 1
+
+
+def test_data_root_option_and_environment_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAAD_DATA_ROOT", str(tmp_path / "from-env"))
+    with pytest.raises(SystemExit):
+        reproduce.main(["--quick", "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert f"data folder not found: {tmp_path / 'from-env' / 'mvtec_hazelnut_subset'}" in message
+    assert "--data-root" in message and "DAAD_DATA_ROOT" in message
+    with pytest.raises(SystemExit):
+        reproduce.main(["--quick", "--data-root", str(tmp_path / "given"), "--out", str(tmp_path / "out")])
+    assert f"data folder not found: {tmp_path / 'given' / 'mvtec_hazelnut_subset'}" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Image files: which files of a folder are images, and their pixels as uint8 whatever their format.
+
+Real folders hold more than clean 8-bit RGB files, so:
+
+* hidden files (``.DS_Store``, macOS's ``._name.jpg``) and files without an image extension are
+  ignored; a folder left with no image is an error that says how many files it ignored;
+* grayscale, RGBA (the alpha channel is dropped, the stored colours kept), palette, bilevel and
+  16-bit images are all read as 8-bit: 16-bit values are scaled by 255/65535, never clipped;
+* a file that cannot be decoded (a truncated JPEG, a text file named ``.jpg``) raises
+  :class:`BadImageError` naming the file and the reason. PIL's ``verify()`` misses truncated
+  JPEGs, so :func:`decoded_size` decodes every pixel.
+
+Example:
+    >>> import numpy as np, os, tempfile
+    >>> from PIL import Image
+    >>> from models.images import read_pixels
+    >>> path = os.path.join(tempfile.mkdtemp(), "deep.png")
+    >>> Image.fromarray(np.full((2, 3), 65535, np.uint16)).save(path)
+    >>> read_pixels(path, channels=3).shape, int(read_pixels(path, channels=1).max())
+    ((2, 3, 3), 255)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: PIL modes of integer images wider than 8 bits (16-bit PNG and TIFF): scaled to 0..255.
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+PathLike = Union[str, os.PathLike]
+
+
+class BadImageError(ValueError):
+    """Image files that cannot be read; ``problems`` lists each as (path, reason)."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]], hint: str = "") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in self.problems)
+        count = len(self.problems)
+        super().__init__(f"{count} unreadable image file{'s' if count > 1 else ''}:\n{lines}"
+                         + (f"\n{hint}" if hint else ""))
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, and not hidden (macOS leaves ``._name.jpg`` companions)."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder``, sorted by name; raises ``FileNotFoundError`` when there is none."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    entries = list(folder.iterdir())
+    files = sorted(p for p in entries if is_image_file(p))
+    if not files:
+        ignored = f" ({len(entries)} other entries ignored)" if entries else " (it is empty)"
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}{ignored}")
+    return files
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _decode(path: PathLike, channels: Optional[int]) -> Union[np.ndarray, tuple[int, int]]:
+    """Decodes every pixel of a file (a truncated file fails here, not during training): its
+    pixels (see :func:`read_pixels`), or its (width, height) when ``channels`` is None. Any
+    failure becomes a :class:`BadImageError`."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.size if channels is None else _to_uint8(img, channels)
+    except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
+        raise BadImageError([(os.fspath(path), _describe(e))]) from e
+
+
+def _to_uint8(img: Image.Image, channels: int) -> np.ndarray:
+    if img.mode in DEEP_MODES:
+        # PIL's convert("L") would clip 16-bit values at 255 (a white image); scale them instead.
+        deep = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.rint(deep * (255 / 65535)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2) if channels == 3 else gray
+    # RGBA and LA: convert drops alpha; palette (with or without transparency): its colours.
+    return np.asarray(img.convert("RGB" if channels == 3 else "L"))
+
+
+def read_pixels(path: PathLike, channels: int) -> np.ndarray:
+    """A file as uint8 (H, W, 3) when ``channels`` is 3, else (H, W) grayscale."""
+    return _decode(path, channels)
+
+
+def decoded_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) of a file after decoding all of it: the check run when a data set is built."""
+    return _decode(path, None)
+
+
+def scaled_copy(mask: tuple[int, int], image: tuple[int, int]) -> bool:
+    """Whether a mask of size ``mask`` covers an image of size ``image`` at some scale.
+
+    Allows one pixel of rounding in the mask: ``mw / w == mh / h`` up to ``|e1 h - e2 w| <= (w + h) / 2``.
+    """
+    (mw, mh), (w, h) = mask, image
+    return abs(mw * h - mh * w) <= max(w, h)

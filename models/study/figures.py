@@ -1,0 +1,77 @@
+"""The study's figures, from the summarised records alone: reconstructions by block size, score
+distributions, and AUROC against block size."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..plots import plt, save_figure
+from ..scoring import fuse_scores
+from .aggregate import metric
+from .plan import Setting
+
+
+def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str) -> None:
+    """Writes each figure whose records exist to ``fig_dir``."""
+    os.makedirs(fig_dir, exist_ok=True)
+    draw_reconstructions(s, os.path.join(fig_dir, "reconstructions_by_block_size.png"))
+    draw_score_distributions(s, os.path.join(fig_dir, "score_distributions.png"))
+    draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, "auroc_vs_block_size.png"))
+
+
+def draw_reconstructions(s: dict[str, Any], path: str) -> None:
+    """Fixed test images and their reconstructions at every block size (as the paper's Figure 5)."""
+    shown = {r: next((x["figure"] for x in rs if "figure" in x), None) for r, rs in s["blocks"].items()}
+    shown = {r: f for r, f in shown.items() if f is not None}
+    if not shown:
+        return
+    first = next(iter(shown.values()))
+    rows, cols = len(first["images"]), 1 + len(shown)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
+    for i in range(rows):
+        axes[i, 0].imshow(np.array(first["images"][i], dtype=np.uint8))
+        axes[i, 0].set_title("input, " + ("anomalous" if first["labels"][i] else "normal"), fontsize=8)
+        for j, (r, f) in enumerate(sorted(shown.items()), 1):
+            axes[i, j].imshow(np.array(f["reconstructions"][i], dtype=np.uint8))
+            axes[i, j].set_title(f"division {r}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    save_figure(fig, path)
+
+
+def draw_score_distributions(s: dict[str, Any], path: str) -> None:
+    """Histograms of the fused score of normal and anomalous test images, DAAD and DAAD+ (seed 0)."""
+    models = [m for m in ("daad", "daad+") if s["ablation"][m]]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        r = s["ablation"][m][0]
+        labels = np.array(r["labels"])
+        feat = None if r["feat"] is None else np.array(r["feat"])
+        score = fuse_scores(np.array(r["rec"]), feat, r["metrics"]["gamma"])
+        bins = np.linspace(0, 1, 21)
+        ax.hist(score[labels == 0], bins=bins, alpha=0.6, label="normal")
+        ax.hist(score[labels == 1], bins=bins, alpha=0.6, label="anomalous")
+        ax.set_title(f"{m.upper()} (seed 0), AUROC {r['metrics']['image_auroc']:.3f}", fontsize=9)
+        ax.set_xlabel("anomaly score A(x)")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def draw_auroc_by_block_size(s: dict[str, Any], setting: Setting, path: str) -> None:
+    """Mean image AUROC (error bars: spread over seeds) against the block size at H/2."""
+    points = [(r, metric(rs, "image_auroc")) for r, rs in sorted(s["blocks"].items())]
+    points = [(r, m) for r, m in points if m is not None]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    sizes = [setting.size // 2 // r for r, _ in points]
+    ax.errorbar(sizes, [m[0] for _, m in points], yerr=[m[1] for _, m in points], marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size at H/2 (feature pixels)")
+    ax.set_ylabel("image AUROC (hazelnut)")
+    ax.set_title("DAAD: AUROC against block size", fontsize=9)
+    save_figure(fig, path)

@@ -1,0 +1,47 @@
+"""Fixtures of the tests of models/ (the other test files use none of them).
+
+The real data sets are found through ``models.data.data_root()``: ``$DAAD_DATA_ROOT``, else
+``../shared/data`` beside the checkout; a test that needs an absent one is skipped, saying where
+it looked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _real_data(name: str) -> Path:
+    from models.data import DATA_ROOT_ENV, data_root  # here: the other tests need not import models
+
+    path = data_root() / name
+    if not path.is_dir():
+        pytest.skip(f"real data absent: {path} (set {DATA_ROOT_ENV} to the folder that holds {name}/)")
+    return path
+
+
+@pytest.fixture
+def hazelnut() -> Path:
+    """The MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test images)."""
+    return _real_data("mvtec_hazelnut_subset")
+
+
+@pytest.fixture
+def mnist() -> Path:
+    """The MNIST t10k IDX files."""
+    return _real_data("mnist_t10k")
+
+
+@pytest.fixture
+def single_thread():
+    """Runs a test with one intra-op thread, then restores the count.
+
+    The models' tests use tiny tensors, where a second thread gains nothing; on a busy machine
+    OpenMP's waiting for a descheduled thread made them 10-20x slower. Model test files use it
+    with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
