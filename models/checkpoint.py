@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import socket
 import tempfile
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Callable, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 
@@ -114,6 +115,11 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json(path: PathLike, payload: Any, indent: Optional[int] = None) -> None:
+    """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
+    atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
 
 
 # ----------------------------------------------------------------------------- save and load

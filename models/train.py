@@ -1,7 +1,7 @@
 """Train a detector: ``python -m models.train --dataset mvtec --root DATA --model daad+ --out DIR``.
 
-Writes to ``--out``: ``checkpoint.pt`` (atomically, after every epoch: config and all state),
-``config.json`` and ``train_log.jsonl`` (one line of mean losses, time and, with
+Writes to ``--out``: ``checkpoint.pt`` and ``config.json`` (atomically, after every epoch: all
+state, and the settings it was trained with) and ``train_log.jsonl`` (one line of mean losses, time and, with
 ``--eval-every``, test metrics per epoch). ``--resume`` continues the run in ``--out``.
 Every image is decoded before the first step: unreadable files stop the run at once, listed
 (``--skip-bad-images`` leaves them out instead). A NaN or infinite loss or gradient stops the run
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, stored_config
+from .checkpoint import load_checkpoint, save_checkpoint, stored_config, write_json
 from .config import MODEL_NAMES, ModelConfig, TrainConfig
 from .data import DATASETS, OneClassDataset, config_dataset, dataset_channels
 from .distributed import (DistContext, barrier, mean_over_processes, setup_distributed,
@@ -145,25 +145,23 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
     test_set = None  # built (and its files checked) at the first evaluation
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
         if resume is None:  # a fresh run starts a fresh log
             open(os.path.join(out, "train_log.jsonl"), "w").close()
     for epoch in range(trainer.epoch + 1, config.epochs + 1):
         sampler.set_epoch(epoch - 1)
         torch.manual_seed(epoch_seed(config, epoch - 1, ctx.rank))
         start, sums, steps = time.perf_counter(), {}, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ctx.is_main,
-                   leave=False, dynamic_ncols=True)
-        for item in bar:
-            steps += 1
-            try:
-                losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
-            except DivergenceError as e:
-                raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
-                                                         last_saved, trainer.epoch)) from e
-            sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
+        with tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ctx.is_main,
+                  leave=False, dynamic_ncols=True) as bar:  # closed (cleared) on an error too
+            for item in bar:
+                steps += 1
+                try:
+                    losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
+                except DivergenceError as e:
+                    raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
+                                                             last_saved, trainer.epoch)) from e
+                sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
         record = {"epoch": epoch, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
                   "time_s": round(time.perf_counter() - start, 3)}
         if ctx.is_main:
@@ -178,6 +176,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                 calib = calibration(collect_scores(trainer.model, plain, ctx.device, config.batch))
             trainer.end_epoch(record, calib)
             save_checkpoint(trainer.state_dict(), checkpoint)
+            write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
             write_log(out, record)
             tqdm.write(json.dumps(record), file=sys.stdout)
         else:

@@ -104,6 +104,7 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tiny, tmp_p
     assert f"{checkpoint} (epoch 1) was kept as it was" in message
     assert f"python -m models.train --resume {checkpoint} --out {out} --lr 100000" in message
     assert checkpoint.read_bytes() == good  # never overwritten with broken weights
+    assert json.loads((out / "config.json").read_text())["lr"] is None  # still the checkpoint's settings
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1]
     resumed = train.main(["--resume", "--epochs", "2", "--lr", "1e-4", "--out", str(out), "--device", "cpu"])

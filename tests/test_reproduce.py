@@ -7,8 +7,9 @@ from dataclasses import asdict
 import pytest
 
 from models import reproduce
-from models.study.plan import ABLATION, SETTINGS, Run, plan
-from models.study.run import run_study, write_json
+from models.checkpoint import write_json
+from models.study.plan import ABLATION, SETTINGS, Run, Setting, plan
+from models.study.run import execute, run_study
 from models.study.tables import build_tables, compare
 
 
@@ -113,3 +114,18 @@ def test_data_root_option_and_environment_variable(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         reproduce.main(["--quick", "--data-root", str(tmp_path / "given"), "--out", str(tmp_path / "out")])
     assert f"data folder not found: {tmp_path / 'given' / 'mvtec_hazelnut_subset'}" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
+    setting = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1,
+                      digits=(), seeds=1, num_items=20)
+    run = Run("mvtec", "daad+", division=2, seed=0)
+    record = execute(run, setting, {"mvtec": str(hazelnut)}, str(tmp_path))
+    saved = json.loads((tmp_path / f"{run.name}.json").read_text())
+    assert saved["name"] == run.name and saved["metrics"] == record["metrics"] and saved["rec"] == record["rec"]
+    assert record["epochs"] == 1 and record["final_losses"]["epoch"] == 1
+    assert len(record["labels"]) == len(record["rec"]) == len(record["feat"]) == 23
+    assert 0 <= record["metrics"]["image_auroc"] <= 1 and 0 <= record["metrics"]["pixel_auroc"] <= 1
+    assert record["figure"]["labels"] == [0, 1, 0, 1] and len(record["figure"]["reconstructions"]) == 4
+    assert '{"epoch": 1, "rec": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()

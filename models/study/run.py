@@ -21,18 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import write_json
 from ..config import ModelConfig, TrainConfig
 from ..data import config_dataset, dataset_channels
 from ..distributed import DistContext
 from ..inference import collect_scores, compute_metrics
 from ..train import train
 from .plan import SETTINGS, Run, Setting, plan
-
-
-def write_json(path: str, payload: Any) -> None:
-    """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
-    atomic_write(path, lambda f: json.dump(payload, f), binary=False)
 
 
 def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig:
