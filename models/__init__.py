@@ -2,8 +2,10 @@
 
 Plain networks (:mod:`models.networks`), configured by :mod:`models.config`; the training step
 (:mod:`models.trainer`), losses (:mod:`models.losses`), scores and metrics (:mod:`models.scoring`,
-:mod:`models.inference`), data (:mod:`models.data`), checkpoints (:mod:`models.checkpoint`) and
-the command lines ``python -m models.train`` / ``models.evaluate`` / ``models.predict``.
+:mod:`models.inference`), data (:mod:`models.data`; image files: :mod:`models.images`),
+checkpoints (:mod:`models.checkpoint`), the command lines ``python -m models.train`` /
+``models.evaluate`` / ``models.predict``, and the reproduction study (``python -m models.reproduce``,
+:mod:`models.study`).
 See docs/MODELS.md.
 
 Example:

@@ -11,8 +11,8 @@ settings do not fit its weights or that lacks a network's weights (:func:`load_i
 NaN or infinite weights (:func:`restore_networks`). A checkpoint written before checksums existed
 loads with a :class:`UnverifiedCheckpointWarning`.
 
-Each save first removes the temporary files that earlier saves to the same path left when their
-process was killed (a temporary file's name holds its writer's host and pid).
+Saves go through :func:`~models.atomic.atomic_write`: a crash leaves the old file or the new one,
+and the temporary files of killed earlier saves are removed.
 
 Example:
     >>> import os, tempfile, torch
@@ -24,18 +24,14 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import re
-import socket
-import tempfile
 import warnings
-from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
+from .atomic import PathLike, atomic_write
 from .config import TrainConfig
 
 if TYPE_CHECKING:
@@ -43,7 +39,6 @@ if TYPE_CHECKING:
 
 FORMAT = "daad-models/1"
 REQUIRED_KEYS = ("config", "epoch", "generator")
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
@@ -52,77 +47,6 @@ class CheckpointError(ValueError):
 
 class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint without a checksum (written by an older version): its contents are not verified."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: PathLike) -> list[str]:
-    """Deletes the temporary files of :func:`atomic_write` to ``path`` whose writer is dead.
-
-    Only files of this writer's naming pattern for this very path, written on this host, by a
-    process that no longer exists: a live writer's file is never touched. Returns their paths.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)-{re.escape(_host())}\.\w+\.tmp")
-    removed = []
-    for entry in os.scandir(folder):
-        match = pattern.fullmatch(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
-            with contextlib.suppress(FileNotFoundError):  # another writer removed it first
-                os.unlink(entry.path)
-                removed.append(entry.path)
-    return removed
-
-
-def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
-    """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
-
-    The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
-    within one file system), named ``.<name>.<pid>-<host>.<random>.tmp``, is flushed to disk,
-    given the permissions a plain ``open`` would give, then replaces ``path``. Temporary files of
-    killed earlier writers are removed first.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
-                               suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: PathLike, payload: Any, indent: Optional[int] = None) -> None:
-    """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
-    atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
-
-
-# ----------------------------------------------------------------------------- save and load
 
 
 def checksum(state: Any) -> str:

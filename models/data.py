@@ -191,6 +191,8 @@ def file_dataset(images: Sequence[Path], labels: Sequence[int], size: int, augme
     if problems:
         if not skip_bad_images:
             raise BadImageError(problems, "fix or remove them, or pass --skip-bad-images to leave them out")
+        if not keep:
+            raise BadImageError(problems, "no readable image is left")
         warnings.warn(str(BadImageError(problems, "left out (--skip-bad-images); an image whose mask "
                                                   "is unreadable is kept without its mask")), DataWarning)
     unmasked = [str(images[i]) for i in keep if has_masks and labels[i] and masks[i] is None]

@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, stored_config, write_json
+from .atomic import write_json
+from .checkpoint import load_checkpoint, save_checkpoint, stored_config
 from .config import MODEL_NAMES, ModelConfig, TrainConfig
 from .data import DATASETS, OneClassDataset, config_dataset, dataset_channels
 from .distributed import (DistContext, barrier, mean_over_processes, setup_distributed,

@@ -162,6 +162,10 @@ def test_unreadable_images_are_all_listed_before_training(tmp_path):
         data = build_dataset("folder", str(tmp_path), "train", size=16, skip_bad_images=True)
     assert str(truncated) in str(caught[0].message) and str(text) in str(caught[0].message)
     assert [Path(n).name for n in data.names] == ["0.png", "1.png"]
+    for i in range(2):
+        (tmp_path / "train" / f"{i}.png").unlink()
+    with pytest.raises(BadImageError, match="no readable image is left"):
+        build_dataset("folder", str(tmp_path), "train", size=16, skip_bad_images=True)
 
 
 def test_every_pixel_format_reads_as_8_bit(tmp_path):

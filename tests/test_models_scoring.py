@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint as checkpoint_module
+from models import atomic
 from models.checkpoint import CheckpointError, UnverifiedCheckpointWarning, load_checkpoint, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.inference import ScoreSet, compute_metrics, load_detector
@@ -192,7 +192,7 @@ def test_a_save_removes_the_temporary_files_of_killed_writers(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     dead_pid = int(dead.stdout)
-    host = checkpoint_module._host()
+    host = atomic._host()
     stale = tmp_path / f".ck.pt.{dead_pid}-{host}.abc123.tmp"
     live = tmp_path / f".ck.pt.{os.getppid()}-{host}.xyz789.tmp"  # a live writer's: kept
     elsewhere = tmp_path / f".ck.pt.{dead_pid}-another_host.abc123.tmp"  # another machine's: kept

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 
 from models import reproduce
-from models.checkpoint import write_json
+from models.atomic import write_json
 from models.study.plan import ABLATION, SETTINGS, Run, Setting, plan
 from models.study.run import execute, run_study
 from models.study.tables import build_tables, compare

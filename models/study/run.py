@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import write_json
+from ..atomic import write_json
 from ..config import ModelConfig, TrainConfig
 from ..data import config_dataset, dataset_channels
 from ..distributed import DistContext

@@ -7,7 +7,7 @@ import os
 import statistics
 from typing import Any, Optional
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from .aggregate import Summary, load_records, metric, summarise
 from .figures import draw_figures
 from .plan import SETTINGS, Setting, default_division

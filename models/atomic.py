@@ -1,0 +1,92 @@
+"""Atomic file writes: a crash leaves the old file or the new one, never half of one, and the
+temporary files of writers killed mid-write do not pile up.
+
+A temporary file is named ``.<name>.<pid>-<host>.<random>.tmp`` beside its target; each write
+first deletes those of the same target, written on this host, whose process is dead.
+
+Example:
+    >>> import os, tempfile
+    >>> from models.atomic import write_json
+    >>> path = os.path.join(tempfile.mkdtemp(), "result.json")
+    >>> write_json(path, {"auroc": 0.9})
+    >>> open(path).read()
+    '{"auroc": 0.9}'
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import tempfile
+from typing import IO, Any, Callable, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: PathLike) -> list[str]:
+    """Deletes the temporary files of :func:`atomic_write` to ``path`` whose writer is dead.
+
+    Only files of this writer's naming pattern for this very path, written on this host, by a
+    process that no longer exists: a live writer's file is never touched. Returns their paths.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX (it kills on Windows)
+        return []
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)-{re.escape(_host())}\.\w+\.tmp")
+    removed = []
+    for entry in os.scandir(folder):
+        match = pattern.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
+    """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
+
+    The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
+    within one file system), named ``.<name>.<pid>-<host>.<random>.tmp``, is flushed to disk,
+    given the permissions a plain ``open`` would give, then replaces ``path``. Temporary files of
+    killed earlier writers are removed first.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
+                               suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: PathLike, payload: Any, indent: Optional[int] = None) -> None:
+    """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
+    atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
