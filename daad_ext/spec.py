@@ -5,12 +5,17 @@ reject the same inputs with the same messages.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 SIMILARITIES = ("cosine", "dot")
 SHRINKS = ("hard", "memae", "none")
+#: The integer codes the kernels receive; the C++ enums (csrc/block_memory.h) use the same values
+#: and the extension exports its table, which a test compares with these.
+SIMILARITY_CODES = {name: code for code, name in enumerate(SIMILARITIES)}
+SHRINK_CODES = {name: code for code, name in enumerate(SHRINKS)}
 
 #: Floor of the norms in the cosine similarity (as ``torch.nn.functional.normalize``).
 NORM_EPS = 1e-12
@@ -67,13 +72,26 @@ def check_options(similarity: str, shrink: str, threshold: Optional[float], temp
         raise ValueError(f"unknown shrink {shrink!r}; choose one of {SHRINKS}")
     if num_items < 1:
         raise ValueError(f"num_items must be >= 1, got {num_items}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if threshold is None:
         return 1.0 / num_items
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     return float(threshold)
+
+
+def check_temperature(temperature: float, dtype: torch.dtype) -> None:
+    """Refuses a temperature that underflows the precision the kernels divide by it in.
+
+    Half types compute their statistics in float32, so float32's range is what matters for them.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if temperature < torch.finfo(compute).tiny:
+        raise ValueError(f"temperature {temperature!r} underflows {compute} (smallest normal "
+                         f"{torch.finfo(compute).tiny:.3g}), the precision {dtype} inputs are "
+                         f"computed in; use a larger temperature")
 
 
 def check_inputs(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int]) -> Division:
