@@ -16,7 +16,7 @@ import torch
 
 from . import ops, triton_ops
 from .reference import block_memory_ref_checked
-from .spec import check_inputs, check_options
+from .spec import check_inputs, check_options, check_temperature
 
 
 class Backend(NamedTuple):
@@ -80,5 +80,6 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     """
     geometry = check_inputs(x, memory, division)
     lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    check_temperature(temperature, x.dtype)
     name = resolve_backend(backend, x.device, x.dtype)
     return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))
