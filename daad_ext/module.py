@@ -54,6 +54,7 @@ class BlockMemory(nn.Module):
         self.threshold, self.temperature, self.backend = threshold, float(temperature), backend
         self.memory = nn.Parameter(torch.empty(int(num_items), self.geometry.block_dim,
                                                device=device, dtype=dtype))
+        check_temperature(self.temperature, self.memory.dtype)
         self._backends: dict[tuple[torch.device, torch.dtype], str] = {}
         self.reset_parameters()
 
