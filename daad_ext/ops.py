@@ -2,7 +2,7 @@
 
 The C++ extension (``daad_ext._C``) defines ``daad_ext::block_memory_forward`` and
 ``daad_ext::block_memory_backward`` with CPU and, when built with CUDA, CUDA kernels. The Triton
-ops in :mod:`daad_ext.triton_ops` have the same signatures and use the same glue from here.
+ops in :mod:`daad_ext.triton` have the same signatures and use the same glue from here.
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperatu
 
 
 def fake_backward(grad_y, grad_w, x, memory, *saved_and_options):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(memory, memory_format=torch.contiguous_format))
+    *_, needs_grad_x, needs_grad_memory = saved_and_options
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_grad_x
+            else x.new_empty(0),
+            torch.empty_like(memory, memory_format=torch.contiguous_format) if needs_grad_memory
+            else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -55,8 +58,12 @@ def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_y, grad_w, *_aux_grads):
         if grad_y is None and grad_w is None:
             return (None,) * (2 + len(ctx.options))
-        grad_x, grad_memory = backward_op(grad_y, grad_w, *ctx.saved_tensors, *ctx.options)
-        return (grad_x, grad_memory) + (None,) * len(ctx.options)
+        grad_x, grad_memory = backward_op(grad_y, grad_w, *ctx.saved_tensors, *ctx.options,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        x, memory = ctx.saved_tensors[:2]
+        grads = tuple(None if g.numel() == 0 and t.numel() > 0 else g
+                      for g, t in ((grad_x, x), (grad_memory, memory)))
+        return grads + (None,) * len(ctx.options)
     return backward
 
 
