@@ -78,8 +78,10 @@ class TritonConfig:
     @classmethod
     def from_env(cls) -> "TritonConfig":
         """DAAD_TRITON_PATH (auto/fused/tiled) and DAAD_TRITON_AUTOTUNE (0 turns it off)."""
-        return cls(path=os.environ.get("DAAD_TRITON_PATH", "auto"),
-                   autotune=os.environ.get("DAAD_TRITON_AUTOTUNE", "1") != "0")
+        path = os.environ.get("DAAD_TRITON_PATH", "auto")
+        if path not in ("auto", "fused", "tiled"):
+            raise ValueError(f"DAAD_TRITON_PATH must be auto, fused or tiled, got {path!r}")
+        return cls(path=path, autotune=os.environ.get("DAAD_TRITON_AUTOTUNE", "1") != "0")
 
 
 #: The configuration of the registered ops, read from the environment once, at import.
