@@ -619,7 +619,7 @@ def test_gpu_autotune():
     # winner must still match the reference (no state left behind by the benchmark runs: the
     # fused backward's per-item partial sums have the same 16-row groups for every BLOCK_R).
     options = GPU_OPTIONS["cosine-hard"]
-    # D = 16*16*16 = 4096: an autotuning key (N, D) no other test has tuned with one config.
+    # Its own TritonConfig, so its own autotuners (keyed on N, D); D = 16*16*16 = 4096.
     x, memory = tie_free_inputs((4,) + GPU_SHAPE[1:], GPU_ITEMS, (2, 2, 1), device="cuda",
                                 **options)
     assert_launch_matches(_config("fused", autotune=True), x, memory, (2, 2, 1), atol=2e-5,

@@ -25,7 +25,8 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 CUDA_AVAILABLE = HAS_TRITON and not INTERPRETED and torch.cuda.is_available()
 #: dtypes of the kernels on a GPU; under the interpreter float32 only (its bf16 tl.dot is wrong).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED = "float32, float16 and bfloat16 CUDA tensors (float32 CPU tensors under TRITON_INTERPRET=1)"
+SUPPORTED = ("float32, float16 and bfloat16 CUDA tensors (float32 CPU tensors under "
+             "TRITON_INTERPRET=1)")
 
 #: Largest padded N (a power of two) that the single-pass fused kernels take.
 MAX_FUSED_N = 1024

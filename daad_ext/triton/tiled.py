@@ -46,7 +46,8 @@ def _item_chunk(n0, r64, row_mask, N, BLOCK_N: tl.constexpr):
     """(items, item_mask, tile mask, offsets r*N + i) of the item chunk at n0."""
     items = n0 + tl.arange(0, BLOCK_N)
     item_mask = items < N
-    return items, item_mask, row_mask[:, None] & item_mask[None, :], r64[:, None] * N + items[None, :]
+    mask = row_mask[:, None] & item_mask[None, :]
+    return items, item_mask, mask, r64[:, None] * N + items[None, :]
 
 
 @triton.jit
