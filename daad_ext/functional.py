@@ -4,7 +4,7 @@ Backends, each with ``supports(device, dtype)`` and a function on checked argume
 
 * ``"reference"``: eager PyTorch (:mod:`daad_ext.reference`), always available;
 * ``"cpu"`` / ``"cuda"``: the fused C++ op (:mod:`daad_ext.ops`) on CPU / CUDA tensors;
-* ``"triton"``: the fused Triton kernels (:mod:`daad_ext.triton_ops`) on CUDA tensors (and on CPU
+* ``"triton"``: the fused Triton kernels (:mod:`daad_ext.triton`) on CUDA tensors (and on CPU
   float32 tensors under Triton's interpreter, ``TRITON_INTERPRET=1``, for tests); unavailable
   when Triton is not installed.
 """
@@ -14,7 +14,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import ops, triton_ops
+from . import ops
+from . import triton as triton_backend
 from .reference import block_memory_ref_checked
 from .spec import check_inputs, check_options, check_temperature
 
@@ -30,7 +31,7 @@ BACKENDS: dict[str, Backend] = {
                    ops.block_memory_fused),
     "cuda": Backend(lambda device, dtype: device.type == "cuda" and ops.supports(device, dtype),
                     ops.block_memory_fused),
-    "triton": Backend(triton_ops.supports, triton_ops.block_memory_triton),
+    "triton": Backend(triton_backend.supports, triton_backend.block_memory_triton),
 }
 #: ``backend="auto"`` takes the first available of these, fastest first (benchmarks/memory_op.py).
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}

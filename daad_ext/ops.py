@@ -2,7 +2,7 @@
 
 The C++ extension (``daad_ext._C``) defines ``daad_ext::block_memory_forward`` and
 ``daad_ext::block_memory_backward`` with CPU and, when built with CUDA, CUDA kernels. The Triton
-ops have the same signatures and use the same glue from here.
+ops in :mod:`daad_ext.triton` have the same signatures and use the same glue from here.
 
 The fake kernels run the checks of :mod:`daad_ext.spec` (the C++ kernels' checks, with the same
 messages), so ``torch.compile`` and ``torch.export`` reject bad input while tracing, as eager calls
