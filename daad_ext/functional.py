@@ -69,7 +69,14 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     """Block-wise memory read of ``x`` (B, C, H, W) from ``memory`` (N, D).
 
     Returns ``(y, w)``: ``y`` has the shape of ``x``, ``w`` (B, Q, N) holds the addressing weights.
-    The operator is specified in :mod:`daad_ext.reference`.
+    The operator is specified in :mod:`daad_ext.reference`. Gradients are computed only for the
+    inputs that require them (a frozen memory costs no grad-memory work).
+
+    Size limits of the fused kernels' index arithmetic, checked before anything is allocated
+    (beyond them the op raises a RuntimeError naming the limit): ``"cpu"`` addresses everything in
+    64-bit (any B, C*H*W, D, B*Q*N, and strides, that memory holds) but counts items in 32-bit,
+    N < 2^31; ``"cuda"`` computes 64-bit offsets with 32-bit indices, B*Q < 2^30 and
+    N, D <= 65535 * 128 = 8,388,480. The reference has no limit of its own.
 
     Example:
         >>> import torch
