@@ -59,7 +59,6 @@ def runtime_loaded(variant: str) -> bool:
 def load(variant: str = "plain", verbose: bool = False):
     """Builds (or reuses) the emulated op and registers it; returns torch.ops.daad_ext_emu."""
     import torch
-    from torch.utils.cpp_extension import load as load_extension
 
     include = cuda_include_dir()
     if include is None:
@@ -67,9 +66,22 @@ def load(variant: str = "plain", verbose: bool = False):
     if not runtime_loaded(variant):
         raise RuntimeError(f"the {variant} build needs LD_PRELOAD=$(c++ -print-file-name="
                            f"{RUNTIMES[variant]}) (see tests/cuda_host_build.py)")
-    cflags, ldflags = VARIANTS[variant]
     build_dir = os.path.join(ROOT, "build", "cuda_host", variant)
     os.makedirs(build_dir, exist_ok=True)
+    # The compiler must not run with the sanitizer runtime preloaded (this process keeps it).
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        _build_and_load(variant, include, build_dir, verbose)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+    return getattr(torch.ops, NAMESPACE)
+
+
+def _build_and_load(variant: str, include: str, build_dir: str, verbose: bool) -> None:
+    from torch.utils.cpp_extension import load as load_extension
+
+    cflags, ldflags = VARIANTS[variant]
     load_extension(
         name=f"daad_ext_cuda_host_{variant}",
         sources=[os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(HOST_DIR, "op.cpp")],
@@ -82,7 +94,6 @@ def load(variant: str = "plain", verbose: bool = False):
         is_python_module=False,
         verbose=verbose,
     )
-    return getattr(torch.ops, NAMESPACE)
 
 
 if __name__ == "__main__":

@@ -200,14 +200,14 @@ SHAPES = [
     ((2, 64, 32, 32), 300, (4, 4, 1), "dot", "hard"),
     ((1, 3, 5, 7), 1, (1, 1, 1), "cosine", "none"),
 ]
-#: The host layer's shapes: every tile and warp of every kernel at a fraction of the work. R = 72
-#: or 90 rows (two row tiles, the second ragged; 9 to 12 row-kernel blocks), N = 150 (two item
-#: tiles, the second ragged), D = 180 or 270 (two or three D tiles, ragged; split across blocks
-#: where choose_split gives several slices), rc = 2.
+#: The host layer's shapes: every tile and warp of every kernel at a fraction of the work.
+#: R = 96, 90, 72 rows (two row tiles, the second ragged; 9 to 12 row-kernel blocks); N = 150
+#: (two item tiles, the second ragged); D = 336, 216, 160 (two or three D tiles, the last ragged;
+#: the first D is split over two slices of 192 and 144 by choose_split); rc = 2 and 3.
 HOST_SHAPES = [
-    ((3, 6, 24, 30), 150, (4, 6, 1), "cosine", "hard"),
+    ((3, 16, 24, 28), 150, (4, 4, 2), "cosine", "hard"),
     ((3, 12, 18, 30), 150, (3, 5, 2), "dot", "memae"),
-    ((2, 12, 24, 15), 150, (4, 3, 3), "cosine", "none"),
+    ((2, 12, 32, 15), 150, (4, 3, 3), "cosine", "none"),
     ((1, 3, 5, 7), 1, (1, 1, 1), "cosine", "none"),
 ]
 

@@ -210,22 +210,23 @@ class Runtime {
     body_ = Body{&body_fn, [](void* f) { (*static_cast<F*>(f))(); }};
     grid_dim_ = grid;
     block_dim_ = block;
-    if (int(pools_[0].size()) != threads) make_pools(threads);
+    if (int(lanes_.size()) != threads) make_lanes(threads);
     exchange_.assign((threads + kWarpSize - 1) / kWarpSize,
                      std::vector<unsigned char>(kWarpSize * kMaxPayload));
     watchdog_arm();
 #if defined(__SANITIZE_THREAD__)
-    __tsan_release(&launch_begin_);  // the launch's arguments and earlier launches -> every thread
+    __tsan_release(block_sync(0));  // the launch's arguments and earlier launches -> block 0
     AnnotateIgnoreReadsBegin(__FILE__, __LINE__);  // the scheduler's bookkeeping is not kernel code
     AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
 #endif
+    blocks_run_ = 0;
     try {
       for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
           for (unsigned x = 0; x < grid.x; ++x) run_block(uint3{x, y, z});
     } catch (...) {
       finish_launch();
-      destroy_pools();  // threads of the failed block are stuck mid-kernel
+      destroy_lanes();  // threads of the failed block are stuck mid-kernel
       throw;
     }
     finish_launch();
@@ -255,10 +256,11 @@ class Runtime {
   // The body of every lane: runs the kernel for each block it is given.
   [[noreturn]] void lane_loop() {
     for (;;) {
-      Lane& me = lane();
 #if defined(__SANITIZE_THREAD__)
-      __tsan_acquire(&launch_begin_);
+      const int block = blocks_run_;
+      __tsan_acquire(block_sync(block));  // before reading any state of the launch
 #endif
+      Lane& me = lane();
       try {
         body_();
       } catch (const std::exception& e) {
@@ -268,7 +270,7 @@ class Runtime {
       }
       me.state = State::Done;
 #if defined(__SANITIZE_THREAD__)
-      __tsan_release(&launch_end_);
+      __tsan_release(block_sync(block + 1));
 #endif
       yield(me);
     }
@@ -284,12 +286,13 @@ class Runtime {
 #if defined(__SANITIZE_THREAD__)
     AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
     AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-    __tsan_acquire(&launch_end_);  // every thread -> the launching thread and later launches
+    __tsan_acquire(block_sync(blocks_run_));  // every block -> the launching thread, later launches
 #endif
     watchdog_disarm();
     current_ = nullptr;
   }
 
+  static constexpr size_t kPage = 4096;
   static size_t stack_bytes() {
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
     return size_t(512) << 10;
@@ -298,45 +301,40 @@ class Runtime {
 #endif
   }
 
-  // Two sets of fibers, used by alternate blocks: under TSan a fiber is one thread, so neighbouring
-  // blocks must not share fibers for races between them to be seen.
-  void make_pools(int threads) {
-    destroy_pools();
-    const size_t page = 4096, bytes = stack_bytes();
-    for (auto& pool : pools_) {
-      pool = std::vector<Lane>(threads);
-      for (Lane& lane : pool) {
-        void* mem = mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a fiber stack");
-        mprotect(mem, page, PROT_NONE);  // a stack overflow faults instead of corrupting memory
-        lane.stack = static_cast<char*>(mem) + page;
-        lane.stack_bytes = bytes;
-        getcontext(&lane.context);
-        lane.context.uc_stack.ss_sp = lane.stack;
-        lane.context.uc_stack.ss_size = bytes;
-        lane.context.uc_link = nullptr;
-        makecontext(&lane.context, lane_main, 0);
+  // The fibers, reused by every block of every launch with this block size.
+  void make_lanes(int threads) {
+    destroy_lanes();
+    const size_t bytes = stack_bytes();
+    lanes_ = std::vector<Lane>(threads);
+    for (Lane& lane : lanes_) {
+      void* mem = mmap(nullptr, bytes + kPage, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a fiber stack");
+      mprotect(mem, kPage, PROT_NONE);  // a stack overflow faults instead of corrupting memory
+      lane.stack = static_cast<char*>(mem) + kPage;
+      lane.stack_bytes = bytes;
+      getcontext(&lane.context);
+      lane.context.uc_stack.ss_sp = lane.stack;
+      lane.context.uc_stack.ss_size = bytes;
+      lane.context.uc_link = nullptr;
+      makecontext(&lane.context, lane_main, 0);
 #if defined(__SANITIZE_THREAD__)
-        lane.tsan_fiber = __tsan_create_fiber(0);
+      lane.tsan_fiber = __tsan_create_fiber(0);
 #endif
-      }
     }
   }
 
-  void destroy_pools() {
-    for (auto& pool : pools_) {
-      for (Lane& lane : pool) {
+  void destroy_lanes() {
+    for (Lane& lane : lanes_) {
 #if defined(__SANITIZE_ADDRESS__)
-        __asan_unpoison_memory_region(lane.stack, lane.stack_bytes);
+      __asan_unpoison_memory_region(lane.stack, lane.stack_bytes);
 #endif
 #if defined(__SANITIZE_THREAD__)
-        __tsan_destroy_fiber(lane.tsan_fiber);
+      __tsan_destroy_fiber(lane.tsan_fiber);
 #endif
-        munmap(static_cast<char*>(lane.stack) - 4096, lane.stack_bytes + 4096);
-      }
-      pool.clear();
+      munmap(static_cast<char*>(lane.stack) - kPage, lane.stack_bytes + kPage);
     }
+    lanes_.clear();
   }
 
   void resume(Lane& lane) {
@@ -358,7 +356,7 @@ class Runtime {
   void run_block(uint3 block) {
     block_idx_ = block;
     const int linear = int(block.x + grid_dim_.x * (block.y + grid_dim_.y * block.z));
-    std::vector<Lane>& lanes = pools_[linear & 1];
+    std::vector<Lane>& lanes = lanes_;
     for (int t = 0; t < int(lanes.size()); ++t) {
       Lane& lane = lanes[t];
       lane.rank = t;
@@ -385,8 +383,10 @@ class Runtime {
                              lane->error.c_str()));
       }
       if (std::all_of(lanes.begin(), lanes.end(),
-                      [](const Lane& l) { return l.state == State::Done; }))
+                      [](const Lane& l) { return l.state == State::Done; })) {
+        ++blocks_run_;
         return;
+      }
       if (!release_warps(lanes) && !release_barrier(lanes)) stuck(lanes);
     }
   }
@@ -500,7 +500,7 @@ class Runtime {
   Body body_;
   dim3 grid_dim_, block_dim_;
   uint3 block_idx_{};
-  std::vector<Lane> pools_[2];
+  std::vector<Lane> lanes_;
   std::vector<std::vector<unsigned char>> exchange_;  // per warp: kWarpSize payload slots
   Lane* current_ = nullptr;
   ucontext_t scheduler_context_{};
@@ -510,7 +510,12 @@ class Runtime {
   size_t scheduler_stack_bytes_ = 0;
   int barrier_generation_ = 0;
   char barrier_sync_[2] = {};
-  char launch_begin_ = 0, launch_end_ = 0;
+  // TSan: the threads of block k acquire block_sync(k) and release block_sync(k + 1) when they
+  // finish, so blocks are ordered (one __shared__ array serves them all) and the threads of one
+  // block are not (each uses only the barriers).
+  int blocks_run_ = 0;
+  char block_sync_[2] = {};
+  void* block_sync(int block) { return &block_sync_[block & 1]; }
   uint64_t launches_ = 0;
   std::atomic<double> launch_started_{0};
 };
