@@ -294,7 +294,9 @@ class Runtime {
 
   static constexpr size_t kPage = 4096;
   static size_t stack_bytes() {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(__SANITIZE_ADDRESS__)
+    return size_t(64) << 10;  // ASan's swapcontext clears the shadow of the whole stack each time
+#elif defined(__SANITIZE_THREAD__)
     return size_t(512) << 10;
 #else
     return size_t(128) << 10;
@@ -418,7 +420,8 @@ class Runtime {
                 base / kWarpSize, lane.site.str().c_str(), lane.uniform_names, u + 1,
                 (unsigned long long)lane.uniform[u], lane.rank - base,
                 (unsigned long long)other.uniform[u], l));
-        std::memcpy(exchange + l * kMaxPayload, other.payload, other.payload_bytes);
+        if (other.payload_bytes > 0)
+          std::memcpy(exchange + l * kMaxPayload, other.payload, other.payload_bytes);
         other.state = State::Ready;
       }
       released = true;
@@ -556,7 +559,7 @@ inline const unsigned char* warp_collective(const Site& where, unsigned mask, co
                        where.str().c_str(), mask));
   me.site = where;
   me.mask = mask;
-  std::memcpy(me.payload, payload, bytes);
+  if (bytes > 0) std::memcpy(me.payload, payload, bytes);
   me.payload_bytes = bytes;
   me.uniform_count = int(uniform.size());
   std::copy(uniform.begin(), uniform.end(), me.uniform);
