@@ -1,19 +1,23 @@
 """Tests of the ``"cuda"`` backend: the C++ op's CUDA kernels (csrc/cuda/).
 
-Without a GPU (our machines and CI) these run:
+Without a GPU (our machines and CI):
 
 * the CUDA kernels are registered whenever the extension was built with them (CI builds them with
   ``nvcc`` on every run; ``DAAD_EXT_EXPECT_CUDA=1`` makes a build without them a failure);
 * the package imports and works on CPU when built with CUDA and no GPU is present;
-* the warp-parallel form of the shared row epilogue (``row_forward_team`` / ``row_backward_team``
-  of csrc/block_memory.h, which the CUDA kernels run with a warp as the team) against its serial
-  form (which the CPU kernel runs), compiled with the host C++ compiler and run with 32 threads.
+* the warp-parallel form of the shared row epilogue against its serial form
+  (tests/cpp/team_check.cpp, 32 std::threads as the team);
+* every correctness test below with the ``cuda_host`` target: the same kernel sources and host code
+  compiled for the CPU on the host execution layer (tests/cpp/cuda_host/, csrc/cuda/README.md),
+  in the build that ``DAAD_CUDA_HOST`` names (plain by default; ``make test-cuda-host`` runs the
+  ThreadSanitizer and ASan + UBSan builds).
 
-On a GPU (``test_gpu_*``, skipped otherwise): forward and backward against the float64 reference
-in float32 (also with TF32), float16 and bfloat16, through y and/or w, every similarity and shrink,
-shapes that exercise partial tiles, the split of the D loop and N > 1024; strided inputs; bitwise
-determinism of grad M; ``opcheck``; ``torch.compile(fullgraph=True)`` of ``BlockMemory``; NaN
-rows; empty batches; bad arguments to the op itself.
+With the ``cuda`` target on a GPU (skipped otherwise), and on the host layer: forward and backward
+against the float64 reference in float32 (on CUDA cores, and with TF32), float16 and bfloat16,
+through y and/or w, every similarity and shrink; shapes of several tiles (partial tiles, the split
+of the D loop, rc > 1); strided inputs; bitwise determinism of grad M; NaN rows; empty batches; bad
+arguments to the op itself. On a GPU only: ``opcheck``, ``torch.compile(fullgraph=True)`` of
+``BlockMemory``, N > 1024 and DAAD's own scale.
 """
 from __future__ import annotations
 
