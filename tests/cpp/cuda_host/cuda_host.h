@@ -5,8 +5,9 @@
 //
 // * launches (csrc/cuda/launch.cuh calls cuda_host::launch): every block of the grid runs, one
 //   after the other; the threads of a block run as fibers (ucontext), switched at every barrier
-//   and warp collective, in a pseudo-random order each time, so that a missing barrier reads
-//   stale data;
+//   and warp collective, a pseudo-random ready thread at a time; a warp collective completes as
+//   soon as its lanes have arrived, so warps run ahead of each other up to the next barrier and a
+//   missing barrier reads what other warps have not written yet;
 // * __syncthreads(): a barrier that reports, by file and line, threads that wait at different
 //   barriers (divergence) or can never be joined (deadlock: a thread exited, or waits in a warp
 //   collective); a watchdog ends a launch that runs longer than DAAD_CUDA_HOST_TIMEOUT seconds
@@ -355,85 +356,83 @@ class Runtime {
     current_ = nullptr;
   }
 
+  // Runs one block: a random ready thread at a time, until it waits or exits. A warp collective
+  // completes as soon as its last lane arrives, so warps run ahead of each other as far as the
+  // barriers let them (a missing barrier reads what other warps have not written yet).
   void run_block(uint3 block) {
     block_idx_ = block;
     const int linear = int(block.x + grid_dim_.x * (block.y + grid_dim_.y * block.z));
-    std::vector<Lane>& lanes = lanes_;
-    for (int t = 0; t < int(lanes.size()); ++t) {
-      Lane& lane = lanes[t];
+    ready_.clear();
+    for (int t = 0; t < int(lanes_.size()); ++t) {
+      Lane& lane = lanes_[t];
       lane.rank = t;
       lane.thread_idx = uint3{t % block_dim_.x, (t / block_dim_.x) % block_dim_.y,
                               t / (block_dim_.x * block_dim_.y)};
       lane.state = State::Ready;
       lane.error.clear();
+      ready_.push_back(&lane);
     }
     uint64_t seed = 0x9e3779b97f4a7c15ull * (uint64_t(linear) + 1) ^ ++launches_;
-    std::vector<Lane*> order;
     for (;;) {
-      order.clear();
-      for (Lane& lane : lanes)
-        if (lane.state == State::Ready) order.push_back(&lane);
-      for (size_t i = order.size(); i > 1; --i) {  // a fresh order each round
+      while (!ready_.empty()) {
         seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
-        std::swap(order[i - 1], order[seed % i]);
-      }
-      for (Lane* lane : order) {
+        const size_t pick = seed % ready_.size();
+        Lane* lane = ready_[pick];
+        ready_[pick] = ready_.back();
+        ready_.pop_back();
         resume(*lane);
         if (!lane->error.empty())
           throw Error(format("cuda_host: %s, block (%u, %u, %u), thread %d: %s",
                              kernel_name(kernel_).c_str(), block.x, block.y, block.z, lane->rank,
                              lane->error.c_str()));
+        if (lane->state == State::AtWarp) release_warp(*lane);
       }
-      if (std::all_of(lanes.begin(), lanes.end(),
+      if (std::all_of(lanes_.begin(), lanes_.end(),
                       [](const Lane& l) { return l.state == State::Done; })) {
         ++blocks_run_;
         return;
       }
-      if (!release_warps(lanes) && !release_barrier(lanes)) stuck(lanes);
+      if (!release_barrier(lanes_)) stuck(lanes_);
     }
   }
 
-  // Releases every warp collective whose lanes have all arrived; false if none could be.
-  bool release_warps(std::vector<Lane>& lanes) {
-    bool released = false;
-    for (Lane& lane : lanes) {
-      if (lane.state != State::AtWarp) continue;
-      const int base = lane.rank / kWarpSize * kWarpSize;
-      bool complete = true;
-      for (int l = 0; l < kWarpSize && complete; ++l) {
-        if (!(lane.mask >> l & 1u)) continue;
-        const Lane& other = lanes[base + l];
-        complete = other.state == State::AtWarp && other.site == lane.site &&
-                   other.mask == lane.mask;
-      }
-      if (!complete) continue;
-      unsigned char* exchange = exchange_[base / kWarpSize].data();
-      for (int l = 0; l < kWarpSize; ++l) {
-        if (!(lane.mask >> l & 1u)) continue;
-        Lane& other = lanes[base + l];
-        for (int u = 0; u < lane.uniform_count; ++u)
-          if (other.uniform[u] != lane.uniform[u])
-            throw Error(format(
-                "cuda_host: %s, block (%u, %u, %u), warp %d: %s needs the same %s on every lane; "
-                "argument %d is 0x%llx on lane %d but 0x%llx on lane %d",
-                kernel_name(kernel_).c_str(), block_idx_.x, block_idx_.y, block_idx_.z,
-                base / kWarpSize, lane.site.str().c_str(), lane.uniform_names, u + 1,
-                (unsigned long long)lane.uniform[u], lane.rank - base,
-                (unsigned long long)other.uniform[u], l));
-        if (other.payload_bytes > 0)
-          std::memcpy(exchange + l * kMaxPayload, other.payload, other.payload_bytes);
-        other.state = State::Ready;
-      }
-      released = true;
+  // Completes the warp collective ``lane`` waits in if every lane of its mask has arrived there.
+  void release_warp(const Lane& lane) {
+    const int base = lane.rank / kWarpSize * kWarpSize;
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (!(lane.mask >> l & 1u)) continue;
+      const Lane& other = lanes_[base + l];
+      if (other.state != State::AtWarp || !(other.site == lane.site) || other.mask != lane.mask)
+        return;
     }
-    return released;
+    unsigned char* exchange = exchange_[base / kWarpSize].data();
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (!(lane.mask >> l & 1u)) continue;
+      Lane& other = lanes_[base + l];
+      for (int u = 0; u < lane.uniform_count; ++u)
+        if (other.uniform[u] != lane.uniform[u])
+          throw Error(format(
+              "cuda_host: %s, block (%u, %u, %u), warp %d: %s needs the same %s on every lane; "
+              "argument %d is 0x%llx on lane %d but 0x%llx on lane %d",
+              kernel_name(kernel_).c_str(), block_idx_.x, block_idx_.y, block_idx_.z,
+              base / kWarpSize, lane.site.str().c_str(), lane.uniform_names, u + 1,
+              (unsigned long long)lane.uniform[u], lane.rank - base,
+              (unsigned long long)other.uniform[u], l));
+      if (other.payload_bytes > 0)
+        std::memcpy(exchange + l * kMaxPayload, other.payload, other.payload_bytes);
+      other.state = State::Ready;
+      ready_.push_back(&other);
+    }
   }
 
   bool release_barrier(std::vector<Lane>& lanes) {
     for (const Lane& lane : lanes)
       if (lane.state != State::AtBarrier || !(lane.site == lanes[0].site)) return false;
     ++barrier_generation_;
-    for (Lane& lane : lanes) lane.state = State::Ready;
+    for (Lane& lane : lanes) {
+      lane.state = State::Ready;
+      ready_.push_back(&lane);
+    }
     return true;
   }
 
@@ -504,6 +503,7 @@ class Runtime {
   dim3 grid_dim_, block_dim_;
   uint3 block_idx_{};
   std::vector<Lane> lanes_;
+  std::vector<Lane*> ready_;  // the threads of the block that can run
   std::vector<std::vector<unsigned char>> exchange_;  // per warp: kWarpSize payload slots
   Lane* current_ = nullptr;
   ucontext_t scheduler_context_{};
