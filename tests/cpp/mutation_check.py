@@ -35,7 +35,7 @@ MUTATIONS = [
              "      load_tiles<E>(smem, la, lb, m0, n0, k0, k_end);\n      __syncthreads();\n"
              "#pragma unroll\n      for (int kk",
              "      load_tiles<E>(smem, la, lb, m0, n0, k0, k_end);\n"
-             "#pragma unroll\n      for (int kk", ("tsan", "plain")),
+             "#pragma unroll\n      for (int kk", ("plain", "tsan")),
     Mutation("barrier-in-divergent-branch", COMMON,
              "    __syncthreads();  // the A/B tiles share these bytes\n    float* cs = c_tile(smem);\n"
              "    const int tr",
@@ -61,8 +61,10 @@ MUTATIONS = [
 TESTS = ["tests/test_cuda.py", "-x", "-q", "-s", "-p", "no:cacheprovider", "-k",
          "cuda_host and (shapes-0 or tensor_core_shapes and float16 or matches_reference and "
          "(float32-cosine-hard-y+w or float16-cosine-hard-y+w))"]
-EVIDENCE = [r"cuda_host: .*", r"WARNING: ThreadSanitizer: .*", r"ERROR: AddressSanitizer: .*",
-            r"runtime error: .*", r"Mismatched elements: .*", r"FAILED .*"]
+#: What a report looks like, first match of each printed (sanitizer reports with their first frame).
+EVIDENCE = [r"cuda_host: .*", r"WARNING: ThreadSanitizer: .*\n.*\n\s+#0 \S+",
+            r"ERROR: AddressSanitizer: .*\n.*\n\s+#0 0x\w+ in \S+ \S+", r"runtime error: .*",
+            r"Mismatched elements: .*", r"FAILED .*"]
 
 
 def _environment(build: str) -> dict:
@@ -103,7 +105,7 @@ def run_mutation(mutation: Mutation) -> bool:
             proc = subprocess.run([sys.executable, "-m", "pytest", *TESTS], cwd=tmp,
                                   env=_environment(build), capture_output=True, text=True)
             output = proc.stdout + proc.stderr
-            found = [m.group(0) for pattern in EVIDENCE for m in [re.search(pattern, output)] if m]
+            found = [" ".join(m.group(0).split()) for pattern in EVIDENCE for m in [re.search(pattern, output)] if m]
             caught = proc.returncode != 0 and bool(found)
             reported |= caught
             verdict = "REPORTED" if caught else "NOT REPORTED"
