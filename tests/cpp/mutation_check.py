@@ -62,8 +62,8 @@ TESTS = ["tests/test_cuda.py", "-x", "-q", "-s", "-p", "no:cacheprovider", "-k",
          "cuda_host and (shapes-0 or tensor_core_shapes and float16 or matches_reference and "
          "(float32-cosine-hard-y+w or float16-cosine-hard-y+w))"]
 #: What a report looks like, first match of each printed (sanitizer reports with their first frame).
-EVIDENCE = [r"cuda_host: .*", r"WARNING: ThreadSanitizer: .*\n.*\n\s+#0 \S+",
-            r"ERROR: AddressSanitizer: .*\n.*\n\s+#0 0x\w+ in \S+ \S+", r"runtime error: .*",
+EVIDENCE = [r"cuda_host: .*", r"WARNING: ThreadSanitizer: .*\n.*\n\s+#0 .*",
+            r"ERROR: AddressSanitizer: .*\n.*\n\s+#0 .*", r"runtime error: .*",
             r"Mismatched elements: .*", r"FAILED .*"]
 
 
