@@ -90,19 +90,36 @@ def test_cpu_works_whatever_the_build():
         block_memory(x, memory, (2, 2, 1), backend="cuda")
 
 
-def test_team_epilogue_matches_serial_epilogue():
+def _run_cpp(name: str, *flags: str) -> subprocess.CompletedProcess:
+    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
-        src, exe = os.path.join(ROOT, "tests", "cpp", "team_check.cpp"), os.path.join(tmp, "team_check")
-        build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I", os.path.join(ROOT, "csrc"),
-                                src, "-o", exe], capture_output=True, text=True)
+        src, exe = os.path.join(ROOT, "tests", "cpp", f"{name}.cpp"), os.path.join(tmp, name)
+        build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", *flags, src, "-o", exe],
+                               capture_output=True, text=True)
         if build.returncode != 0 and "barrier" in build.stderr:
             pytest.skip(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
         assert build.returncode == 0, build.stderr
-        run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout + run.stderr
+        return subprocess.run([exe], capture_output=True, text=True, timeout=120)
+
+
+def test_team_epilogue_matches_serial_epilogue():
+    run = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_host_layer_selftest():
+    """The host execution layer computes barriers, shuffles and WMMA right and reports each rule
+    it enforces (barrier divergence, deadlock, lanes missing from a shuffle, ldm, alignment,
+    warp-uniform arguments); __float_to_tf32 rounds as cvt.rna."""
+    include = cuda_host_build.cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA toolkit's headers are needed; set CUDA_HOME")
+    run = _run_cpp("cuda_host_selftest", "-isystem", include, "-include",
+                   os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 # ----------------------------------------------------------------------------------------------
