@@ -1,5 +1,7 @@
 # make bench: create .venv, install the pinned environment and daad_ext, run the benchmark.
 # make test:  the same set-up where needed, then the test suite (what CI runs).
+# make test-cuda-host: the CUDA kernels on the host execution layer (csrc/cuda/README.md) under
+#              ThreadSanitizer and AddressSanitizer + UBSan (`make test` runs its plain build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.daad_ext_installed
@@ -9,7 +11,7 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(wildcard /usr/local/cuda/bin/nvcc))
 export CUDA_HOME
 SOURCES := setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test test-cuda-host clean
 
 setup: $(STAMP)
 
@@ -27,6 +29,19 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The sanitizer builds run the host-layer tests that reach every kernel, tile and warp on both
+# product paths (fp32 CUDA cores, TF32/fp16/bf16 tensor cores); any report fails the run (-s shows
+# it). The runtimes must be preloaded into Python; ASan also needs libstdc++ loaded before it.
+CXX ?= c++
+CUDA_HOST_TESTS := -q -s -p no:cacheprovider tests/test_cuda.py \
+	-k "cuda_host and (shapes or tensor_core or strided or nan or empty)"
+test-cuda-host: setup
+	DAAD_CUDA_HOST=tsan TSAN_OPTIONS=halt_on_error=1 \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" $(PY) -m pytest $(CUDA_HOST_TESTS)
+	DAAD_CUDA_HOST=asan ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	$(PY) -m pytest $(CUDA_HOST_TESTS)
 
 clean:
 	rm -rf build *.egg-info daad_ext/_C*.so $(VENV)

@@ -1,19 +1,23 @@
 """Tests of the ``"cuda"`` backend: the C++ op's CUDA kernels (csrc/cuda/).
 
-Without a GPU (our machines and CI) these run:
+Without a GPU (our machines and CI):
 
 * the CUDA kernels are registered whenever the extension was built with them (CI builds them with
   ``nvcc`` on every run; ``DAAD_EXT_EXPECT_CUDA=1`` makes a build without them a failure);
 * the package imports and works on CPU when built with CUDA and no GPU is present;
-* the warp-parallel form of the shared row epilogue (``row_forward_team`` / ``row_backward_team``
-  of csrc/block_memory.h, which the CUDA kernels run with a warp as the team) against its serial
-  form (which the CPU kernel runs), compiled with the host C++ compiler and run with 32 threads.
+* the warp-parallel form of the shared row epilogue against its serial form
+  (tests/cpp/team_check.cpp, 32 std::threads as the team);
+* every correctness test below with the ``cuda_host`` target: the same kernel sources and host code
+  compiled for the CPU on the host execution layer (tests/cpp/cuda_host/, csrc/cuda/README.md),
+  in the build that ``DAAD_CUDA_HOST`` names (plain by default; ``make test-cuda-host`` runs the
+  ThreadSanitizer and ASan + UBSan builds).
 
-On a GPU (``test_gpu_*``, skipped otherwise): forward and backward against the float64 reference
-in float32 (also with TF32), float16 and bfloat16, through y and/or w, every similarity and shrink,
-shapes that exercise partial tiles, the split of the D loop and N > 1024; strided inputs; bitwise
-determinism of grad M; ``opcheck``; ``torch.compile(fullgraph=True)`` of ``BlockMemory``; NaN
-rows; empty batches; bad arguments to the op itself.
+With the ``cuda`` target on a GPU (skipped otherwise), and on the host layer: forward and backward
+against the float64 reference in float32 (on CUDA cores, and with TF32), float16 and bfloat16,
+through y and/or w, every similarity and shrink; shapes of several tiles (partial tiles, the split
+of the D loop, rc > 1); strided inputs; bitwise determinism of grad M; NaN rows; empty batches; bad
+arguments to the op itself. On a GPU only: ``opcheck``, ``torch.compile(fullgraph=True)`` of
+``BlockMemory``, N > 1024 and DAAD's own scale.
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from daad_ext import BlockMemory, available_backends, block_memory, ops
+import cuda_host_build
+from daad_ext import BlockMemory, available_backends, block_memory, functional, ops
+from daad_ext.functional import Backend
 from daad_ext.reference import block_memory_ref
 from helpers import assert_matches_reference, tie_free_inputs
 
@@ -73,153 +80,42 @@ def test_cpu_works_whatever_the_build():
         block_memory(x, memory, (2, 2, 1), backend="cuda")
 
 
-# A C++ program that runs each row of random logits / gradients through the team-parallel
-# epilogue with 32 std::threads as the team (a stand-in for the warp: each member owns items
-# rank, rank + 32, ..., and sum/max gather all members' values) and through the serial form.
-TEAM_CHECK_CPP = r"""
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <random>
-#include <thread>
-#include <vector>
-#include "block_memory.h"
-using namespace daad_ext;
-
-constexpr int kLanes = 32;
-struct Shared {
-  std::barrier<> sync{kLanes};
-  float slots[kLanes];
-};
-struct ThreadTeam {  // the loops of WarpTeam (csrc/cuda/common.cuh), over threads
-  Shared* shared;
-  int lane;
-  template <typename Op>
-  float combine(float v, Op op) const {
-    shared->slots[lane] = v;
-    shared->sync.arrive_and_wait();
-    float r = shared->slots[0];
-    for (int i = 1; i < kLanes; ++i) r = op(r, shared->slots[i]);
-    shared->sync.arrive_and_wait();  // nobody overwrites a slot before everybody has read it
-    return r;
-  }
-  template <typename F>
-  void for_each(int n, F&& f) const {
-    for (int i = lane; i < n; i += kLanes) f(i);
-  }
-  template <typename F>
-  float sum(int n, F&& f) const {
-    float acc = 0.f;
-    for (int i = lane; i < n; i += kLanes) acc += f(i);
-    return combine(acc, [](float a, float b) { return a + b; });
-  }
-  template <typename F>
-  float max(int n, float init, F&& f) const {
-    float acc = init;
-    for (int i = lane; i < n; i += kLanes) {
-      const float v = f(i);
-      acc = v > acc ? v : acc;
-    }
-    return combine(acc, [](float a, float b) { return b > a ? b : a; });
-  }
-};
-
-static bool close(float a, float b) { return std::fabs(a - b) <= 1e-5f + 1e-4f * std::fabs(b); }
-
-int main() {
-  std::mt19937 gen(0);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  int failures = 0, rows = 0;
-  for (int n : {1, 5, 31, 32, 33, 100, 257}) {
-    for (Shrink shrink : {Shrink::Hard, Shrink::MemAE, Shrink::None}) {
-      for (int trial = 0; trial < 4; ++trial, ++rows) {
-        const float lam = 1.f / n, temperature = 0.5f;
-        std::vector<float> z(n), g(n);
-        for (float& v : z) v = 2.f * normal(gen);
-        for (float& v : g) v = normal(gen);
-        // serial
-        std::vector<float> zs = z, ws(n), ps(n), gs = g, prod_s(n);
-        const float lse_s = row_forward(zs.data(), n, shrink, lam, ws.data(), ps.data());
-        const float* p_s = shrink == Shrink::MemAE ? ps.data() : nullptr;
-        const float dot_s = row_backward(gs.data(), ws.data(), p_s, n, shrink, lam, temperature,
-                                         lse_s, prod_s.data());
-        // team of 32 threads
-        std::vector<float> zt = z, wt(n), pt(n), gt = g, prod_t(n);
-        float lse_t[kLanes], dot_t[kLanes];
-        Shared shared;
-        std::vector<std::thread> lanes;
-        for (int lane = 0; lane < kLanes; ++lane)
-          lanes.emplace_back([&, lane] {
-            const ThreadTeam team{&shared, lane};
-            lse_t[lane] = row_forward_team(team, zt.data(), n, shrink, lam, wt.data(), pt.data());
-            const float* p_t = shrink == Shrink::MemAE ? pt.data() : nullptr;
-            dot_t[lane] = row_backward_team(team, gt.data(), static_cast<const float*>(wt.data()),
-                                            p_t, n, shrink, lam, temperature, lse_t[lane],
-                                            prod_t.data());
-          });
-        for (auto& t : lanes) t.join();
-        bool ok = true;
-        for (int lane = 0; lane < kLanes; ++lane)
-          ok &= lse_t[lane] == lse_t[0] && dot_t[lane] == dot_t[0];
-        ok &= close(lse_t[0], lse_s) && close(dot_t[0], dot_s);
-        for (int i = 0; i < n; ++i)
-          ok &= close(zt[i], zs[i]) && close(wt[i], ws[i]) && close(gt[i], gs[i]) &&
-                close(prod_t[i], prod_s[i]) && ((wt[i] > 0) == (ws[i] > 0));
-        if (!ok) {
-          ++failures;
-          std::printf("mismatch: n=%d shrink=%d trial=%d\n", n, int(shrink), trial);
-        }
-      }
-    }
-  }
-  // A NaN logit makes the whole row NaN, in both forms and every shrink mode (as the reference).
-  for (Shrink shrink : {Shrink::Hard, Shrink::MemAE, Shrink::None}) {
-    const int n = 40;
-    std::vector<float> zs(n, 0.5f), ws(n), zt(n, 0.5f), wt(n);
-    zs[7] = zt[7] = NAN;
-    row_forward(zs.data(), n, shrink, 0.1f, ws.data(), static_cast<float*>(nullptr));
-    Shared shared;
-    std::vector<std::thread> lanes;
-    for (int lane = 0; lane < kLanes; ++lane)
-      lanes.emplace_back([&, lane] {
-        row_forward_team(ThreadTeam{&shared, lane}, zt.data(), n, shrink, 0.1f, wt.data(),
-                         static_cast<float*>(nullptr));
-      });
-    for (auto& t : lanes) t.join();
-    for (int i = 0; i < n; ++i) {
-      if (!std::isnan(ws[i]) || !std::isnan(wt[i])) {
-        ++failures;
-        std::printf("NaN row: shrink=%d item %d gives %g (serial), %g (team)\n", int(shrink), i,
-                    ws[i], wt[i]);
-        break;
-      }
-    }
-  }
-  std::printf("%d of %d rows differ\n", failures, rows);
-  return failures != 0;
-}
-"""
-
-
-def test_team_epilogue_matches_serial_epilogue():
+def _run_cpp(name: str, *flags: str) -> subprocess.CompletedProcess:
+    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
-        src, exe = os.path.join(tmp, "team_check.cpp"), os.path.join(tmp, "team_check")
-        with open(src, "w") as f:
-            f.write(TEAM_CHECK_CPP)
-        build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-I", os.path.join(ROOT, "csrc"),
-                                src, "-o", exe], capture_output=True, text=True)
+        src, exe = os.path.join(ROOT, "tests", "cpp", f"{name}.cpp"), os.path.join(tmp, name)
+        build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", *flags, src, "-o", exe],
+                               capture_output=True, text=True)
         if build.returncode != 0 and "barrier" in build.stderr:
             pytest.skip(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
         assert build.returncode == 0, build.stderr
-        run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout + run.stderr
+        return subprocess.run([exe], capture_output=True, text=True, timeout=120)
+
+
+def test_team_epilogue_matches_serial_epilogue():
+    run = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_host_layer_selftest():
+    """The host execution layer computes barriers, shuffles and WMMA right and reports each rule
+    it enforces (barrier divergence, deadlock, lanes missing from a shuffle, ldm, alignment,
+    warp-uniform arguments); __float_to_tf32 rounds as cvt.rna."""
+    include = cuda_host_build.cuda_include_dir()
+    if include is None:
+        pytest.skip("the CUDA toolkit's headers are needed; set CUDA_HOME")
+    run = _run_cpp("cuda_host_selftest", "-isystem", include, "-include",
+                   os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 # ----------------------------------------------------------------------------------------------
-# On a GPU
+# The CUDA op on a GPU ("cuda") and on the host execution layer ("cuda_host": the same kernel
+# sources compiled for the CPU, tests/cpp/cuda_host/, built by tests/cuda_host_build.py; the
+# sanitizer builds run with DAAD_CUDA_HOST=tsan or asan, see `make test-cuda-host`).
 
 #: Tolerances against the float64 reference. Half types store w, y and the gradients in 16 bits
 #: (the reference itself run in bfloat16 is about 2e-2 off); the epilogue runs in float32.
@@ -227,19 +123,56 @@ TOLERANCES = {torch.float32: dict(atol=5e-5, rtol=5e-4),
               torch.float16: dict(atol=1e-2, rtol=1e-2),
               torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
+_host_ops = None
+
+
+def _host_backend() -> Backend:
+    """The emulated op as a backend on CPU tensors (built once per process, never in "auto")."""
+    global _host_ops
+    if _host_ops is None:
+        if cuda_host_build.cuda_include_dir() is None:
+            pytest.skip("the CUDA toolkit's headers are needed for the host build; set CUDA_HOME")
+        _host_ops = cuda_host_build.load(cuda_host_build.variant_from_env())
+        ns = cuda_host_build.NAMESPACE
+        ops.register_fused_op(f"{ns}::block_memory_forward", f"{ns}::block_memory_backward",
+                              _host_ops.block_memory_backward)
+
+    def run(x, memory, geometry, similarity, shrink, lam, temperature):
+        y, w, *_ = _host_ops.block_memory_forward(x, memory, geometry.rh, geometry.rw,
+                                                  geometry.rc, similarity, shrink, lam,
+                                                  temperature)
+        return y, w
+
+    return Backend(lambda device, dtype: device.type == "cpu" and dtype in DTYPES, run)
+
+
+class Target(NamedTuple):
+    backend: str   # "cuda" or "cuda_host"
+    device: str    # where its tensors live
+    op: object     # its torch.ops namespace
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=needs_gpu), "cuda_host"])
+def target(request, monkeypatch) -> Target:
+    if request.param == "cuda":
+        return Target("cuda", "cuda", torch.ops.daad_ext)
+    monkeypatch.setitem(functional.BACKENDS, "cuda_host", _host_backend())
+    return Target("cuda_host", "cpu", _host_ops)
+
 
 def _temperature(similarity: str) -> float:
     # Spreads the softmax, so that few weights sit near the threshold.
     return 0.2 if similarity == "cosine" else 1.0
 
 
-def _cuda_inputs(shape, num_items, division, similarity, shrink, dtype, seed=0, temperature=None,
-                 threshold=None):
-    """Tie-free inputs on the GPU; half types keep a 5% margin from the threshold."""
+def _inputs(target, shape, num_items, division, similarity, shrink, dtype, seed=0,
+            temperature=None, threshold=None):
+    """Tie-free inputs on the target's device; half types keep a 5% margin from the threshold."""
     temperature = _temperature(similarity) if temperature is None else temperature
     margin = None if dtype == torch.float32 else 0.05
     x, memory = tie_free_inputs(shape, num_items, division, similarity, shrink, threshold,
-                                temperature, dtype=dtype, device="cuda", seed=seed, margin=margin)
+                                temperature, dtype=dtype, device=target.device, seed=seed,
+                                margin=margin)
     return x, memory, dict(division=division, similarity=similarity, shrink=shrink,
                            threshold=threshold, temperature=temperature)
 
@@ -253,22 +186,23 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@needs_gpu
 @pytest.mark.parametrize("through", [("y", "w"), ("y",), ("w",)], ids="+".join)
 @pytest.mark.parametrize("shrink", SHRINKS)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_matches_reference(dtype, similarity, shrink, through, no_tf32):
+def test_matches_reference(target, dtype, similarity, shrink, through, no_tf32):
     if dtype == torch.float32:
         shape, num_items, division = (2, 8, 8, 8), 13, (2, 2, 2)
     else:  # a short D spreads the cosine similarities, so that a 5% margin is found
         shape, num_items, division = (2, 4, 4, 4), 11, (2, 2, 1)
-    x, memory, options = _cuda_inputs(shape, num_items, division, similarity, shrink, dtype, seed=1)
-    assert_matches_reference("cuda", x, memory, through=through, **options, **TOLERANCES[dtype])
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink, dtype,
+                                 seed=1)
+    assert_matches_reference(target.backend, x, memory, through=through, **options,
+                             **TOLERANCES[dtype])
 
 
-# Shapes beyond one tile: B*Q > 64 rows, N > 128 items and N > 1024, D not a multiple of 32, D
-# long enough that the similarity's D loop is split across CTAs, rc > 1.
+# Shapes beyond one tile: B*Q > 64 rows, N > 128 items and N > 1024, D above 128 and not a
+# multiple of 32, D long enough that the similarity's D loop is split across CTAs, rc > 1.
 SHAPES = [
     ((3, 6, 10, 14), 1500, (2, 7, 3), "cosine", "none"),
     ((5, 12, 9, 9), 130, (3, 3, 2), "dot", "memae"),
@@ -277,60 +211,108 @@ SHAPES = [
     ((2, 64, 32, 32), 300, (4, 4, 1), "dot", "hard"),
     ((1, 3, 5, 7), 1, (1, 1, 1), "cosine", "none"),
 ]
+#: The host layer's shapes: every tile and warp of every kernel at a fraction of the work.
+#: R = 96, 90, 72 rows (two row tiles, the second ragged; 9 to 12 row-kernel blocks); N = 150
+#: (two item tiles, the second ragged); D = 336, 216, 160 (two or three D tiles, the last ragged;
+#: the first D is split over two slices of 192 and 144 by choose_split); rc = 2 and 3.
+HOST_SHAPES = [
+    ((3, 16, 24, 28), 150, (4, 4, 2), "cosine", "hard"),
+    ((3, 12, 18, 30), 150, (3, 5, 2), "dot", "memae"),
+    ((2, 12, 32, 15), 150, (4, 3, 3), "cosine", "none"),
+    ((1, 3, 5, 7), 1, (1, 1, 1), "cosine", "none"),
+]
 
 
-@needs_gpu
-@pytest.mark.parametrize("shape,num_items,division,similarity,shrink", SHAPES)
-def test_gpu_shapes(shape, num_items, division, similarity, shrink, no_tf32):
-    x, memory, options = _cuda_inputs(shape, num_items, division, similarity, shrink, torch.float32)
-    assert_matches_reference("cuda", x, memory, **options, atol=1e-4, rtol=1e-3)
+def _shapes(target):
+    return SHAPES if target.backend == "cuda" else HOST_SHAPES
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_shapes(target, case, no_tf32):
+    shapes = _shapes(target)
+    if case >= len(shapes):
+        pytest.skip("fewer shapes on this target")
+    shape, num_items, division, similarity, shrink = shapes[case]
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink,
+                                 torch.float32)
+    assert_matches_reference(target.backend, x, memory, **options, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_core_shapes(target, dtype, no_tf32):
+    """The tensor-core paths (TF32 for float32, fp16, bf16) on shapes of several tiles."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    shape, num_items, division, similarity, _ = _shapes(target)[0]
+    # no shrinkage: half-precision similarities put some weight near any threshold at N = 150
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, "none", dtype)
+    tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert_matches_reference(target.backend, x, memory, **options, **tol)
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_daad_scale(dtype, no_tf32):
-    """DAAD's scale 3 at batch 2 (D=4096, N=500, Q=64): forward and backward against float64."""
-    x, memory, options = _cuda_inputs((2, 256, 32, 32), 500, (8, 8, 1), "cosine", "none", dtype,
-                                      temperature=0.05)
+    """DAAD's scale 3 at batch 2 (D=4096, N=500, Q=64): forward and backward against float64.
+    GPU only: the host shapes reach the same tiles and warps at a fraction of the work."""
+    target = Target("cuda", "cuda", torch.ops.daad_ext)
+    x, memory, options = _inputs(target, (2, 256, 32, 32), 500, (8, 8, 1), "cosine", "none",
+                                 dtype, temperature=0.05)
     tol = dict(atol=2e-4, rtol=2e-3) if dtype == torch.float32 else TOLERANCES[dtype]
-    assert_matches_reference("cuda", x, memory, **options, **tol)
+    assert_matches_reference(target.backend, x, memory, **options, **tol)
 
 
-@needs_gpu
-def test_gpu_tf32(no_tf32):
+def test_tf32(target, no_tf32):
     """With TF32 allowed, float32 products run on tensor cores with a TF32 tolerance."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    x, memory, options = _cuda_inputs((2, 4, 4, 4), 11, (2, 2, 1), "cosine", "hard", torch.float32,
-                                      seed=1)
-    assert_matches_reference("cuda", x, memory, **options, atol=1e-2, rtol=1e-2)
+    x, memory, options = _inputs(target, (2, 4, 4, 4), 11, (2, 2, 1), "cosine", "hard",
+                                 torch.float32, seed=1)
+    assert_matches_reference(target.backend, x, memory, **options, atol=1e-2, rtol=1e-2)
 
 
-@needs_gpu
-def test_gpu_strided_inputs(no_tf32):
-    """channels_last and sliced inputs give the results of their contiguous copies, bit for bit."""
-    x, memory, options = _cuda_inputs((2, 8, 8, 8), 13, (2, 2, 2), "cosine", "hard", torch.float32)
-    want_y, want_w = block_memory(x, memory, backend="cuda", **options)
+def test_strided_inputs(target, no_tf32):
+    """channels_last and sliced inputs give the results of their contiguous copies, bit for bit,
+    forward and backward (grad_y strided like x, and not)."""
+    shape, num_items, division, similarity, shrink = _shapes(target)[0]
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink,
+                                 torch.float32)
+    grad_y = torch.randn_like(x)
+
+    def run(inp, g):
+        inp = inp.detach().requires_grad_()
+        mem = memory.detach().requires_grad_()
+        y, w = block_memory(inp, mem, backend=target.backend, **options)
+        assert y.is_contiguous()
+        (y * g).sum().add(w.square().sum()).backward()
+        return y, w, inp.grad, mem.grad
+
+    want = run(x, grad_y)
+    h, wd = x.shape[2:]
     for strided in (x.to(memory_format=torch.channels_last),
                     x.transpose(2, 3).contiguous().transpose(2, 3),
-                    torch.cat([x, x], dim=3)[..., :8],
-                    torch.cat([x, torch.zeros_like(x)], dim=1)[:, :8]):
+                    torch.cat([x, x], dim=3)[..., :wd],
+                    torch.cat([x, torch.zeros_like(x)], dim=1)[:, :x.shape[1]]):
         assert torch.equal(strided, x)
         assert not strided.is_contiguous()
-        y, w = block_memory(strided, memory, backend="cuda", **options)
-        assert torch.equal(y, want_y) and torch.equal(w, want_w)
-        assert y.is_contiguous()
+        for g in (grad_y, grad_y.to(memory_format=torch.channels_last)):
+            for got, expected in zip(run(strided, g), want):
+                assert torch.equal(got, expected)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_deterministic(dtype, no_tf32):
+def test_deterministic(target, dtype, no_tf32):
     """Two runs give the same bits: no atomics anywhere, grad M included."""
-    x, memory = torch.randn(4, 64, 32, 32, device="cuda", dtype=dtype), torch.randn(
-        500, 64 * 4 * 4, device="cuda", dtype=dtype)
+    if target.backend == "cuda":
+        shape, num_items, division = (4, 64, 32, 32), 500, (8, 8, 1)
+    else:
+        shape, num_items, division = (3, 6, 24, 30), 150, (4, 6, 1)
+    gen = torch.Generator().manual_seed(0)
+    d = shape[1] // division[2] * (shape[2] // division[0]) * (shape[3] // division[1])
+    x = torch.randn(*shape, generator=gen).to(target.device, dtype)
+    memory = torch.randn(num_items, d, generator=gen).to(target.device, dtype)
 
     def run():
         xx, mm = x.clone().requires_grad_(), memory.clone().requires_grad_()
-        y, w = block_memory(xx, mm, (8, 8, 1), backend="cuda")
+        y, w = block_memory(xx, mm, division, backend=target.backend)
         (y.float().square().sum() + w.float().log1p().sum()).backward()
         return y, w, xx.grad, mm.grad
 
@@ -342,7 +324,9 @@ def test_gpu_deterministic(dtype, no_tf32):
 @pytest.mark.parametrize("shrink", SHRINKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_opcheck(dtype, shrink):
-    x, memory, options = _cuda_inputs((2, 4, 4, 4), 11, (2, 2, 1), "cosine", shrink, dtype, seed=1)
+    target = Target("cuda", "cuda", torch.ops.daad_ext)
+    x, memory, options = _inputs(target, (2, 4, 4, 4), 11, (2, 2, 1), "cosine", shrink, dtype,
+                                 seed=1)
     lam = 1.0 / memory.shape[0]
     args = (x.requires_grad_(), memory.requires_grad_(), 2, 2, 1, "cosine", shrink, lam,
             options["temperature"])
@@ -377,33 +361,32 @@ def test_gpu_compile_fullgraph(dtype, no_tf32):
         torch.testing.assert_close(comp, eager, atol=tol, rtol=tol)
 
 
-@needs_gpu
-def test_gpu_nan_rows():
-    x, memory = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(10, 4 * 4 * 4, device="cuda")
+def test_nan_rows(target):
+    x, memory = torch.randn(2, 4, 8, 8), torch.randn(10, 4 * 4 * 4)
+    x, memory = x.to(target.device), memory.to(target.device)
     x[1, 0, 5, 6] = float("nan")  # in block ih=1, iw=1 (query 3) of image 1
-    y, w = block_memory(x, memory, (2, 2, 1), backend="cuda")
+    y, w = block_memory(x, memory, (2, 2, 1), backend=target.backend)
     assert w[1, 3].isnan().all() and y[1, :, 4:, 4:].isnan().all()
     w[1, 3] = 0
     y[1, :, 4:, 4:] = 0
     assert w.isfinite().all() and y.isfinite().all()
 
 
-@needs_gpu
-def test_gpu_empty_batch():
-    x = torch.randn(0, 4, 8, 8, device="cuda", requires_grad=True)
-    memory = torch.randn(10, 4 * 4 * 4, device="cuda", requires_grad=True)
-    y, w = block_memory(x, memory, (2, 2, 1), backend="cuda")
+def test_empty_batch(target):
+    x = torch.randn(0, 4, 8, 8, device=target.device, requires_grad=True)
+    memory = torch.randn(10, 4 * 4 * 4, device=target.device, requires_grad=True)
+    y, w = block_memory(x, memory, (2, 2, 1), backend=target.backend)
     assert y.shape == x.shape and w.shape == (0, 4, 10)
     (y.sum() + w.sum()).backward()
     assert x.grad is None or x.grad.shape == x.shape
     assert memory.grad is None or torch.equal(memory.grad, torch.zeros_like(memory))
 
 
-@needs_gpu
-def test_gpu_op_checks_its_arguments():
+def test_op_checks_its_arguments(target):
     """The C++ op checks what daad_ext/spec.py checks, for callers that bypass Python."""
-    fwd = torch.ops.daad_ext.block_memory_forward
-    x, memory = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(10, 64, device="cuda")
+    fwd = target.op.block_memory_forward
+    x = torch.randn(2, 4, 8, 8, device=target.device)
+    memory = torch.randn(10, 64, device=target.device)
     good = (x, memory, 2, 2, 1, "cosine", "hard", 0.1, 1.0)
     fwd(*good)
     bad = {"D=": (x, memory[:, :60]) + good[2:],

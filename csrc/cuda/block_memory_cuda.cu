@@ -35,6 +35,7 @@
 
 #include "../op_checks.h"
 #include "kernels.cuh"
+#include "launch.cuh"
 
 namespace daad_ext {
 namespace cuda {
@@ -57,7 +58,7 @@ void check_cuda_limits(const Geometry& g) {
 }
 
 constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
-const Backend kBackend{"CUDA", c10::DeviceType::CUDA, kDtypes, "float32, float16 and bfloat16",
+const Backend kBackend{"CUDA", kDeviceType, kDtypes, "float32, float16 and bfloat16",
                        &check_cuda_limits};
 
 Blocks make_blocks(const Tensor& t, const Geometry& g) {
@@ -84,9 +85,8 @@ BlockTable block_table(const Tensor& t, const Geometry& g, Tensor& storage, cuda
   storage = at::empty({g.rows() + g.D}, t.options().dtype(at::kLong));
   int64_t* table = static_cast<int64_t*>(storage.data_ptr());
   const int64_t n = g.rows() + g.D;
-  block_table_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      blocks, table);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(block_table_kernel, dim3(static_cast<unsigned>((n + kThreads - 1) / kThreads)), kThreads,
+         stream, blocks, table);
   return BlockTable{table, table + g.rows(), static_cast<int>(g.rows()), static_cast<int>(g.D)};
 }
 
@@ -179,9 +179,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
   dispatch(x.scalar_type(), [&](auto e_tag, auto tc_tag) {
     using E = decltype(e_tag);
     constexpr bool kTC = decltype(tc_tag)::value;
-    item_norms_kernel<E><<<grid2(ceil_div(items, kWarps), 1), kThreads, 0, stream>>>(
-        static_cast<const E*>(memory.const_data_ptr()), items, dim, mutable_ptr<float>(item_norms));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(item_norms_kernel<E>, grid2(ceil_div(items, kWarps), 1), kThreads, stream,
+           static_cast<const E*>(memory.const_data_ptr()), items, dim,
+           mutable_ptr<float>(item_norms));
     if (rows == 0) return;
 
     const Split split = choose_split(g, device);
@@ -196,25 +196,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
                                    : block_table(y, g, y_table_storage, stream);
     const RowMajor<E> mem = row_major<E>(memory, g.N, g.D);
 
-    sim_kernel<E, kTC, BlockLoad<E>>
-        <<<grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, 0, stream>>>(
-            queries, mem, rows, items, dim, split.chunk, mutable_ptr<float>(partial),
-            mutable_ptr<float>(qsq));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(sim_kernel<E, kTC, BlockLoad<E>>,
+           grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, stream,
+           queries, mem, rows, items, dim, split.chunk, mutable_ptr<float>(partial),
+           mutable_ptr<float>(qsq));
 
-    row_forward_kernel<E><<<grid2(ceil_div(rows, kWarps), 1), kThreads, 0, stream>>>(
+    launch(row_forward_kernel<E>, grid2(ceil_div(rows, kWarps), 1), kThreads, stream,
         mutable_ptr<float>(partial), split.splits, mutable_ptr<float>(qsq),
         mutable_ptr<float>(item_norms), rows, items, cosine, o.shrink,
         static_cast<float>(threshold), static_cast<float>(temperature), mutable_ptr<float>(wbuf),
         mutable_ptr<E>(w), memae ? mutable_ptr<E>(probs) : nullptr,
         mutable_ptr<float>(row_stats));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    times_memory_kernel<E, kTC>
-        <<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
-            row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, queries, nullptr,
-            y_table, mutable_ptr<E>(y), items);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
+           stream, row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, queries,
+           nullptr, y_table, mutable_ptr<E>(y), items);
   });
   return {y, w, probs, row_stats, item_norms};
 }
@@ -276,10 +272,9 @@ std::tuple<Tensor, Tensor> backward_cuda(
     if (has_grad_y) {
       split = choose_split(g, device);
       gpart = at::empty({split.splits, g.rows(), g.N}, f32);
-      sim_kernel<E, kTC, BlockLoad<E>>
-          <<<grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, 0, stream>>>(
-              grads, mem, rows, items, dim, split.chunk, mutable_ptr<float>(gpart), nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(sim_kernel<E, kTC, BlockLoad<E>>,
+             grid2(ceil_div(rows, BM), ceil_div(items, BN), split.splits), kThreads, stream,
+             grads, mem, rows, items, dim, split.chunk, mutable_ptr<float>(gpart), nullptr);
     } else {
       gpart = at::empty({g.rows(), g.N}, f32);
     }
@@ -290,7 +285,7 @@ std::tuple<Tensor, Tensor> backward_cuda(
     Tensor coef_q = cosine ? at::empty({g.rows()}, f32) : Tensor();
     Tensor coef_m = cosine ? at::empty({g.N}, f32) : Tensor();
     Tensor a = at::empty({g.rows(), g.N}, x.options());
-    row_backward_kernel<E><<<grid2(ceil_div(rows, kWarps), 1), kThreads, 0, stream>>>(
+    launch(row_backward_kernel<E>, grid2(ceil_div(rows, kWarps), 1), kThreads, stream,
         mutable_ptr<float>(gpart), split.splits,
         has_grad_w ? static_cast<const E*>(grad_w.const_data_ptr()) : nullptr,
         static_cast<const E*>(w.const_data_ptr()),
@@ -300,38 +295,33 @@ std::tuple<Tensor, Tensor> backward_cuda(
         static_cast<float>(threshold), static_cast<float>(temperature), mutable_ptr<float>(wbuf),
         memae ? mutable_ptr<float>(pbuf) : nullptr, cosine ? mutable_ptr<float>(prod) : nullptr,
         mutable_ptr<E>(a), cosine ? mutable_ptr<float>(coef_q) : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (cosine && needs_grad_memory) {
-      coldot_kernel<<<grid2(ceil_div(items, kThreads), 1), kThreads, 0, stream>>>(
-          mutable_ptr<float>(prod), rows, items,
-          static_cast<const float*>(item_norms.const_data_ptr()), mutable_ptr<float>(coef_m));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(coldot_kernel, grid2(ceil_div(items, kThreads), 1), kThreads, stream,
+             mutable_ptr<float>(prod), rows, items,
+             static_cast<const float*>(item_norms.const_data_ptr()), mutable_ptr<float>(coef_m));
     }
 
     const RowMajor<E> a_rm = row_major<E>(a, g.rows(), g.N);
     if (needs_grad_x) {
-      times_memory_kernel<E, kTC>
-          <<<grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
-          a_rm, Transposed<RowMajor<E>>{mem}, queries,
-          cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
+             stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
+             cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
     }
     if (!needs_grad_memory) return;
 
-    gm_kernel<E, kTC><<<grid2(ceil_div(items, BM), ceil_div(dim, BN)), kThreads, 0, stream>>>(
+    launch(gm_kernel<E, kTC>, grid2(ceil_div(items, BM), ceil_div(dim, BN)), kThreads, stream,
         Transposed<RowMajor<E>>{row_major<E>(w, g.rows(), g.N)},
         Transposed<BlockLoad<E>>{grads}, has_grad_y, Transposed<RowMajor<E>>{a_rm},
         Transposed<BlockLoad<E>>{queries}, cosine ? mutable_ptr<float>(coef_m) : nullptr, mem,
         mutable_ptr<E>(grad_m));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_x, grad_m};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(daad_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(daad_ext, DAAD_CUDA_DISPATCH_KEY, m) {
   m.impl("block_memory_forward", &forward_cuda);
   m.impl("block_memory_backward", &backward_cuda);
 }

@@ -360,43 +360,41 @@ struct TileGemm<E, true> {
 // ---------------------------------------------------------------------------------------------
 // A warp as the team of the row epilogue (csrc/block_memory.h): lane l handles items l, l+32, ...
 // The xor butterfly leaves the bitwise same result in every lane (addition is commutative).
+// Device code only: row_forward_team / row_backward_team are __host__ __device__ templates that
+// the device pass instantiates with it (nv_exec_check_disable).
 struct WarpTeam {
   int lane;
 
   // The sum and the maximum of one value per lane, returned to every lane.
   template <typename T>
-  __host__ __device__ __forceinline__ static T reduce_sum(T v) {
-#if defined(__CUDA_ARCH__)
+  __device__ __forceinline__ static T reduce_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-#endif
     return v;
   }
   template <typename T>
-  __host__ __device__ __forceinline__ static T reduce_max(T v) {
-#if defined(__CUDA_ARCH__)
+  __device__ __forceinline__ static T reduce_max(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const T u = __shfl_xor_sync(0xffffffffu, v, o);
       v = u > v ? u : v;
     }
-#endif
     return v;
   }
 
   // The team loops of csrc/block_memory.h: lane l takes the items l, l + 32, ...
   template <typename F>
-  __host__ __device__ __forceinline__ void for_each(int n, F&& f) const {
+  __device__ __forceinline__ void for_each(int n, F&& f) const {
     for (int i = lane; i < n; i += 32) f(i);
   }
   template <typename F>
-  __host__ __device__ __forceinline__ auto sum(int n, F&& f) const -> decltype(f(0)) {
+  __device__ __forceinline__ auto sum(int n, F&& f) const -> decltype(f(0)) {
     decltype(f(0)) acc = 0;
     for (int i = lane; i < n; i += 32) acc += f(i);
     return reduce_sum(acc);
   }
   template <typename T, typename F>
-  __host__ __device__ __forceinline__ T max(int n, T init, F&& f) const {
+  __device__ __forceinline__ T max(int n, T init, F&& f) const {
     T acc = init;
     for (int i = lane; i < n; i += 32) {
       const T v = f(i);
