@@ -12,11 +12,11 @@ import torch
 
 from .spec import Division
 
-try:
-    from . import _C  # noqa: F401  (importing it registers torch.ops.daad_ext.*)
-    HAS_EXTENSION = True
-except ImportError:  # a source checkout that was not built: the reference still works
-    HAS_EXTENSION = False
+from .extension import load_extension
+
+#: Importing the extension registers torch.ops.daad_ext.*; one that fails to load warns
+#: (daad_ext/extension.py) and leaves the other backends.
+HAS_EXTENSION = load_extension()
 
 FORWARD = "daad_ext::block_memory_forward"
 BACKWARD = "daad_ext::block_memory_backward"
