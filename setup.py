@@ -67,8 +67,9 @@ setup(
     package_dir={"daad_models": "models"},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"models": ["torchvision", "scikit-learn", "tqdm", "matplotlib"],
-                    "test": ["pytest", "hypothesis"]},
+    extras_require={"models": ["torchvision", "scikit-learn", "scipy", "tqdm", "matplotlib"],
+                    "onnx": ["onnx", "onnxscript"],
+                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
                                       for command in ("train", "evaluate", "predict", "export")]},
     ext_modules=[_extension()],
