@@ -2,8 +2,10 @@
 the installed detector's console commands run from another directory.
 
 The install test builds the package from a copy of the sources into a temporary folder
-(``pip install --no-build-isolation --no-deps --target``, CPU kernels only: offline and about a
-minute on two cores); it is marked ``install`` (``pytest -m "not install"`` leaves it out).
+(``pip install --no-build-isolation --no-deps --target``, CPU kernels only, offline), then runs
+the four commands there: about 2 minutes to build and 2 to run on two busy cores (measured 132 s
+and 146 s). It runs where ``DAAD_INSTALL_TESTS=1`` and is marked ``install``
+(``DAAD_INSTALL_TESTS=1 pytest -m install tests/test_install.py``).
 """
 from __future__ import annotations
 
@@ -111,6 +113,8 @@ def installed(tmp_path_factory) -> Path:
 
 
 @pytest.mark.install
+@pytest.mark.skipif(os.environ.get("DAAD_INSTALL_TESTS") != "1",
+                    reason="builds the package (minutes): set DAAD_INSTALL_TESTS=1")
 @pytest.mark.usefixtures("single_thread")
 def test_console_commands_from_another_directory(installed, hazelnut, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(installed), OMP_NUM_THREADS="1")
