@@ -129,6 +129,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compiled onnxruntime)")
+    p.add_argument("--compile-train", action="store_true",
+                   help="also time the training step with the generator and discriminator compiled "
+                        "(minutes of compilation on a CPU)")
     args = p.parse_args()
     device = torch.device(args.device)
     fused = "cuda" if device.type == "cuda" else "cpu"
@@ -168,22 +171,31 @@ def main() -> None:
         parts = breakdown(graph, x, device)
         print(f"  {backend:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
 
-    def step(backend: str) -> Callable[[], object]:
+    eager = (trainer.generator, trainer.discriminator)
+    compiled = (torch.compile(trainer.generator), torch.compile(trainer.discriminator))
+
+    def step(backend: str, networks: tuple = eager) -> Callable[[], object]:
         def run():
             set_backend(trainer.model, backend)
+            trainer.generator, trainer.discriminator = networks
             return trainer.train_step(x)
         return run
 
     training = {"reference": step("reference"), fused: step(fused)}
+    if args.compile_train:
+        training["compiled"] = step(fused, compiled)
     seconds = run_interleaved(training, args.repeats, device)
     print(f"\ntraining step (G + D, Adam), median of {args.repeats}:")
     for name, s in seconds.items():
-        set_backend(trainer.model, name)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            trainer.train_step(x)
+            training[name]()
             memory = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+        elif name == "compiled":  # compiled graphs save their tensors outside autograd's hooks
+            memory = ""
         else:
+            set_backend(trainer.model, name)
+            trainer.generator = eager[0]
             memory = f"saved {saved_bytes(lambda: trainer.generator(x)) / 2**20:.0f} MiB (generator)"
         print(f"  {name:10s} {s:8.3f} s/step  {args.batch / s:6.2f} images/s  "
               f"{seconds['reference'] / s:5.2f}x  {memory}")

@@ -62,6 +62,8 @@ class ScoringGraph(nn.Module):
 def scoring_graph(checkpoint: str) -> tuple[ScoringGraph, dict[str, Any]]:
     """The graph to export (on the CPU) and the description written beside it."""
     model, config, state = load_detector(checkpoint, torch.device("cpu"))
+    for memory in model.memories():  # exported on the CPU: a checkpoint trained with --backend cuda too
+        memory.backend = "auto"
     calib = state.get("calibration")
     if calib is None:
         raise ValueError(f"{checkpoint} has no calibration (its training did not finish): resume it "
