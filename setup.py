@@ -1,10 +1,15 @@
-"""Builds daad_ext and its C++ extension ``daad_ext._C``.
+"""Builds daad_ext and its C++ extension ``daad_ext._C``, and the detector as ``daad_models``.
 
-    pip install --no-build-isolation .        # or -e . for development
+    pip install --no-build-isolation .        # against your torch; -e for development
+    pip install ".[models]"                   # also the detector's dependencies
 
 The CPU kernel is always built. The CUDA kernels (csrc/cuda/*.cu) are built when a CUDA toolkit is
 found (``CUDA_HOME``), unless ``DAAD_EXT_NO_CUDA=1``. Without a visible GPU, the target
 architectures default to ``TORCH_CUDA_ARCH_LIST=9.0`` (Hopper); set it for other GPUs.
+What the build used is written to ``daad_ext/_build_info.py`` (``python -m daad_ext`` shows it).
+The detector's source folder ``models/`` installs as the package ``daad_models`` (``models`` is
+too common a name to claim), with the commands daad-train, daad-evaluate, daad-predict and
+daad-export.
 """
 import glob
 import os
@@ -19,6 +24,17 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _write_build_info(cuda, archs) -> None:
+    """Records the torch and CUDA the extension is built against (read by daad_ext/info.py)."""
+    import torch
+    info = {"torch": torch.__version__, "cuda": cuda, "cuda_archs": archs}
+    text = f"# Written by setup.py at build time.\nBUILD = {info!r}\n"
+    path = os.path.join(ROOT, "daad_ext", "_build_info.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def _extension():
     sources = _sources("csrc/*.cpp")
     # -O3 and OpenMP; no -march=native, so that a built wheel runs on other x86-64 CPUs.
@@ -27,12 +43,16 @@ def _extension():
     with_cuda = (CUDA_HOME is not None and bool(cuda_sources)
                  and os.environ.get("DAAD_EXT_NO_CUDA", "0") != "1")
     if not with_cuda:
+        _write_build_info(cuda=None, archs=None)
         return CppExtension("daad_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])
     import torch
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    # Unset with a visible GPU: torch builds for that GPU's architecture.
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "%d.%d" % torch.cuda.get_device_capability()
+    _write_build_info(cuda=torch.version.cuda, archs=archs)
     return CUDAExtension("daad_ext._C", sources + cuda_sources,
                          extra_compile_args={"cxx": cxx_flags + ["-DDAAD_EXT_WITH_CUDA"],
                                              "nvcc": nvcc_flags},
@@ -43,11 +63,15 @@ setup(
     name="daad_ext",
     version="0.1.0",
     description="Block-wise memory of DAAD (Hou et al., ICCV 2021) with fused CPU, Triton and CUDA kernels",
-    packages=find_packages(include=["daad_ext", "daad_ext.*"]),
+    packages=find_packages(include=["daad_ext", "daad_ext.*"]) + ["daad_models", "daad_models.study"],
+    package_dir={"daad_models": "models"},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"models": ["torchvision", "scikit-learn", "tqdm", "matplotlib"],
-                    "test": ["pytest", "hypothesis"]},
+    extras_require={"models": ["torchvision", "scikit-learn", "scipy", "tqdm", "matplotlib"],
+                    "onnx": ["onnx", "onnxscript"],
+                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
+    entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
+                                      for command in ("train", "evaluate", "predict", "export")]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

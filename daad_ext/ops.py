@@ -16,13 +16,12 @@ from typing import Callable
 import torch
 
 from .spec import Division, check_inputs, check_options, check_temperature, compute_dtype
+from .extension import load_extension
 
-try:
-    from . import _C  # importing it registers torch.ops.daad_ext.*
-    HAS_EXTENSION = True
-except ImportError:  # a source checkout that was not built: the reference still works
-    _C = None
-    HAS_EXTENSION = False
+#: Importing the extension registers torch.ops.daad_ext.*; one that fails to load warns
+#: (daad_ext/extension.py) and leaves the other backends.
+_C = load_extension()
+HAS_EXTENSION = _C is not None
 
 FORWARD = "daad_ext::block_memory_forward"
 BACKWARD = "daad_ext::block_memory_backward"

@@ -3,8 +3,9 @@
 Scores the test split of the checkpoint's dataset (found under ``--root``; the other settings come
 from the checkpoint) and writes to ``--out``:
 
-* ``metrics.json``: image AUROC of the fused score A(x) (and of R and L alone), pixel AUROC where
-  ground-truth masks exist, and every image's score;
+* ``metrics.json``: image AUROC of the fused score A(x) (and of R and L alone), pixel AUROC and
+  AUPRO where ground-truth masks exist, the best image F1 (and its threshold), the image AUROC of
+  each defect type (models/metrics.py), and every image's score;
 * ``roc.png``: the image-level ROC curve;
 * ``heatmaps/*.png``: input, reconstruction, anomaly map and mask for a sample of test images.
 
@@ -65,7 +66,7 @@ def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optio
     test_set = config_dataset(config, "test", root=root, skip_bad_images=skip_bad_images)
     gamma = config.fusion_gamma if gamma is None else gamma
     scores = collect_scores(model, test_set, dev, batch)
-    metrics = compute_metrics(scores, gamma)
+    metrics = compute_metrics(scores, gamma, [test_set.names[i] for i in scores.indices])
     fused = fuse_scores(scores.rec, scores.feat, gamma)
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model,
@@ -105,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                           args.batch, args.device, args.skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc")}
+    summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",
+                                      "image_f1", "image_auroc_per_defect")}
     print(json.dumps(summary))
     return result
 

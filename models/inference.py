@@ -13,7 +13,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import load_checkpoint, restore_networks, stored_config
 from .config import TrainConfig
+from .metrics import aupro, auroc_per_defect, best_f1
 from .networks import AnomalyDetector
 from .scoring import fuse_scores, image_auroc, pixel_auroc
 
@@ -59,9 +60,11 @@ def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.devic
     return ScoreSet(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
 
-def compute_metrics(scores: ScoreSet, gamma: float) -> dict[str, Any]:
+def compute_metrics(scores: ScoreSet, gamma: float, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Image AUROC of the fused score (and of R and L alone), pixel AUROC over the images whose
-    mask is known (None where there is none, or no anomalous pixel among them)."""
+    mask is known (None where there is none, or no anomalous pixel among them); AUPRO, the best
+    image F1 and, given the images' ``names`` (in ``scores`` order), the image AUROC of each
+    defect type (:mod:`models.metrics`)."""
     fused = fuse_scores(scores.rec, scores.feat, gamma)
     metrics: dict[str, Any] = {"gamma": gamma, "image_auroc": image_auroc(scores.labels, fused),
                                "image_auroc_rec": image_auroc(scores.labels, scores.rec)}
@@ -69,6 +72,10 @@ def compute_metrics(scores: ScoreSet, gamma: float) -> dict[str, Any]:
         metrics["image_auroc_feat"] = image_auroc(scores.labels, scores.feat)
     known = scores.mask_known
     metrics["pixel_auroc"] = pixel_auroc(scores.masks[known], scores.maps[known]) if known.any() else None
+    metrics["aupro"] = aupro(scores.masks[known], scores.maps[known]) if known.any() else None
+    metrics["image_f1"], metrics["image_f1_threshold"] = best_f1(scores.labels, fused)
+    if names is not None:
+        metrics["image_auroc_per_defect"] = auroc_per_defect(scores.labels, fused, names)
     return metrics
 
 

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .amp import AMP_DTYPES
 from .atomic import write_json
 from .checkpoint import load_checkpoint, save_checkpoint, stored_config
 from .config import MODEL_NAMES, ModelConfig, TrainConfig
@@ -44,7 +45,7 @@ MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 #: with a lower rate after a divergence.
 RESUMABLE = ("root", "epochs", "workers", "eval_every", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
-INVOCATION = ("device", "out", "resume", "skip_bad_images")
+INVOCATION = ("device", "out", "resume", "skip_bad_images", "amp")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help=f"data loader processes (default: {t.workers})")
     run.add_argument("--eval-every", type=int, help="evaluate on the test split every N epochs (default: 0, never)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
+    run.add_argument("--amp", nargs="?", const="bf16", choices=AMP_DTYPES,
+                     help="mixed precision: bf16 (CPU, CUDA; the default with a bare --amp) or fp16 "
+                          "(CUDA, with gradient scaling); not stored, give it again with --resume")
     run.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help=f"continue from CHECKPOINT (default: OUT/{CHECKPOINT}) with its settings")
@@ -127,13 +131,14 @@ def write_log(out: str, record: dict) -> None:
 
 
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset,
-          resume: Optional[Resume] = None, skip_bad_images: bool = False) -> Trainer:
+          resume: Optional[Resume] = None, skip_bad_images: bool = False,
+          amp: Optional[str] = None) -> Trainer:
     """Trains on ``train_set`` (augmented) up to ``config.epochs`` epochs; rank 0 writes to ``out``.
 
     Raises :class:`~models.trainer.DivergenceError` naming the epoch and step where a loss or
     gradient became NaN or infinite; that epoch is never saved.
     """
-    trainer = Trainer(config, ctx.device, ddp=ctx.distributed)
+    trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(amp))
     if resume is not None:
         trainer.load_state_dict(resume.state, resume.path)
     # DistributedSampler also in one process: shuffling then depends only on (seed, epoch).
@@ -212,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
         parser.error(str(e))
     ctx = setup_distributed(args.device)
     try:
-        return train(config, args.out, ctx, train_set, resume, skip_bad_images)
+        return train(config, args.out, ctx, train_set, resume, skip_bad_images, getattr(args, "amp", None))
     except DivergenceError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:

@@ -18,6 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
+from .amp import MixedPrecision
 from .checkpoint import load_into, restore_networks
 from .config import TrainConfig
 from .losses import LossWeights, discriminator_loss, generator_loss
@@ -42,8 +43,10 @@ class Trainer:
     all processes. ``self.model`` always holds the unwrapped networks.
     """
 
-    def __init__(self, config: TrainConfig, device: torch.device, ddp: bool = False) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device, ddp: bool = False,
+                 amp: Optional[torch.dtype] = None) -> None:
         self.config, self.device = config, device
+        self.amp = MixedPrecision(device, amp)
         # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
         self.model = AnomalyDetector(config.model).to(device)
@@ -76,27 +79,32 @@ class Trainer:
         """
         self.model.train()
         self.opt_g.zero_grad(set_to_none=True)
-        out = self.generator(x)
-        x_hat = out.reconstruction
-        adversarial = {}
-        if self.discriminator is not None:
-            logit_real, feature_real = self.discriminator(x)
-            logit_fake, feature_fake = self.discriminator(x_hat)
-            adversarial = dict(logit_fake=logit_fake, feature_real=feature_real.detach(),
-                               feature_fake=feature_fake)
-        loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial)
-        loss_g.backward()
+        with self.amp.autocast():
+            out = self.generator(x)
+            x_hat = out.reconstruction
+            adversarial = {}
+            if self.discriminator is not None:
+                logit_real, feature_real = self.discriminator(x)
+                logit_fake, feature_fake = self.discriminator(x_hat)
+                adversarial = dict(logit_fake=logit_fake, feature_real=feature_real.detach(),
+                                   feature_fake=feature_fake)
+            loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial)
+        self.amp.backward(loss_g, self.opt_g)
         checks = {"generator gradient": largest_gradient(self.model.generator)}
-        self.opt_g.step()
+        self.amp.step(self.opt_g)
         if self.discriminator is not None:
             # The generator's backward also filled the discriminator's .grad: clear it. D(x) is
             # reused (D has not changed yet); x_hat is detached so that D's loss leaves G alone.
             self.opt_d.zero_grad(set_to_none=True)
-            loss_d = discriminator_loss(logit_real, self.discriminator(x_hat.detach())[0])
-            loss_d.backward()
+            with self.amp.autocast():
+                loss_d = discriminator_loss(logit_real, self.discriminator(x_hat.detach())[0])
+            self.amp.backward(loss_d, self.opt_d)
             checks["discriminator gradient"] = largest_gradient(self.model.discriminator)
-            self.opt_d.step()
+            self.amp.step(self.opt_d)
             losses["d"] = loss_d.detach()
+        self.amp.update()
+        if self.amp.scaling:  # a non-finite gradient is an overflow: the scaler skipped that step
+            checks = {}
         values = dict(zip([*losses, *checks], torch.stack([*losses.values(), *checks.values()]).tolist()))
         broken = [f"{'loss' if name in losses else 'largest'} {name} = {value}"
                   for name, value in values.items() if not math.isfinite(value)]

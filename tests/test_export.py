@@ -1,0 +1,138 @@
+"""Export: the fused op's decomposition (daad_ext/export.py) and ``python -m models.export``
+(pt2 through torch.export, onnx through ONNX Runtime) on the hazelnut subset, against PyTorch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from daad_ext import BlockMemory, available_backends
+from daad_ext.export import decompose, forward_decomposition
+from daad_ext.spec import check_options
+
+from helpers import tie_free_inputs
+
+fused = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ extension is not built")
+
+
+def op_targets(graph: torch.fx.Graph) -> set[str]:
+    return {str(node.target) for node in graph.nodes if node.op == "call_function"}
+
+
+@fused
+@pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae"), ("cosine", "none")])
+def test_decomposition_matches_the_fused_op(similarity, shrink):
+    division, n = (2, 2, 1), 16
+    threshold = 0.03 if shrink == "memae" else None
+    x, memory = tie_free_inputs((2, 4, 8, 8), n, division, similarity, shrink, threshold)
+    lam = check_options(similarity, shrink, threshold, 1.0, n)
+    args = (x, memory, *division, similarity, shrink, lam, 1.0)
+    expected = torch.ops.daad_ext.block_memory_forward(*args)
+    got = forward_decomposition(*args)
+    for name, e, g in zip(("y", "w", "probs", "row_stats", "item_norms"), expected, got):
+        assert e.shape == g.shape and e.dtype == g.dtype, name
+        torch.testing.assert_close(g, e, msg=name)
+
+
+@fused
+def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_kernel():
+    layer = BlockMemory(4, 8, 8, num_items=16, division=(2, 2, 1)).eval()
+    x = tie_free_inputs((2, 4, 8, 8), 16, (2, 2, 1))[0]
+    program = torch.export.export(layer, (x,))
+    assert "daad_ext.block_memory_forward.default" in op_targets(program.graph)
+    decomposed = decompose(program)
+    assert not any("daad_ext" in t for t in op_targets(decomposed.graph))
+    torch.testing.assert_close(decomposed.module()(x), layer(x))
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm
+
+    torch.compile(layer, backend=capture)(x)
+    assert any("daad_ext.block_memory_forward" in t for g in graphs for t in op_targets(g))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A daad+ checkpoint trained for one epoch on the hazelnut subset, and its test images."""
+    from models import train
+    from models.data import config_dataset, data_root
+
+    hazelnut = data_root() / "mvtec_hazelnut_subset"
+    if not hazelnut.is_dir():
+        pytest.skip(f"real data absent: {hazelnut}")
+    out = tmp_path_factory.mktemp("export") / "run"
+    trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
+                          "--division", "2", "2", "1", "--num-items", "20", "--batch", "8",
+                          "--device", "cpu", "--model", "daad+", "--epochs", "1", "--out", str(out)])
+    test_set = config_dataset(trainer.config, "test")
+    images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
+    return out / "checkpoint.pt", images, np.array(test_set.labels)
+
+
+def pytorch_scores(checkpoint, images):
+    """Maps and scores as models.predict computes them, in eager PyTorch with the fused kernels."""
+    from models.inference import load_detector
+    from models.scoring import fuse_scores
+
+    model, config, state = load_detector(str(checkpoint), torch.device("cpu"))
+    c = state["calibration"]
+    s = model.score(images)
+    score = fuse_scores(s.rec.numpy(), s.feat.numpy(), config.fusion_gamma, (c["rec_min"], c["rec_max"]),
+                        (c["feat_min"], c["feat_max"]))
+    return s.error_map.numpy(), score
+
+
+def check_against_pytorch(maps, scores, checkpoint, images, labels):
+    from models.scoring import image_auroc
+
+    ref_maps, ref_scores = pytorch_scores(checkpoint, images)
+    np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-4)
+    assert image_auroc(labels, scores) == image_auroc(labels, ref_scores)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_export_pt2(trained, tmp_path):
+    from models import export
+
+    checkpoint, images, labels = trained
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path)])
+    program = torch.export.load(path)
+    assert not any("daad_ext" in t for t in op_targets(program.graph))
+    maps, scores = program.module()(images)  # the whole test set in one batch: a dynamic batch
+    check_against_pytorch(maps.detach().numpy(), scores.detach().numpy(), checkpoint, images, labels)
+    info = json.loads((tmp_path / "detector.json").read_text())
+    assert info["size"] == 32 and info["outputs"] == ["anomaly_map", "score"] and info["format"] == "pt2"
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_export_onnx_runs_in_onnx_runtime(trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from models import export
+
+    checkpoint, images, labels = trained
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path)])
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
+    maps, scores = session.run(None, {"image": images.numpy()})
+    check_against_pytorch(maps, scores, checkpoint, images, labels)
+    one_map, one_score = session.run(None, {"image": images[:1].numpy()})  # another batch size
+    np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
+
+
+def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
+    from models import export
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained[0])
+    state["calibration"] = None
+    save_checkpoint(state, tmp_path / "unfinished.pt")
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(tmp_path / "unfinished.pt"), "--format", "pt2", "--out", str(tmp_path)])
+    assert "no calibration" in capsys.readouterr().err
