@@ -4,6 +4,10 @@ the matrix-multiply floor, at the four feature scales of DAAD (256x256 input, N=
     python benchmarks/memory_op.py                       # CPU, float32, batch 8, all four scales
     python benchmarks/memory_op.py --device cuda --dtype bfloat16 --json out.json
 
+Each backend also has a "frozen memory" row ("<backend>, frozen M"): the memory does not require
+grad (a frozen memory at fine-tuning, or input gradients at inference), so the backward computes
+grad x only; its forward equals the backend's.
+
 The floor is what no implementation can beat: the operator's two matrix products on contiguous
 tensors, S = Q @ M^T (BQ x D x N) and Y = S @ M (BQ x N x D), with their backward (four more
 products). Variants are timed interleaved (the order rotates every repeat), so machine noise hits
@@ -25,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -33,8 +38,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from daad_ext import available_backends, block_memory, block_memory_ref  # noqa: E402
-from models.checkpoint import atomic_write  # noqa: E402
 
+#: Suffix of a variant whose memory is frozen (requires no grad): its backward computes grad x only.
+FROZEN = ", frozen M"
 #: DAAD's four memory scales at 256x256 input: (C, H, W) of the pooled encoder features.
 SCALES = {1: (64, 128, 128), 2: (128, 64, 64), 3: (256, 32, 32), 4: (512, 16, 16)}
 
@@ -76,10 +82,12 @@ class Problem:
                 return (self.queries @ self.memory.t()) @ self.memory
             grad = self.grad_floor
         else:
-            read = self._read(name)
+            frozen = name.endswith(FROZEN)
+            read = self._read(name.removesuffix(FROZEN))
+            memory = self.memory.detach() if frozen else self.memory
 
             def forward():
-                return read(self.x, self.memory)
+                return read(self.x, memory)
             grad = self.grad_y
 
         def forward_backward():
@@ -199,6 +207,21 @@ def format_rows(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename, so
+    that ``path`` holds either its old content or all of the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tmp-", delete=False) as f:
+        try:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +233,8 @@ def parse_args(argv=None):
                         help="backends to time (default: every one available), besides "
                              "reference+compile and the floor")
     parser.add_argument("--no-compile", action="store_true", help="skip the reference under torch.compile")
+    parser.add_argument("--no-frozen", action="store_true",
+                        help="skip the frozen-memory rows (memory without grad: grad x only)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="default: 7 on CPU, 30 on CUDA")
@@ -226,7 +251,9 @@ def parse_args(argv=None):
 def main(argv=None) -> list[Cell]:
     args = parse_args(argv)
     backends = args.backends or available_backends(args.device, args.dtype)
-    variants = list(backends) + ([] if args.no_compile else ["reference+compile"]) + ["floor"]
+    frozen = [] if args.no_frozen else [name + FROZEN for name in backends]
+    variants = (list(backends) + frozen + ([] if args.no_compile else ["reference+compile"])
+                + ["floor"])
     clock = Clock(args.device)
     peak = None if args.no_memory else PeakMemory(args.device)
     device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
@@ -241,11 +268,10 @@ def main(argv=None) -> list[Cell]:
         print(format_rows(scale_cells), flush=True)
         cells += scale_cells
     if args.json:
-        atomic_write(args.json, lambda f: json.dump({
+        atomic_write_text(args.json, json.dumps({
             "device": device_name, "dtype": str(args.dtype), "batch": args.batch,
             "num_items": args.num_items, "division": args.division, "repeats": args.repeats,
-            "torch": torch.__version__, "cells": [asdict(c) for c in cells]}, f, indent=2),
-            binary=False)
+            "torch": torch.__version__, "cells": [asdict(c) for c in cells]}, indent=2))
     return cells
 
 

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -59,9 +60,21 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks: csrc/op_checks.h, for float32 and float64 CPU tensors.
+//
+// Index arithmetic is 64-bit throughout (block and line offsets, row and item offsets, buffer
+// sizes), so any B, C*H*W, D and B*Q*N that memory holds are addressed exactly, whatever the
+// strides of x and grad_y; the one 32-bit count is the row epilogue's item count (block_memory.h
+// takes ``int n``), hence N <= 2^31 - 1. (ATen's at::mm runs products whose sizes or leading
+// dimensions pass 2^31 - 1 without BLAS, correctly but slower.)
+
+void check_cpu_limits(const Geometry& g) {
+  TORCH_CHECK(g.N <= std::numeric_limits<int>::max(), "the daad_ext CPU kernel supports up to ",
+              std::numeric_limits<int>::max(), " memory items (N < 2^31), got N=", g.N);
+}
 
 constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
-const Backend kBackend{"CPU", c10::DeviceType::CPU, kDtypes, "float32 and float64"};
+const Backend kBackend{"CPU", c10::DeviceType::CPU, kDtypes, "float32 and float64",
+                       &check_cpu_limits};
 
 // ---------------------------------------------------------------------------------------------
 // Addressing blocks inside a strided (B, C, H, W) tensor.
@@ -359,7 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
     const Tensor& x_in, const Tensor& memory_in, int64_t rh, int64_t rw, int64_t rc,
     c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
   const Geometry g = check_inputs(x_in, memory_in, rh, rw, rc, kBackend);
-  const Options o = check_options(similarity, shrink, threshold, temperature);
+  const Options o = check_options(similarity, shrink, threshold, temperature, x_in.scalar_type());
   // x is read through its strides; M must be row-major for the column chunks (a no-op normally).
   const Tensor& x = x_in;
   const Tensor memory = memory_in.contiguous();
@@ -382,63 +395,68 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward.
+// Backward: per row block, a row pass (dL/dw -> dL/d<q, m>) then a chunk pass (the products into
+// grad_memory and grad_x). Only the wanted gradients are computed: without grad_memory the
+// products w^T dY and dS^T Q (and the gathers of dY for them) are skipped, without grad_x the
+// product dS M and its scatter. Either gradient is bitwise that of a call computing both.
 
 template <typename T>
-void backward_impl(const Geometry& g, const Options& o, const Tensor& grad_y, const Tensor& grad_w,
-                   const Tensor& x, const Tensor& memory, const Tensor& w, const Tensor& probs,
-                   const Tensor& row_stats, const Tensor& item_norms, const Tensor& grad_x,
-                   const Tensor& grad_memory) {
-  const int64_t N = g.N, D = g.D, rows_total = g.rows();
-  const bool has_gy = grad_y.defined(), has_gw = grad_w.defined();
-  const bool memae = o.shrink == Shrink::MemAE;
-  const bool cosine = o.similarity == Similarity::Cosine;
-  const Strides xs(x), gxs(grad_x);
-  const Strides gys = has_gy ? Strides(grad_y) : xs;
-  const Plan plan = make_plan(g, sizeof(T));
-  const int64_t max_chunk = plan.lines_per_chunk * g.bw;
-  const T* x_data = x.const_data_ptr<T>();
-  const T* gy_data = has_gy ? grad_y.const_data_ptr<T>() : nullptr;
-  const T* gw_data = has_gw ? grad_w.const_data_ptr<T>() : nullptr;
-  const T* m_data = memory.const_data_ptr<T>();
-  const T* w_data = w.const_data_ptr<T>();
-  const T* p_data = memae ? probs.const_data_ptr<T>() : nullptr;
-  const T* stats = row_stats.const_data_ptr<T>();
-  const T* nm = item_norms.const_data_ptr<T>();
-  T* gx_data = grad_x.mutable_data_ptr<T>();
-  T* gm_data = grad_memory.mutable_data_ptr<T>();
-  const T temperature = T(o.temperature), lam = T(o.lam);
-  const Tensor w2 = w.view({rows_total, N});
+class Backward {
+ public:
+  Backward(const BackwardArgs& a, const Tensor& x, const Tensor& grad_x, const Tensor& grad_memory)
+      : a_(a), g_(a.g), plan_(make_plan(a.g, sizeof(T))), x_(x), grad_memory_(grad_memory),
+        cosine_(a.o.similarity == Similarity::Cosine), xs_(x), gxs_(a.needs_grad_x ? grad_x : x),
+        gys_(a.grad_y.defined() ? a.grad_y : x), max_chunk_(plan_.lines_per_chunk * g_.bw) {
+    x_data_ = x.const_data_ptr<T>();
+    gy_data_ = a.grad_y.defined() ? a.grad_y.const_data_ptr<T>() : nullptr;
+    gx_data_ = a.needs_grad_x ? grad_x.mutable_data_ptr<T>() : nullptr;
+    gs_ = at::empty({plan_.row_block, g_.N}, x.options());
+    prod_ = cosine_ ? at::empty({plan_.row_block, g_.N}, x.options()) : Tensor();
+    row_corr_.assign(plan_.row_block, T(0));
+    colsum_.assign(cosine_ ? g_.N : 0, 0.0);
+    item_corr_.assign(cosine_ ? g_.N : 0, T(0));
+    const T* nm = a.item_norms.const_data_ptr<T>();
+    for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(T(1) / clamp_norm(nm[i]));
+  }
 
-  Tensor gs = at::empty({plan.row_block, N}, x.options());  // dL/dw, then dL/d<q, m>
-  Tensor prod = cosine ? at::empty({plan.row_block, N}, x.options()) : Tensor();
-  T* prod_data = cosine ? prod.mutable_data_ptr<T>() : nullptr;
-  std::vector<T> row_corr(plan.row_block, T(0));
-  std::vector<double> colsum(cosine ? N : 0, 0.0);
-  std::vector<T> item_corr(cosine ? N : 0, T(0));
-  std::vector<T> inv_nm(cosine ? N : 0);
-  for (size_t i = 0; i < inv_nm.size(); ++i) inv_nm[i] = T(1) / clamp_norm(nm[i]);
+  void run() {
+    for (int64_t row0 = 0; row0 < g_.rows(); row0 += plan_.row_block) {
+      const int64_t rows = std::min(plan_.row_block, g_.rows() - row0);
+      row_pass(row0, rows);
+      chunk_pass(row0, rows);
+    }
+  }
 
-  for (int64_t row0 = 0; row0 < rows_total; row0 += plan.row_block) {
-    const int64_t rows = std::min(plan.row_block, rows_total - row0);
-    const bool first_block = row0 == 0, last_block = row0 + rows == rows_total;
-    Tensor g_block = gs.narrow(0, 0, rows);
+ private:
+  // G = dY M^T (+ grad_w) for a range of rows per task, accumulated over the column chunks, then
+  // the row epilogue's backward of those rows: dL/dw -> dL/ds -> dL/d<q, m>, into gs_; for
+  // cosine, the per-row norm corrections (row_corr_) and, summed over all rows in a fixed order
+  // (deterministic), the per-item ones (item_corr_, complete after the last row block).
+  void row_pass(int64_t row0, int64_t rows) {
+    const int64_t N = g_.N;
+    const bool memae = a_.o.shrink == Shrink::MemAE, has_gw = a_.grad_w.defined();
+    const T temperature = T(a_.o.temperature), lam = T(a_.o.lam);
+    const T* w_data = a_.w.const_data_ptr<T>();
+    const T* p_data = memae ? a_.probs.const_data_ptr<T>() : nullptr;
+    const T* gw_data = has_gw ? a_.grad_w.const_data_ptr<T>() : nullptr;
+    const T* stats = a_.row_stats.const_data_ptr<T>();
+    Tensor g_block = gs_.narrow(0, 0, rows);
     T* g_data = g_block.mutable_data_ptr<T>();
-    // G = dY M^T for a range of rows per task, accumulated over the column chunks, then the row
-    // epilogue's backward of those rows: dL/dw -> dL/ds -> dL/d<q, m>.
-    for_row_tasks(plan, rows, [&](int64_t begin, int64_t end) {
+    T* prod_data = cosine_ ? prod_.mutable_data_ptr<T>() : nullptr;
+    for_row_tasks(plan_, rows, [&](int64_t begin, int64_t end) {
       const int64_t nr = end - begin;
-      if (has_gy) {
-        Tensor buf = at::empty({nr * max_chunk}, x.options());
+      if (gy_data_ != nullptr) {
+        Tensor buf = at::empty({nr * max_chunk_}, x_.options());
         Tensor g_rows = g_block.narrow(0, begin, nr);
-        times_memory_t(g, plan, gy_data, gys, row0 + begin, nr, memory, buf, nullptr, g_rows);
+        times_memory_t(g_, plan_, gy_data_, gys_, row0 + begin, nr, a_.memory, buf, nullptr,
+                       g_rows);
       }
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = row0 + r;
         T* gr = g_data + r * N;
         if (has_gw) {
           const T* gwr = gw_data + row * N;
-          if (has_gy) {
+          if (gy_data_ != nullptr) {
             for (int64_t i = 0; i < N; ++i) gr[i] += gwr[i];
           } else {
             std::copy(gwr, gwr + N, gr);
@@ -446,99 +464,129 @@ void backward_impl(const Geometry& g, const Options& o, const Tensor& grad_y, co
         }
         const T nq = stats[2 * row], lse = stats[2 * row + 1];
         const T rowdot = row_backward(gr, w_data + row * N, memae ? p_data + row * N : nullptr,
-                                      int(N), o.shrink, lam, temperature, lse,
-                                      cosine ? prod_data + r * N : nullptr);
-        if (cosine) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
-          row_corr[r] = norm_correction(nq, rowdot);
+                                      int(N), a_.o.shrink, lam, temperature, lse,
+                                      cosine_ ? prod_data + r * N : nullptr);
+        if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
+          row_corr_[r] = norm_correction(nq, rowdot);
           const T scale = T(1) / clamp_norm(nq);
-          for (int64_t i = 0; i < N; ++i) gr[i] = gr[i] * scale * inv_nm[i];
+          for (int64_t i = 0; i < N; ++i) gr[i] = gr[i] * scale * inv_nm_[i];
         }
       }
     });
-    if (cosine) {
-      // Per-item sums of dL/ds * s over the rows, in a fixed order (deterministic).
+    if (cosine_ && a_.needs_grad_memory) {
+      const T* nm = a_.item_norms.const_data_ptr<T>();
+      const bool last_block = row0 + rows == g_.rows();
       at::parallel_for(0, N, grain(rows), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           double total = 0;
           for (int64_t r = 0; r < rows; ++r) total += double(prod_data[r * N + i]);
-          colsum[i] += total;
-          if (last_block) item_corr[i] = norm_correction(nm[i], T(colsum[i]));
+          colsum_[i] += total;
+          if (last_block) item_corr_[i] = norm_correction(nm[i], T(colsum_[i]));
         }
       });
     }
-    // For a range of column chunks per task: dM[:, chunk] (+)= w^T dY + dS^T Q, and
-    // dQ = dS M[:, chunk] scattered into grad_x.
-    const Tensor w_block = w2.narrow(0, row0, rows);
-    for_chunk_tasks(plan, [&](int64_t first, int64_t last) {
-      Tensor buf = at::empty({2 * rows * max_chunk}, x.options());  // dY (then dQ), Q
+  }
+
+  // For a range of column chunks per task: dM[:, chunk] (+)= w^T dY + dS^T Q (with the cosine
+  // correction after the last row block), and dQ = dS M[:, chunk] scattered into grad_x.
+  void chunk_pass(int64_t row0, int64_t rows) {
+    const bool last_block = row0 + rows == g_.rows();
+    const bool needs_q = a_.needs_grad_memory || (a_.needs_grad_x && cosine_);
+    const Tensor g_block = gs_.narrow(0, 0, rows);
+    const Tensor w_block = a_.w.view({g_.rows(), g_.N}).narrow(0, row0, rows);
+    for_chunk_tasks(plan_, [&](int64_t first, int64_t last) {
+      Tensor buf = at::empty({2 * rows * max_chunk_}, x_.options());  // dY (then dQ), Q
       for (int64_t c = first; c < last; ++c) {
-        const Chunk chunk = plan.chunk(g, c);
+        const Chunk chunk = plan_.chunk(g_, c);
         const int64_t size = rows * chunk.dc;
         Tensor dyc = buf.narrow(0, 0, size).view({rows, chunk.dc});
         Tensor qc = buf.narrow(0, size, size).view({rows, chunk.dc});
-        gather_chunk<T>(g, x_data, xs, chunk, row0, rows, qc.mutable_data_ptr<T>(), nullptr);
-        Tensor gm_chunk = grad_memory.narrow(1, chunk.d0, chunk.dc);
-        bool written = !first_block;
-        if (has_gy) {
-          gather_chunk<T>(g, gy_data, gys, chunk, row0, rows, dyc.mutable_data_ptr<T>(), nullptr);
-          if (written) {
-            gm_chunk.addmm_(w_block.t(), dyc);
-          } else {
-            at::mm_out(gm_chunk, w_block.t(), dyc);
-          }
-          written = true;
+        if (needs_q) {
+          gather_chunk<T>(g_, x_data_, xs_, chunk, row0, rows, qc.mutable_data_ptr<T>(), nullptr);
         }
-        if (written) {
-          gm_chunk.addmm_(g_block.t(), qc);
-        } else {
-          at::mm_out(gm_chunk, g_block.t(), qc);
+        if (a_.needs_grad_memory) {
+          add_memory_grad(chunk, row0, rows, last_block, w_block, g_block, dyc, qc);
         }
-        if (cosine && last_block) {
-          // dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i, while the chunk of dM is in cache.
-          for (int64_t i = 0; i < N; ++i) {
-            const T coef = item_corr[i];
-            if (coef == T(0)) continue;
-            T* out = gm_data + i * D + chunk.d0;
-            const T* m = m_data + i * D + chunk.d0;
-            for (int64_t j = 0; j < chunk.dc; ++j) out[j] -= coef * m[j];
-          }
+        if (a_.needs_grad_x) {
+          at::mm_out(dyc, g_block, a_.memory.narrow(1, chunk.d0, chunk.dc));
+          scatter_chunk<T>(g_, gx_data_, gxs_, chunk, row0, rows, dyc.const_data_ptr<T>(),
+                           cosine_ ? row_corr_.data() : nullptr,
+                           cosine_ ? qc.const_data_ptr<T>() : nullptr);
         }
-        at::mm_out(dyc, g_block, memory.narrow(1, chunk.d0, chunk.dc));
-        scatter_chunk<T>(g, gx_data, gxs, chunk, row0, rows, dyc.const_data_ptr<T>(),
-                         cosine ? row_corr.data() : nullptr,
-                         cosine ? qc.const_data_ptr<T>() : nullptr);
       }
     });
   }
-}
+
+  // dM[:, chunk] (+)= w^T dY + dS^T Q for the rows of one row block (dY gathered into ``dyc``);
+  // after the last one, dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i (cosine), while the chunk of
+  // dM is in cache.
+  void add_memory_grad(const Chunk& chunk, int64_t row0, int64_t rows, bool last_block,
+                       const Tensor& w_block, const Tensor& g_block, Tensor& dyc,
+                       const Tensor& qc) {
+    Tensor gm_chunk = grad_memory_.narrow(1, chunk.d0, chunk.dc);
+    bool written = row0 > 0;
+    if (gy_data_ != nullptr) {
+      gather_chunk<T>(g_, gy_data_, gys_, chunk, row0, rows, dyc.mutable_data_ptr<T>(), nullptr);
+      if (written) {
+        gm_chunk.addmm_(w_block.t(), dyc);
+      } else {
+        at::mm_out(gm_chunk, w_block.t(), dyc);
+      }
+      written = true;
+    }
+    if (written) {
+      gm_chunk.addmm_(g_block.t(), qc);
+    } else {
+      at::mm_out(gm_chunk, g_block.t(), qc);
+    }
+    if (cosine_ && last_block) {
+      const int64_t D = g_.D;
+      const T* m_data = a_.memory.const_data_ptr<T>();
+      T* gm_data = grad_memory_.mutable_data_ptr<T>();
+      for (int64_t i = 0; i < g_.N; ++i) {
+        const T coef = item_corr_[i];
+        if (coef == T(0)) continue;
+        T* out = gm_data + i * D + chunk.d0;
+        const T* m = m_data + i * D + chunk.d0;
+        for (int64_t j = 0; j < chunk.dc; ++j) out[j] -= coef * m[j];
+      }
+    }
+  }
+
+  const BackwardArgs& a_;
+  const Geometry& g_;
+  const Plan plan_;
+  const Tensor& x_;
+  const Tensor& grad_memory_;
+  const bool cosine_;
+  const Strides xs_, gxs_, gys_;
+  const int64_t max_chunk_;
+  const T* x_data_;
+  const T* gy_data_;
+  T* gx_data_;
+  Tensor gs_;    // row block x N: dL/dw, then dL/d<q, m>
+  Tensor prod_;  // row block x N (cosine): dL/ds_i * s_i
+  std::vector<T> row_corr_;
+  std::vector<double> colsum_;
+  std::vector<T> item_corr_, inv_nm_;
+};
 
 std::tuple<Tensor, Tensor> block_memory_backward_cpu(
-    const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_w_opt,
-    const Tensor& x, const Tensor& memory_in, const Tensor& w_in, const Tensor& probs_in,
-    const Tensor& row_stats_in, const Tensor& item_norms_in, int64_t rh, int64_t rw, int64_t rc,
-    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
-  const Geometry g = check_inputs(x, memory_in, rh, rw, rc, kBackend);
-  const Options o = check_options(similarity, shrink, threshold, temperature);
-  const Tensor grad_y = optional_grad(grad_y_opt);  // read through its strides
-  Tensor grad_w = optional_grad(grad_w_opt);
-  check_backward_args(g, o, x, w_in, probs_in, row_stats_in, item_norms_in, grad_y, grad_w);
-  if (grad_w.defined()) grad_w = grad_w.contiguous();
-  const Tensor memory = memory_in.contiguous();
-  const Tensor w = w_in.contiguous();
-  const Tensor probs = probs_in.contiguous();
-  const Tensor row_stats = row_stats_in.contiguous();
-  const Tensor item_norms = item_norms_in.contiguous();
-  Tensor grad_x = at::empty({g.B, g.C, g.H, g.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor grad_memory = at::empty({g.N, g.D}, memory.options());
-  if ((!grad_y.defined() && !grad_w.defined()) || g.B == 0) {
-    grad_x.zero_();
-    grad_memory.zero_();
-    return {grad_x, grad_memory};
+    const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_w, const Tensor& x,
+    const Tensor& memory, const Tensor& w, const Tensor& probs, const Tensor& row_stats,
+    const Tensor& item_norms, int64_t rh, int64_t rw, int64_t rc, c10::string_view similarity,
+    c10::string_view shrink, double threshold, double temperature, bool needs_grad_x,
+    bool needs_grad_memory) {
+  const BackwardArgs args = prepare_backward(
+      grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, rh, rw, rc, similarity, shrink,
+      threshold, temperature, needs_grad_x, needs_grad_memory, kBackend);
+  Tensor grad_x, grad_memory;
+  std::tie(grad_x, grad_memory) = backward_outputs(args, x);
+  if (!args.trivial()) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_backward_cpu", [&] {
+      Backward<scalar_t>(args, x, grad_x, grad_memory).run();
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, o, grad_y, grad_w, x, memory, w, probs, row_stats, item_norms,
-                            grad_x, grad_memory);
-  });
   return {grad_x, grad_memory};
 }
 

@@ -1,38 +1,74 @@
 // Argument checks of daad_ext::block_memory_forward / _backward, shared by the CPU kernel
 // (csrc/block_memory_cpu.cpp) and the CUDA kernel (csrc/cuda/block_memory_cuda.cu): the checks of
 // daad_ext/spec.py (check_inputs / check_options), with its messages, for callers that bypass
-// Python, plus those of the backward's saved tensors and gradients. Host-only C++ (nvcc compiles
-// it too); what differs between the kernels (device, dtypes) is a ``Backend`` parameter, and
-// kernel-specific limits stay in the kernel's file. TORCH_CHECK raises RuntimeError in Python.
+// Python, plus those of the backward's saved tensors and gradients, and the backward's argument
+// preparation. Host-only C++ (nvcc compiles it too); what differs between the kernels (device,
+// dtypes, the size limits of their index arithmetic) is a ``Backend`` parameter, whose limits
+// live in the kernel's file. TORCH_CHECK raises RuntimeError in Python.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iomanip>
 #include <limits>
 #include <string>
 #include <optional>
+#include <sstream>
 #include <string_view>
+#include <tuple>
 
 #include "block_memory.h"
 
 namespace daad_ext {
 
+// The names of the similarity and shrink codes (block_memory.h): the one C++ table, which the
+// parsers below read and the Python module exports (daad_ext._C.SIMILARITY_CODES / SHRINK_CODES;
+// a test compares them with daad_ext/spec.py's).
+template <typename Code>
+struct NamedCode {
+  std::string_view name;
+  Code code;
+};
+inline constexpr NamedCode<Similarity> kSimilarityNames[] = {{"cosine", Similarity::Cosine},
+                                                             {"dot", Similarity::Dot}};
+inline constexpr NamedCode<Shrink> kShrinkNames[] = {
+    {"hard", Shrink::Hard}, {"memae", Shrink::MemAE}, {"none", Shrink::None}};
+
+// The code named ``name`` in ``table``; else an error "unknown <what> '<name>'; choose one of
+// ('a', 'b')", as daad_ext/spec.py words it.
+template <typename Code, size_t K>
+Code parse_code(const NamedCode<Code> (&table)[K], std::string_view name, const char* what) {
+  std::string choices;
+  for (const auto& entry : table) {
+    if (entry.name == name) return entry.code;
+    choices += (choices.empty() ? "'" : ", '") + std::string(entry.name) + "'";
+  }
+  TORCH_CHECK(false, "unknown ", what, " '", name, "'; choose one of (", choices, ")");
+}
+
 inline Similarity parse_similarity(std::string_view similarity) {
-  if (similarity == "cosine") return Similarity::Cosine;
-  if (similarity == "dot") return Similarity::Dot;
-  TORCH_CHECK(false, "unknown similarity '", similarity, "'; choose one of ('cosine', 'dot')");
+  return parse_code(kSimilarityNames, similarity, "similarity");
 }
 
 inline Shrink parse_shrink(std::string_view shrink) {
-  if (shrink == "hard") return Shrink::Hard;
-  if (shrink == "memae") return Shrink::MemAE;
-  if (shrink == "none") return Shrink::None;
-  TORCH_CHECK(false, "unknown shrink '", shrink, "'; choose one of ('hard', 'memae', 'none')");
+  return parse_code(kShrinkNames, shrink, "shrink");
+}
+
+// dtype names as Python prints them without the "torch." prefix, for messages.
+inline std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(dtype);
+  }
 }
 
 // The block geometry of one call: x is (B, C, H, W), divided by (rh, rw, rc) into Q = rh*rw*rc
@@ -52,12 +88,14 @@ struct Options {
 };
 
 // What a kernel accepts: tensors on ``device``, of one of ``dtypes`` (named ``dtype_names`` in
-// messages); ``name`` ("CPU", "CUDA") names the kernel.
+// messages), of a geometry within ``check_limits`` (the limits of the kernel's index arithmetic,
+// which live in the kernel's file); ``name`` ("CPU", "CUDA") names the kernel.
 struct Backend {
   const char* name;
   c10::DeviceType device;
   c10::ArrayRef<at::ScalarType> dtypes;
   const char* dtype_names;
+  void (*check_limits)(const Geometry&);
 };
 
 // dtype of the saved per-row and per-item statistics (row_stats, item_norms): float32 for the
@@ -66,12 +104,27 @@ inline at::ScalarType stats_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// daad_ext/spec.py's check_temperature: a temperature below the smallest normal number of the
+// precision the kernels divide by it in (float32 for the half types) makes every logit inf/NaN.
+inline void check_temperature(double temperature, at::ScalarType dtype) {
+  const bool f64 = stats_dtype(dtype) == at::kDouble;
+  const double tiny = f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  if (temperature >= tiny) return;
+  std::ostringstream tiny_text;
+  tiny_text << std::setprecision(3) << tiny;
+  TORCH_CHECK(false, "temperature ", temperature, " underflows ", f64 ? "float64" : "float32",
+              " (smallest normal ", tiny_text.str(), "), the precision ", dtype_name(dtype),
+              " inputs are computed in; use a larger temperature");
+}
+
+// daad_ext/spec.py's check_options (and check_temperature for x's ``dtype``).
 inline Options check_options(std::string_view similarity, std::string_view shrink,
-                             double threshold, double temperature) {
+                             double threshold, double temperature, at::ScalarType dtype) {
   Options options{parse_similarity(similarity), parse_shrink(shrink), threshold, temperature};
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "temperature must be > 0 (and finite), got ", temperature);
+              "temperature must be a finite number > 0, got ", temperature);
   TORCH_CHECK(threshold > 0 && threshold <= 1, "threshold must be in (0, 1], got ", threshold);
+  check_temperature(temperature, dtype);
   return options;
 }
 
@@ -127,8 +180,7 @@ inline Geometry check_inputs(const at::Tensor& x, const at::Tensor& memory, int6
               ", ", g.W, ") map gives blocks of D = ", g.bc, "*", g.bh, "*", g.bw, " = ", g.D);
   TORCH_CHECK(g.D >= 1, "blocks must hold at least one value (D >= 1), got (C, H, W) = (", g.C,
               ", ", g.H, ", ", g.W, ")");
-  // The row epilogue (block_memory.h) counts items in int.
-  TORCH_CHECK(g.N <= std::numeric_limits<int>::max(), "too many memory items: N=", g.N);
+  backend.check_limits(g);
   return g;
 }
 
@@ -146,19 +198,77 @@ inline at::Tensor optional_grad(const std::optional<at::Tensor>& grad) {
   return grad.has_value() && grad->defined() ? *grad : at::Tensor();
 }
 
-// The backward's saved tensors (as the forward returned them; probs for MemAE only) and its
-// gradients (undefined where absent), after check_inputs / check_options on x and memory.
-inline void check_backward_args(const Geometry& g, const Options& o, const at::Tensor& x,
-                                const at::Tensor& w, const at::Tensor& probs,
-                                const at::Tensor& row_stats, const at::Tensor& item_norms,
-                                const at::Tensor& grad_y, const at::Tensor& grad_w) {
+// The checked arguments of daad_ext::block_memory_backward, as both kernels use them: grad_y (read
+// through its strides; undefined when absent), the other tensors contiguous (no-ops normally),
+// and which gradients to compute.
+struct BackwardArgs {
+  Geometry g;
+  Options o;
+  at::Tensor grad_y, grad_w, memory, w, probs, row_stats, item_norms;
+  bool needs_grad_x, needs_grad_memory;
+
+  // Whether the kernels have nothing to compute: the wanted gradients are zero (no rows, or no
+  // incoming gradient) or none is wanted.
+  bool trivial() const {
+    return g.rows() == 0 || (!grad_y.defined() && !grad_w.defined()) ||
+           (!needs_grad_x && !needs_grad_memory);
+  }
+};
+
+// Checks the backward's arguments (those of the forward, then its saved tensors and gradients:
+// probs for MemAE only) and prepares them for ``backend``'s kernel.
+inline BackwardArgs prepare_backward(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_w,
+    const at::Tensor& x, const at::Tensor& memory, const at::Tensor& w, const at::Tensor& probs,
+    const at::Tensor& row_stats, const at::Tensor& item_norms, int64_t rh, int64_t rw, int64_t rc,
+    std::string_view similarity, std::string_view shrink, double threshold, double temperature,
+    bool needs_grad_x, bool needs_grad_memory, const Backend& backend) {
+  BackwardArgs a{};
+  a.g = check_inputs(x, memory, rh, rw, rc, backend);
+  a.o = check_options(similarity, shrink, threshold, temperature, x.scalar_type());
+  a.grad_y = optional_grad(grad_y);
+  a.grad_w = optional_grad(grad_w);
+  const Geometry& g = a.g;
   const at::ScalarType dtype = x.scalar_type(), stats = stats_dtype(dtype);
+  const bool memae = a.o.shrink == Shrink::MemAE;
   check_saved("w", w, {g.B, g.Q, g.N}, dtype, x);
-  if (o.shrink == Shrink::MemAE) check_saved("probs", probs, {g.B, g.Q, g.N}, dtype, x);
+  if (memae) check_saved("probs", probs, {g.B, g.Q, g.N}, dtype, x);
   check_saved("row_stats", row_stats, {g.B, g.Q, 2}, stats, x);
   check_saved("item_norms", item_norms, {g.N}, stats, x);
-  if (grad_y.defined()) check_saved("grad_y", grad_y, x.sizes(), dtype, x);
-  if (grad_w.defined()) check_saved("grad_w", grad_w, {g.B, g.Q, g.N}, dtype, x);
+  if (a.grad_y.defined()) check_saved("grad_y", a.grad_y, x.sizes(), dtype, x);
+  if (a.grad_w.defined()) {
+    check_saved("grad_w", a.grad_w, {g.B, g.Q, g.N}, dtype, x);
+    a.grad_w = a.grad_w.contiguous();
+  }
+  a.memory = memory.contiguous();
+  a.w = w.contiguous();
+  a.probs = memae ? probs.contiguous() : probs;
+  a.row_stats = row_stats.contiguous();
+  a.item_norms = item_norms.contiguous();
+  a.needs_grad_x = needs_grad_x;
+  a.needs_grad_memory = needs_grad_memory;
+  return a;
+}
+
+// The backward's outputs: grad_x (a contiguous (B, C, H, W) tensor) and grad_memory ((N, D))
+// where they are needed, an empty (0,) tensor of x's dtype and device where not (the contract
+// of daad_ext/ops.py's autograd glue). Zero-filled when the kernels have nothing to compute
+// (BackwardArgs::trivial), uninitialised otherwise.
+inline std::tuple<at::Tensor, at::Tensor> backward_outputs(const BackwardArgs& a,
+                                                           const at::Tensor& x) {
+  const Geometry& g = a.g;
+  const auto options = x.options();
+  at::Tensor grad_x = a.needs_grad_x
+                          ? at::empty({g.B, g.C, g.H, g.W},
+                                      options.memory_format(at::MemoryFormat::Contiguous))
+                          : at::empty({0}, options);
+  at::Tensor grad_memory = a.needs_grad_memory ? at::empty({g.N, g.D}, options)
+                                               : at::empty({0}, options);
+  if (a.trivial()) {
+    grad_x.zero_();
+    grad_memory.zero_();
+  }
+  return {grad_x, grad_memory};
 }
 
 }  // namespace daad_ext

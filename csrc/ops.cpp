@@ -11,8 +11,11 @@ TORCH_LIBRARY(daad_ext, m) {
       "block_memory_forward(Tensor x, Tensor memory, int rh, int rw, int rc, str similarity, "
       "str shrink, float threshold, float temperature) -> "
       "(Tensor y, Tensor w, Tensor probs, Tensor row_stats, Tensor item_norms)");
+  // Computes grad_x only when needs_grad_x and grad_memory only when needs_grad_memory; a gradient
+  // not computed is returned as an empty tensor of shape (0,), x's dtype and device.
   m.def(
       "block_memory_backward(Tensor? grad_y, Tensor? grad_w, Tensor x, Tensor memory, Tensor w, "
       "Tensor probs, Tensor row_stats, Tensor item_norms, int rh, int rw, int rc, str similarity, "
-      "str shrink, float threshold, float temperature) -> (Tensor grad_x, Tensor grad_memory)");
+      "str shrink, float threshold, float temperature, bool needs_grad_x, bool needs_grad_memory) -> "
+      "(Tensor grad_x, Tensor grad_memory)");
 }

@@ -4,7 +4,7 @@ Backends, each with ``supports(device, dtype)`` and a function on checked argume
 
 * ``"reference"``: eager PyTorch (:mod:`daad_ext.reference`), always available;
 * ``"cpu"`` / ``"cuda"``: the fused C++ op (:mod:`daad_ext.ops`) on CPU / CUDA tensors;
-* ``"triton"``: the fused Triton kernels (:mod:`daad_ext.triton_ops`) on CUDA tensors (and on CPU
+* ``"triton"``: the fused Triton kernels (:mod:`daad_ext.triton`) on CUDA tensors (and on CPU
   float32 tensors under Triton's interpreter, ``TRITON_INTERPRET=1``, for tests); unavailable
   when Triton is not installed.
 """
@@ -14,9 +14,10 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import ops, triton_ops
+from . import ops
+from . import triton as triton_backend
 from .reference import block_memory_ref_checked
-from .spec import check_inputs, check_options
+from .spec import check_inputs, check_options, check_temperature
 
 
 class Backend(NamedTuple):
@@ -30,7 +31,7 @@ BACKENDS: dict[str, Backend] = {
                    ops.block_memory_fused),
     "cuda": Backend(lambda device, dtype: device.type == "cuda" and ops.supports(device, dtype),
                     ops.block_memory_fused),
-    "triton": Backend(triton_ops.supports, triton_ops.block_memory_triton),
+    "triton": Backend(triton_backend.supports, triton_backend.block_memory_triton),
 }
 #: ``backend="auto"`` takes the first available of these, fastest first (benchmarks/memory_op.py).
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -68,7 +69,14 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     """Block-wise memory read of ``x`` (B, C, H, W) from ``memory`` (N, D).
 
     Returns ``(y, w)``: ``y`` has the shape of ``x``, ``w`` (B, Q, N) holds the addressing weights.
-    The operator is specified in :mod:`daad_ext.reference`.
+    The operator is specified in :mod:`daad_ext.reference`. Gradients are computed only for the
+    inputs that require them (a frozen memory costs no grad-memory work).
+
+    Size limits of the fused kernels' index arithmetic, checked before anything is allocated
+    (beyond them the op raises a RuntimeError naming the limit): ``"cpu"`` addresses everything in
+    64-bit (any B, C*H*W, D, B*Q*N, and strides, that memory holds) but counts items in 32-bit,
+    N < 2^31; ``"cuda"`` computes 64-bit offsets with 32-bit indices, B*Q < 2^30 and
+    N, D <= 65535 * 128 = 8,388,480. The reference has no limit of its own.
 
     Example:
         >>> import torch
@@ -80,5 +88,6 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     """
     geometry = check_inputs(x, memory, division)
     lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    check_temperature(temperature, x.dtype)
     name = resolve_backend(backend, x.device, x.dtype)
     return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))

@@ -7,8 +7,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .functional import block_memory, check_backend_name
-from .spec import check_options, make_division
+from .functional import BACKENDS, check_backend_name, resolve_backend
+from .spec import check_feature_map, check_options, check_temperature, make_division
 
 
 class BlockMemory(nn.Module):
@@ -42,15 +42,20 @@ class BlockMemory(nn.Module):
                  backend: str = "auto", device: Optional[Union[str, torch.device]] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        # Everything but the input is fixed here, so it is validated once (per call: the input's
+        # shape, dtype and device, and the backend for a dtype and device not seen before).
+        check_feature_map(channels, height, width)
         self.geometry = make_division(channels, height, width, division)
-        check_options(similarity, shrink, threshold, temperature, num_items)
+        self.lam = check_options(similarity, shrink, threshold, temperature, num_items)
         check_backend_name(backend)
-        self.channels, self.height, self.width = channels, height, width
-        self.division = tuple(division)
+        self.channels, self.height, self.width = int(channels), int(height), int(width)
+        self.division = (self.geometry.rh, self.geometry.rw, self.geometry.rc)
         self.similarity, self.shrink = similarity, shrink
-        self.threshold, self.temperature, self.backend = threshold, temperature, backend
-        self.memory = nn.Parameter(torch.empty(num_items, self.geometry.block_dim, device=device,
-                                               dtype=dtype))
+        self.threshold, self.temperature, self.backend = threshold, float(temperature), backend
+        self.memory = nn.Parameter(torch.empty(int(num_items), self.geometry.block_dim,
+                                               device=device, dtype=dtype))
+        check_temperature(self.temperature, self.memory.dtype)
+        self._backends: dict[tuple[torch.device, torch.dtype], str] = {}
         self.reset_parameters()
 
     @property
@@ -61,12 +66,28 @@ class BlockMemory(nn.Module):
         bound = 1.0 / math.sqrt(self.geometry.block_dim)
         nn.init.uniform_(self.memory, -bound, bound)
 
+    def _backend_for(self, x: torch.Tensor) -> str:
+        """The backend for x's device and dtype, resolved (and the temperature checked against
+        the dtype) the first time they are seen."""
+        key = (x.device, x.dtype)
+        name = self._backends.get(key)
+        if name is None:
+            check_temperature(self.temperature, x.dtype)
+            name = self._backends[key] = resolve_backend(self.backend, x.device, x.dtype)
+        return name
+
     def forward(self, x: torch.Tensor, return_weights: bool = False):
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.channels, self.height, self.width):
+        memory = self.memory
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4
+                and x.shape[1:] == (self.channels, self.height, self.width)):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BlockMemory was built for inputs (B, {self.channels}, {self.height}, "
-                             f"{self.width}), got shape {tuple(x.shape)}")
-        y, w = block_memory(x, self.memory, self.division, self.similarity, self.shrink,
-                            self.threshold, self.temperature, self.backend)
+                             f"{self.width}), got shape {shape}")
+        if x.dtype != memory.dtype or x.device != memory.device:
+            raise TypeError(f"BlockMemory's memory is {memory.dtype} on {memory.device}, got input "
+                            f"{x.dtype} on {x.device}; move the layer or the input (.to())")
+        y, w = BACKENDS[self._backend_for(x)].run(x, memory, self.geometry, self.similarity,
+                                                  self.shrink, self.lam, self.temperature)
         return (y, w) if return_weights else y
 
     def extra_repr(self) -> str:

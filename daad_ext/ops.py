@@ -2,7 +2,12 @@
 
 The C++ extension (``daad_ext._C``) defines ``daad_ext::block_memory_forward`` and
 ``daad_ext::block_memory_backward`` with CPU and, when built with CUDA, CUDA kernels. The Triton
-ops in :mod:`daad_ext.triton_ops` have the same signatures and use the same glue from here.
+ops in :mod:`daad_ext.triton` have the same signatures and use the same glue from here.
+
+The fake kernels run the checks of :mod:`daad_ext.spec` (the C++ kernels' checks, with the same
+messages), so ``torch.compile`` and ``torch.export`` reject bad input while tracing, as eager calls
+do when they run. The backward computes only the gradients autograd asks for: a frozen memory
+costs no grad_memory products, an input that needs no gradient no grad_x products.
 """
 from __future__ import annotations
 
@@ -10,12 +15,13 @@ from typing import Callable
 
 import torch
 
-from .spec import Division
+from .spec import Division, check_inputs, check_options, check_temperature, compute_dtype
 
 try:
-    from . import _C  # noqa: F401  (importing it registers torch.ops.daad_ext.*)
+    from . import _C  # importing it registers torch.ops.daad_ext.*
     HAS_EXTENSION = True
 except ImportError:  # a source checkout that was not built: the reference still works
+    _C = None
     HAS_EXTENSION = False
 
 FORWARD = "daad_ext::block_memory_forward"
@@ -23,24 +29,36 @@ BACKWARD = "daad_ext::block_memory_backward"
 #: dtypes each device's C++ kernel accepts.
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+#: Device types the extension was built with a kernel for (it says so itself); a constant, so that
+#: torch.compile traces the backend choice as one.
+KERNEL_DEVICES = frozenset(_C.KERNEL_DEVICES) if HAS_EXTENSION else frozenset()
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Per-row and per-item statistics are kept in float32 for half types."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature) -> Division:
+    """The checks of the C++ raw ops (csrc/op_checks.h), on real or fake tensors."""
+    geometry = check_inputs(x, memory, (rh, rw, rc))
+    check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    check_temperature(temperature, x.dtype)
+    return geometry
 
 
 def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature):
+    check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
     b, q, n = x.shape[0], rh * rw * rc, memory.shape[0]
-    stats = stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     probs = x.new_empty(b, q, n) if shrink == "memae" else x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(b, q, n), probs,
             x.new_empty(b, q, 2, dtype=stats), x.new_empty(n, dtype=stats))
 
 
-def fake_backward(grad_y, grad_w, x, memory, *saved_and_options):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(memory, memory_format=torch.contiguous_format))
+def fake_backward(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, rh, rw, rc,
+                  similarity, shrink, threshold, temperature, needs_grad_x, needs_grad_memory):
+    check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
+    grad_x = (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_grad_x
+              else x.new_empty(0))
+    grad_memory = (torch.empty_like(memory, memory_format=torch.contiguous_format)
+                   if needs_grad_memory else x.new_empty(0))
+    return grad_x, grad_memory
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -53,10 +71,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_y, grad_w, *_aux_grads):
-        if grad_y is None and grad_w is None:
-            return (None,) * (2 + len(ctx.options))
-        grad_x, grad_memory = backward_op(grad_y, grad_w, *ctx.saved_tensors, *ctx.options)
-        return (grad_x, grad_memory) + (None,) * len(ctx.options)
+        needs_grad_x, needs_grad_memory = ctx.needs_input_grad[:2]
+        no_options = (None,) * len(ctx.options)
+        if (grad_y is None and grad_w is None) or not (needs_grad_x or needs_grad_memory):
+            return (None, None) + no_options
+        grad_x, grad_memory = backward_op(grad_y, grad_w, *ctx.saved_tensors, *ctx.options,
+                                          needs_grad_x, needs_grad_memory)
+        # A gradient not asked for comes back as an empty (0,) tensor: autograd wants None.
+        return ((grad_x if needs_grad_x else None, grad_memory if needs_grad_memory else None)
+                + no_options)
     return backward
 
 
@@ -69,18 +92,6 @@ def register_fused_op(forward: str, backward: str, backward_op: Callable) -> Non
 
 if HAS_EXTENSION:
     register_fused_op(FORWARD, BACKWARD, torch.ops.daad_ext.block_memory_backward)
-
-
-def _kernel_devices() -> frozenset[str]:
-    if not HAS_EXTENSION:
-        return frozenset()
-    return frozenset(device for device in ("cpu", "cuda")
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, device.upper()))
-
-
-#: Device types the extension was built with a kernel for; read once, so that torch.compile
-#: traces the backend choice as a constant.
-KERNEL_DEVICES = _kernel_devices()
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:

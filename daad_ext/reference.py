@@ -12,6 +12,10 @@ query addresses the memory ``M`` (N, D):
   ``relu(p - lam) * p / (|p - lam| + eps)`` re-normalised; ``none`` keeps ``p``;
 * block ``k`` of ``y`` is ``sum_i w_i M[i]``, re-assembled by the exact inverse of the division.
 
+float16 and bfloat16 inputs are computed in float32 (as the kernels compute their statistics) and
+the results rounded to the input dtype: in half precision the 1e-12 floors would round to 0 and
+turn an all-zero block, a zero memory item or a MemAE row with nothing kept into NaN.
+
 Example:
     >>> import torch
     >>> from daad_ext.reference import block_memory_ref
@@ -27,7 +31,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spec import MEMAE_EPS, NORM_EPS, Division, check_inputs, check_options
+from .spec import (MEMAE_EPS, NORM_EPS, Division, check_inputs, check_options, check_temperature,
+                   compute_dtype)
 
 
 def divide_blocks(x: torch.Tensor, geometry: Division) -> torch.Tensor:
@@ -76,13 +81,20 @@ def block_memory_ref(x: torch.Tensor, memory: torch.Tensor, division: Sequence[i
     """Block-wise memory read in eager PyTorch; returns ``(y, w)`` with ``w`` of shape (B, Q, N)."""
     geometry = check_inputs(x, memory, division)
     lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
-    return block_memory_ref_checked(x, memory, geometry, similarity, shrink, lam, temperature)
+    check_temperature(temperature, x.dtype)
+    return block_memory_ref_checked(x, memory, geometry, similarity, shrink, lam,
+                                    float(temperature))
 
 
 def block_memory_ref_checked(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
                              similarity: str, shrink: str, lam: float,
                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_memory_ref` on arguments that :mod:`daad_ext.spec` has already checked."""
+    compute = compute_dtype(x.dtype)
+    if x.dtype != compute:  # half types: in float32, rounded once at the end
+        y, w = block_memory_ref_checked(x.to(compute), memory.to(compute), geometry, similarity,
+                                        shrink, lam, temperature)
+        return y.to(x.dtype), w.to(x.dtype)
     queries = divide_blocks(x, geometry)
     p = torch.softmax(similarity_ref(queries, memory, similarity) / temperature, dim=-1)
     w = shrink_ref(p, shrink, lam)

@@ -6,7 +6,8 @@ reject the same inputs with the same messages.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+import numbers
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -42,65 +43,133 @@ class Division(NamedTuple):
         return self.bc * self.bh * self.bw
 
 
+def require(condition, error: type[Exception], message: Callable[[], str]) -> None:
+    """Raises ``error(message())`` unless ``condition`` holds.
+
+    ``condition`` may be symbolic (a condition on the sizes of fake tensors while ``torch.compile``
+    or ``torch.export`` traces the op's fake kernel): then ``torch._check_with`` records it as a
+    runtime assertion instead of specialising the graph to the sizes at hand, and still raises
+    ``error`` with the same message when the sizes at hand violate it.
+    """
+    if isinstance(condition, torch.SymBool):
+        torch._check_with(error, condition, message)
+    elif not condition:
+        raise error(message())
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+
+
 def parse_division(division: Sequence[int]) -> tuple[int, int, int]:
-    if len(division) != 3 or not all(isinstance(r, int) and not isinstance(r, bool) for r in division):
-        raise ValueError(f"division must be three integers (rh, rw, rc), got {tuple(division)!r}")
-    rh, rw, rc = division
+    if (not isinstance(division, Sequence) or isinstance(division, str) or len(division) != 3
+            or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                       for r in division)):
+        shown = tuple(division) if isinstance(division, Sequence) else division
+        raise ValueError(f"division must be three integers (rh, rw, rc), got {shown!r}")
+    rh, rw, rc = (int(r) for r in division)
     if min(rh, rw, rc) < 1:
-        raise ValueError(f"division rates must be >= 1, got (rh, rw, rc) = {tuple(division)}")
+        raise ValueError(f"division rates must be >= 1, got (rh, rw, rc) = {(rh, rw, rc)}")
     return rh, rw, rc
 
 
 def make_division(channels: int, height: int, width: int, division: Sequence[int]) -> Division:
     """Checks that (C, H, W) divides evenly by (rh, rw, rc) and returns the block geometry."""
     rh, rw, rc = parse_division(division)
-    bad = [f"{name}={size} is not divisible by {rname}={rate}"
-           for name, size, rname, rate in (("H", height, "rh", rh), ("W", width, "rw", rw),
-                                           ("C", channels, "rc", rc))
-           if size % rate]
-    if bad:
-        raise ValueError("feature map cannot be divided evenly into blocks: " + "; ".join(bad))
+    sizes = (("H", height, "rh", rh), ("W", width, "rw", rw), ("C", channels, "rc", rc))
+
+    def message() -> str:
+        bad = [f"{name}={size} is not divisible by {rname}={rate}"
+               for name, size, rname, rate in sizes if size % rate]
+        return "feature map cannot be divided evenly into blocks: " + "; ".join(bad)
+
+    for _, size, _, rate in sizes:
+        require(size % rate == 0, ValueError, message)
     return Division(rh, rw, rc, channels // rc, height // rh, width // rw)
+
+
+def check_feature_map(channels: int, height: int, width: int) -> None:
+    """The (C, H, W) a layer is built for: positive integers."""
+    for name, size in (("channels", channels), ("height", height), ("width", width)):
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+
+
+def _check_number(name: str, value) -> float:
+    """A Python or NumPy real number (not a bool, not a tensor) as a float."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor of shape "
+                        f"{tuple(value.shape)}; pass float({name}) (or .item())")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)} {value!r}")
+    return float(value)
 
 
 def check_options(similarity: str, shrink: str, threshold: Optional[float], temperature: float,
                   num_items: int) -> float:
-    """Validates the addressing options and returns the resolved threshold (``1/N`` by default)."""
+    """Validates the addressing options and returns the resolved threshold (``1/N`` by default).
+
+    ``threshold`` and ``temperature`` may be Python or NumPy numbers; tensors are refused (their
+    value would be read on the host at every call, a hidden synchronisation on a GPU).
+    """
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; choose one of {SIMILARITIES}")
     if shrink not in SHRINKS:
         raise ValueError(f"unknown shrink {shrink!r}; choose one of {SHRINKS}")
-    if num_items < 1:
-        raise ValueError(f"num_items must be >= 1, got {num_items}")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_int(num_items):
+        raise TypeError(f"num_items must be an integer, got {_type_name(num_items)} {num_items!r}")
+    require(num_items >= 1, ValueError, lambda: f"num_items must be >= 1, got {num_items}")
+    value = _check_number("temperature", temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
     if threshold is None:
         return 1.0 / num_items
-    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    return float(threshold)
+    lam = _check_number("threshold", threshold)
+    if not 0 < lam <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {lam!r}")
+    return lam
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the statistics of ``dtype`` inputs are computed in: float32 for the half types
+    (and float32), float64 for float64. Also the dtype of the kernels' saved per-row and per-item
+    statistics."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_temperature(temperature: float, dtype: torch.dtype) -> None:
     """Refuses a temperature that underflows the precision the kernels divide by it in.
 
     Half types compute their statistics in float32, so float32's range is what matters for them.
+    The C++ kernels run the same check (csrc/op_checks.h), with the same message.
     """
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    if temperature < torch.finfo(compute).tiny:
-        raise ValueError(f"temperature {temperature!r} underflows {compute} (smallest normal "
-                         f"{torch.finfo(compute).tiny:.3g}), the precision {dtype} inputs are "
-                         f"computed in; use a larger temperature")
+    compute = compute_dtype(dtype)
+    tiny = torch.finfo(compute).tiny
+    if float(temperature) < tiny:
+        raise ValueError(f"temperature {float(temperature)!r} underflows {_dtype_name(compute)} "
+                         f"(smallest normal {tiny:.3g}), the precision {_dtype_name(dtype)} "
+                         f"inputs are computed in; use a larger temperature")
 
 
 def check_inputs(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int]) -> Division:
-    """Checks the tensors' ranks, shapes, dtypes and devices; returns the block geometry."""
+    """Checks the tensors' ranks, shapes, dtypes and devices; returns the block geometry.
+
+    Also the check of the ops' fake kernels (daad_ext/ops.py), on fake tensors whose sizes may be
+    symbolic: size conditions go through :func:`require`.
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else _type_name(x)
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got shape {shape}")
     if not isinstance(memory, torch.Tensor) or memory.dim() != 2:
-        shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+        shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else _type_name(memory)
         raise ValueError(f"memory must be a 2-D tensor (N, D), got shape {shape}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
@@ -111,15 +180,14 @@ def check_inputs(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int])
     if x.device != memory.device:
         raise ValueError(f"x and memory must be on the same device, got {x.device} and {memory.device}")
     _, c, h, w = x.shape
-    if min(c, h, w) < 1:
-        raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
+    for size in (c, h, w):
+        require(size >= 1, ValueError,
+                lambda: f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
     geometry = make_division(c, h, w, division)
     n, d = memory.shape
-    if n < 1:
-        raise ValueError("memory must hold at least one item (N >= 1)")
-    if d != geometry.block_dim:
-        raise ValueError(
-            f"memory has item length D={d}, but division {tuple(division)} of a (C, H, W) = "
-            f"{(c, h, w)} map gives blocks of D = {geometry.bc}*{geometry.bh}*{geometry.bw} = "
-            f"{geometry.block_dim}")
+    require(n >= 1, ValueError, lambda: "memory must hold at least one item (N >= 1)")
+    require(d == geometry.block_dim, ValueError, lambda: (
+        f"memory has item length D={d}, but division {tuple(division)} of a (C, H, W) = "
+        f"{(c, h, w)} map gives blocks of D = {geometry.bc}*{geometry.bh}*{geometry.bw} = "
+        f"{geometry.block_dim}"))
     return geometry

@@ -173,7 +173,8 @@ def test_opcheck_backward():
     for grad_y, grad_w in ((torch.randn_like(y), None), (None, torch.randn_like(w)),
                            (torch.randn_like(y), torch.randn_like(w))):
         torch.library.opcheck(torch.ops.daad_ext.block_memory_backward.default,
-                              (grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, *options))
+                              (grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, *options,
+                               True, True))
 
 
 class _TinyModel(torch.nn.Module):
@@ -248,10 +249,11 @@ def test_bad_backward_call_raises():
     ]
     for call, message in bad:
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.daad_ext.block_memory_backward(*call, *options)
+            torch.ops.daad_ext.block_memory_backward(*call, *options, True, True)
     with pytest.raises(RuntimeError, match="probs"):  # MemAE needs the saved softmax
         torch.ops.daad_ext.block_memory_backward(y, None, x, memory, w, probs, row_stats,
-                                                 item_norms, 2, 2, 1, "cosine", "memae", 0.1, 1.0)
+                                                 item_norms, 2, 2, 1, "cosine", "memae", 0.1, 1.0,
+                                                 True, True)
 
 
 def test_bad_input_through_block_memory():

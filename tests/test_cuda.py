@@ -43,21 +43,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _extension_has_cuda_code() -> bool:
-    """Whether daad_ext._C was compiled with csrc/cuda (its kernels' mangled names are in it)."""
-    if not ops.HAS_EXTENSION:
-        return False
-    from daad_ext import _C
-    with open(_C.__file__, "rb") as f:
-        return b"daad_ext4cuda" in f.read()
-
-
-def _cuda_kernel_registered() -> bool:
-    return ops.HAS_EXTENSION and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
-                                     for op in (ops.FORWARD, ops.BACKWARD))
+    """Whether daad_ext._C was compiled with csrc/cuda: the extension says so itself."""
+    return "cuda" in ops.KERNEL_DEVICES
 
 
 HAS_GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not (HAS_GPU and _cuda_kernel_registered()),
+needs_gpu = pytest.mark.skipif(not (HAS_GPU and _extension_has_cuda_code()),
                                reason="needs a CUDA GPU and daad_ext built with its CUDA kernels")
 
 
@@ -71,7 +62,6 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert built, "DAAD_EXT_EXPECT_CUDA=1 but daad_ext._C was built without csrc/cuda"
     if not built:
         pytest.skip("daad_ext._C was built without its CUDA kernels (no toolkit or DAAD_EXT_NO_CUDA=1)")
-    assert _cuda_kernel_registered()
     for dtype in DTYPES:
         assert "cuda" in available_backends("cuda", dtype)
     assert "cuda" not in available_backends("cuda", torch.float64)
@@ -345,9 +335,10 @@ def test_gpu_opcheck(dtype, shrink):
         y, w, probs, stats, norms = torch.ops.daad_ext.block_memory_forward(*args)
     grads = (torch.randn_like(y), torch.randn_like(w))
     for grad_y, grad_w in (grads, (grads[0], None), (None, grads[1])):
-        torch.library.opcheck(torch.ops.daad_ext.block_memory_backward.default,
-                              (grad_y, grad_w, x.detach(), memory.detach(), w, probs, stats, norms,
-                               *args[2:]))
+        for needs in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.daad_ext.block_memory_backward.default,
+                                  (grad_y, grad_w, x.detach(), memory.detach(), w, probs, stats,
+                                   norms, *args[2:], *needs))
 
 
 @needs_gpu
@@ -410,3 +401,39 @@ def test_op_checks_its_arguments(target):
     for message, args in bad.items():
         with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
             fwd(*args)
+
+
+@needs_gpu
+@pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae")])
+def test_gpu_skipped_gradient_is_none_and_the_other_unchanged(similarity, shrink, no_tf32):
+    x, memory, options = _cuda_inputs((3, 8, 16, 16), 70, (2, 2, 2), similarity, shrink,
+                                      torch.float32)
+
+    def grads(x_grad, memory_grad):
+        xx = x.clone().requires_grad_(x_grad)
+        mm = memory.clone().requires_grad_(memory_grad)
+        y, w = block_memory(xx, mm, backend="cuda", **options)
+        (y.square().sum() + w.sum()).backward()
+        return xx.grad, mm.grad
+
+    both, x_only, memory_only = grads(True, True), grads(True, False), grads(False, True)
+    assert x_only[1] is None and memory_only[0] is None
+    assert torch.equal(x_only[0], both[0]) and torch.equal(memory_only[1], both[1])
+
+
+@needs_gpu
+def test_gpu_index_limits_refused_before_launch():
+    """Sizes beyond the kernel's index arithmetic (block_memory_cuda.cu: N, D <= 65535 * 128,
+    B*Q < 2^30) raise a clear error; expanded tensors, so nothing big is allocated."""
+    fwd = torch.ops.daad_ext.block_memory_forward
+    x = torch.zeros(1, 1, 1, 1, device="cuda").expand(2, 4, 8, 8)
+    too_many = torch.zeros(1, 64, device="cuda").expand(65535 * 128 + 1, 64)
+    with pytest.raises(RuntimeError, match="N, D <= 8388480, got .*N=8388481"):
+        fwd(x, too_many, 2, 2, 1, "cosine", "hard", 0.5, 1.0)
+    wide = torch.zeros(1, 1, 1, 1, device="cuda").expand(1, 65535 * 128 + 1, 1, 1)
+    with pytest.raises(RuntimeError, match="D=8388481"):
+        fwd(wide, torch.zeros(1, 1, device="cuda").expand(3, 65535 * 128 + 1), 1, 1, 1,
+            "dot", "none", 0.5, 1.0)
+    rows = torch.zeros(1, 1, 1, 1, device="cuda").expand(2**24, 1, 8, 8)  # B*Q = 2^30
+    with pytest.raises(RuntimeError, match="got B\\*Q=1073741824"):
+        fwd(rows, torch.zeros(3, 1, device="cuda"), 8, 8, 1, "dot", "none", 0.5, 1.0)

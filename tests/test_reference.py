@@ -201,7 +201,6 @@ def test_layer_under_torch_compile_matches_eager():
 
 
 BAD_LAYER_ARGS = [
-    (dict(num_items=0), ValueError, "num_items"),
     (dict(division=(3, 4, 1)), ValueError, "not divisible"),
     (dict(division=(4, 4)), ValueError, "three integers"),
     (dict(threshold=0.0), ValueError, "threshold"),
@@ -210,6 +209,21 @@ BAD_LAYER_ARGS = [
     (dict(similarity="l2"), ValueError, "similarity"),
     (dict(shrink="soft"), ValueError, "shrink"),
     (dict(backend="tpu"), ValueError, "backend"),
+    # Arguments of the wrong kind: clear messages.
+    (dict(channels=0), ValueError, "channels must be an integer >= 1, got 0"),
+    (dict(height=-4), ValueError, "height must be an integer >= 1"),
+    (dict(width=8.0), ValueError, "width must be an integer >= 1, got 8.0"),
+    (dict(num_items=2.5), TypeError, "num_items must be an integer, got float 2.5"),
+    (dict(num_items=0), ValueError, "num_items must be >= 1"),
+    (dict(division=None), ValueError, r"division must be three integers \(rh, rw, rc\), got None"),
+    (dict(division=(4, 4.0, 1)), ValueError, "division must be three integers"),
+    (dict(division="441"), ValueError, "division must be three integers"),
+    (dict(threshold=torch.tensor(0.1)), TypeError,
+     r"threshold must be a Python number, got a tensor of shape \(\); pass float\(threshold\)"),
+    (dict(temperature=torch.tensor([1.0])), TypeError, "temperature must be a Python number"),
+    (dict(threshold="0.1"), TypeError, "threshold must be a real number, got str"),
+    (dict(threshold=True), TypeError, "threshold must be a real number, got bool"),
+    (dict(temperature=1e-39), ValueError, "underflows float32"),
 ]
 
 

@@ -44,19 +44,22 @@ namespace {
 using at::Tensor;
 
 // Argument checks: csrc/op_checks.h, for float32, float16 and bfloat16 CUDA tensors, plus the
-// size limits of this kernel's 32-bit index arithmetic (offsets are 64-bit).
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
-const Backend kBackend{"CUDA", kDeviceType, kDtypes, "float32, float16 and bfloat16"};
-
-Geometry check_cuda_inputs(const Tensor& x, const Tensor& memory, int64_t rh, int64_t rw,
-                           int64_t rc) {
-  const Geometry g = check_inputs(x, memory, rh, rw, rc, kBackend);
-  constexpr int64_t kMax = int64_t(1) << 30;
-  TORCH_CHECK(g.rows() < kMax && g.D < kMax && g.N < kMax,
-              "the daad_ext CUDA kernel supports B*Q, N and D below 2^30, got B*Q=", g.rows(),
-              ", N=", g.N, ", D=", g.D);
-  return g;
+// size limits of this kernel's index arithmetic. Element offsets are 64-bit (the strides of x,
+// grad_y and grad_x, the row and item offsets of the R x N buffers, of M and of grad_M), so
+// C*H*W, B*C*H*W and B*Q*N may pass 2^31; row, item and column indices are 32-bit (common.cuh's
+// Blocks, the tiles), and N and D index the grid's y dimension in tiles of BN, so:
+//   B*Q < 2^30,  N <= 65535 * BN,  D <= 65535 * BN  (BN = 128: 8,388,480).
+void check_cuda_limits(const Geometry& g) {
+  constexpr int64_t kMaxRows = int64_t(1) << 30;
+  constexpr int64_t kMaxTiled = int64_t(65535) * BN;
+  TORCH_CHECK(g.rows() < kMaxRows && g.N <= kMaxTiled && g.D <= kMaxTiled,
+              "the daad_ext CUDA kernel supports B*Q < 2^30 query blocks and N, D <= ", kMaxTiled,
+              ", got B*Q=", g.rows(), ", N=", g.N, ", D=", g.D);
 }
+
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+const Backend kBackend{"CUDA", kDeviceType, kDtypes, "float32, float16 and bfloat16",
+                       &check_cuda_limits};
 
 Blocks make_blocks(const Tensor& t, const Geometry& g) {
   Blocks b{};
@@ -155,8 +158,8 @@ dim3 grid2(int64_t x, int64_t y, int64_t z = 1) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const Tensor& x, const Tensor& memory_in, int64_t rh, int64_t rw, int64_t rc,
     c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
-  const Geometry g = check_cuda_inputs(x, memory_in, rh, rw, rc);
-  const Options o = check_options(similarity, shrink, threshold, temperature);
+  const Geometry g = check_inputs(x, memory_in, rh, rw, rc, kBackend);
+  const Options o = check_options(similarity, shrink, threshold, temperature, x.scalar_type());
   const bool cosine = o.similarity == Similarity::Cosine;
   const bool memae = o.shrink == Shrink::MemAE;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -216,31 +219,30 @@ std::tuple<Tensor, Tensor> backward_cuda(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_w_opt,
     const Tensor& x, const Tensor& memory_in, const Tensor& w_in, const Tensor& probs_in,
     const Tensor& row_stats_in, const Tensor& item_norms_in, int64_t rh, int64_t rw, int64_t rc,
-    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature) {
-  const Geometry g = check_cuda_inputs(x, memory_in, rh, rw, rc);
-  const Options o = check_options(similarity, shrink, threshold, temperature);
-  const Tensor grad_y = optional_grad(grad_y_opt);  // read through its strides
-  Tensor grad_w = optional_grad(grad_w_opt);
-  check_backward_args(g, o, x, w_in, probs_in, row_stats_in, item_norms_in, grad_y, grad_w);
+    c10::string_view similarity, c10::string_view shrink, double threshold, double temperature,
+    bool needs_grad_x, bool needs_grad_memory) {
+  const BackwardArgs args = prepare_backward(
+      grad_y_opt, grad_w_opt, x, memory_in, w_in, probs_in, row_stats_in, item_norms_in, rh, rw,
+      rc, similarity, shrink, threshold, temperature, needs_grad_x, needs_grad_memory, kBackend);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor grad_x, grad_m;
+  std::tie(grad_x, grad_m) = backward_outputs(args, x);
+  if (args.trivial()) return {grad_x, grad_m};
+  const Geometry& g = args.g;
+  const Options& o = args.o;
+  const Tensor& grad_y = args.grad_y;
+  const Tensor& grad_w = args.grad_w;
+  const Tensor& memory = args.memory;
+  const Tensor& w = args.w;
+  const Tensor& probs = args.probs;
+  const Tensor& row_stats = args.row_stats;
+  const Tensor& item_norms = args.item_norms;
   const bool cosine = o.similarity == Similarity::Cosine;
   const bool memae = o.shrink == Shrink::MemAE;
   const bool has_grad_y = grad_y.defined(), has_grad_w = grad_w.defined();
-
-  const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.rows() == 0 || (!has_grad_y && !has_grad_w)) {
-    return {grad_x.zero_(), at::zeros({g.N, g.D}, x.options())};
-  }
-  Tensor grad_m = at::empty({g.N, g.D}, x.options());
-  const Tensor memory = memory_in.contiguous();
-  const Tensor w = w_in.contiguous();
-  const Tensor probs = memae ? probs_in.contiguous() : probs_in;
-  const Tensor row_stats = row_stats_in.contiguous();
-  const Tensor item_norms = item_norms_in.contiguous();
-  if (has_grad_w) grad_w = grad_w.contiguous();
 
   const int rows = static_cast<int>(g.rows()), items = static_cast<int>(g.N);
   const int dim = static_cast<int>(g.D);
@@ -258,7 +260,7 @@ std::tuple<Tensor, Tensor> backward_cuda(
       if (grad_y.strides() != x.strides()) grads.g = block_table(grad_y, g, gy_table_storage, stream);
     }
     BlockTable gx_table = queries.g;
-    if (grad_x.strides() != x.strides()) {
+    if (needs_grad_x && grad_x.strides() != x.strides()) {
       gx_table = has_grad_y && grad_y.strides() == grad_x.strides()
                      ? grads.g
                      : block_table(grad_x, g, gx_table_storage, stream);
@@ -294,16 +296,19 @@ std::tuple<Tensor, Tensor> backward_cuda(
         memae ? mutable_ptr<float>(pbuf) : nullptr, cosine ? mutable_ptr<float>(prod) : nullptr,
         mutable_ptr<E>(a), cosine ? mutable_ptr<float>(coef_q) : nullptr);
 
-    if (cosine) {
+    if (cosine && needs_grad_memory) {
       launch(coldot_kernel, grid2(ceil_div(items, kThreads), 1), kThreads, stream,
              mutable_ptr<float>(prod), rows, items,
              static_cast<const float*>(item_norms.const_data_ptr()), mutable_ptr<float>(coef_m));
     }
 
     const RowMajor<E> a_rm = row_major<E>(a, g.rows(), g.N);
-    launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
-           stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
-           cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
+    if (needs_grad_x) {
+      launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
+             stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
+             cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
+    }
+    if (!needs_grad_memory) return;
 
     launch(gm_kernel<E, kTC>, grid2(ceil_div(items, BM), ceil_div(dim, BN)), kThreads, stream,
         Transposed<RowMajor<E>>{row_major<E>(w, g.rows(), g.N)},

@@ -25,7 +25,7 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using Backward = std::tuple<at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t, int64_t, int64_t, std::string_view, std::string_view, double, double);
+    int64_t, int64_t, int64_t, std::string_view, std::string_view, double, double, bool, bool);
 
 }  // namespace
 
@@ -88,7 +88,7 @@ int main() {
 
   auto [grad_x, grad_memory] =
       backward.call(at::ones_like(y), std::nullopt, x, memory, w, probs, row_stats, item_norms, rh,
-                    rw, rc, "cosine", "none", lam, 1.0);
+                    rw, rc, "cosine", "none", lam, 1.0, true, true);
   expect(grad_x.sizes() == x.sizes() && grad_memory.sizes() == memory.sizes(), "gradient shapes");
   expect(grad_x.isfinite().all().item<bool>() && grad_memory.isfinite().all().item<bool>(),
          "gradients are finite");

@@ -1,0 +1,79 @@
+"""Argument checks of the raw Triton ops, the same as the C++ ops' (csrc/op_checks.h) with
+daad_ext/spec.py's messages, plus what the Triton kernels accept (device, dtype) and the limits of
+their indexing (daad_ext/triton/config.py), all before anything is allocated or launched.
+
+Limits: B*Q <= MAX_ROWS (2**31 - 256), N <= MAX_ITEMS (2**19), D <= MAX_BLOCK_DIM (2**19); every
+element offset is int64, so C*H*W, B*Q*N and the strides of x, y and the memory have no limit of
+their own (a channel stride of 2**30 elements is fine).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import spec
+from .config import MAX_BLOCK_DIM, MAX_ITEMS, MAX_ROWS, SUPPORTED, supports
+
+
+def _check_backend(x: torch.Tensor) -> None:
+    if supports(x.device, x.dtype):
+        return
+    if x.device.type in ("cpu", "cuda") and supports(x.device, torch.float32):
+        raise TypeError(f"the daad_ext Triton kernels support {SUPPORTED}, got dtype {x.dtype}")
+    raise ValueError(f"the daad_ext Triton kernels support {SUPPORTED}, got a tensor on "
+                     f"{x.device}")
+
+
+def _check_limits(batch: int, g: spec.Division, n: int) -> None:
+    rows = batch * g.num_queries
+    for name, value, limit in (("B*Q (query rows)", rows, MAX_ROWS), ("N (memory items)", n,
+                               MAX_ITEMS), ("D (block length)", g.block_dim, MAX_BLOCK_DIM)):
+        if value > limit:
+            raise ValueError(f"the daad_ext Triton kernels take {name} <= {limit}, got {value}; "
+                             "split the batch or use the cpu/cuda backend")
+
+
+def check_forward(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int,
+                  similarity: str, shrink: str, threshold: float,
+                  temperature: float) -> spec.Division:
+    """Checks the forward op's arguments; returns the block geometry."""
+    geometry = spec.check_inputs(x, memory, (rh, rw, rc))
+    _check_backend(x)
+    spec.check_options(similarity, shrink, threshold, temperature, int(memory.shape[0]))
+    spec.check_temperature(temperature, x.dtype)
+    _check_limits(int(x.shape[0]), geometry, int(memory.shape[0]))
+    return geometry
+
+
+def _check_saved(name: str, t: Optional[torch.Tensor], shape: Sequence[int], dtype: torch.dtype,
+                 x: torch.Tensor) -> None:
+    if t is None:
+        raise ValueError(f"{name} is required")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+
+
+def check_backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+                   x: torch.Tensor, memory: torch.Tensor, w: torch.Tensor, probs: torch.Tensor,
+                   row_stats: torch.Tensor, item_norms: torch.Tensor, rh: int, rw: int, rc: int,
+                   similarity: str, shrink: str, threshold: float,
+                   temperature: float) -> spec.Division:
+    """Checks the backward op's arguments: those of the forward, the saved tensors as the forward
+    returned them (probs for MemAE only) and the gradients that are given."""
+    g = check_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
+    weights = (int(x.shape[0]), g.num_queries, int(memory.shape[0]))
+    _check_saved("w", w, weights, x.dtype, x)
+    if shrink == "memae":
+        _check_saved("probs", probs, weights, x.dtype, x)
+    _check_saved("row_stats", row_stats, weights[:2] + (2,), torch.float32, x)
+    _check_saved("item_norms", item_norms, weights[2:], torch.float32, x)
+    if grad_y is not None:
+        _check_saved("grad_y", grad_y, tuple(x.shape), x.dtype, x)
+    if grad_w is not None:
+        _check_saved("grad_w", grad_w, weights, x.dtype, x)
+    return g
