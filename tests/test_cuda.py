@@ -298,6 +298,25 @@ def test_strided_inputs(target, no_tf32):
                 assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae")])
+def test_skipped_gradient(target, similarity, shrink, no_tf32):
+    """A gradient autograd does not ask for is None; the other is bit for bit the same."""
+    shape, num_items, division, *_ = _shapes(target)[2]
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink,
+                                 torch.float32)
+    grad_y = torch.randn_like(x)
+
+    def grads(x_grad, memory_grad):
+        xg, mg = x.clone().requires_grad_(x_grad), memory.clone().requires_grad_(memory_grad)
+        y, w = block_memory(xg, mg, backend=target.backend, **options)
+        (y * grad_y).sum().add(w.square().sum()).backward()
+        return xg.grad, mg.grad
+
+    both, x_only, memory_only = grads(True, True), grads(True, False), grads(False, True)
+    assert x_only[1] is None and memory_only[0] is None
+    assert torch.equal(x_only[0], both[0]) and torch.equal(memory_only[1], both[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic(target, dtype, no_tf32):
     """Two runs give the same bits: no atomics anywhere, grad M included."""
