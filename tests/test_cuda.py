@@ -242,7 +242,7 @@ def test_shapes(target, case, no_tf32):
 def test_tensor_core_shapes(target, dtype, no_tf32):
     """The tensor-core paths (TF32 for float32, fp16, bf16) on shapes of several tiles."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    shape, num_items, division, similarity, _ = _shapes(target)[0]
+    shape, num_items, division, similarity, _ = _shapes(target)[2]  # every tile, ragged edges
     # no shrinkage: half-precision similarities put some weight near any threshold at N = 150
     x, memory, options = _inputs(target, shape, num_items, division, similarity, "none", dtype)
     tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -296,6 +296,25 @@ def test_strided_inputs(target, no_tf32):
         for g in (grad_y, grad_y.to(memory_format=torch.channels_last)):
             for got, expected in zip(run(strided, g), want):
                 assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae")])
+def test_skipped_gradient(target, similarity, shrink, no_tf32):
+    """A gradient autograd does not ask for is None; the other is bit for bit the same."""
+    shape, num_items, division, *_ = _shapes(target)[2]
+    x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink,
+                                 torch.float32)
+    grad_y = torch.randn_like(x)
+
+    def grads(x_grad, memory_grad):
+        xg, mg = x.clone().requires_grad_(x_grad), memory.clone().requires_grad_(memory_grad)
+        y, w = block_memory(xg, mg, backend=target.backend, **options)
+        (y * grad_y).sum().add(w.square().sum()).backward()
+        return xg.grad, mg.grad
+
+    both, x_only, memory_only = grads(True, True), grads(True, False), grads(False, True)
+    assert x_only[1] is None and memory_only[0] is None
+    assert torch.equal(x_only[0], both[0]) and torch.equal(memory_only[1], both[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -26,9 +26,10 @@
 // * half and bf16 from the CUDA toolkit's own headers (host code).
 //
 // Under ThreadSanitizer every fiber is a TSan thread: __syncthreads is the only memory
-// synchronisation between threads of a block (warp collectives exchange values, not memory), and
-// blocks are unordered, so races within and between blocks are reported. Under AddressSanitizer
-// the fiber stacks are annotated, and shared memory arrays are instrumented globals.
+// synchronisation between threads of a block (warp collectives exchange values, not memory), so
+// races between the threads of a block are reported; blocks are ordered one after the other (they
+// share the __shared__ arrays). Under AddressSanitizer the fiber stacks are annotated, and the
+// __shared__ arrays are instrumented globals.
 // What it cannot prove is listed in csrc/cuda/README.md.
 #pragma once
 
