@@ -22,7 +22,7 @@ import torch
 
 from . import ops
 from .reference import assemble_blocks, divide_blocks, shrink_ref, similarity_ref
-from .spec import NORM_EPS, make_division
+from .spec import NORM_EPS, compute_dtype, make_division
 
 #: Fused forward ops (C++, Triton) that share the schema of ``daad_ext::block_memory_forward``.
 FORWARD_OPS = ("block_memory_forward", "block_memory_forward_triton")
@@ -44,7 +44,7 @@ def forward_decomposition(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: in
     lse = torch.logsumexp(logits, dim=-1)
     if shrink == "hard":  # log(w_i) + lse = z_i for the kept items (csrc/block_memory.h)
         lse = lse + torch.log((p * (w > 0)).sum(dim=-1))
-    stats = ops.stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     row_stats = torch.stack([torch.linalg.vector_norm(queries, dim=-1).clamp_min(NORM_EPS), lse],
                             dim=-1).to(stats)
     item_norms = torch.linalg.vector_norm(memory, dim=-1).clamp_min(NORM_EPS).to(stats)
