@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .checkpoint import load_checkpoint, save_checkpoint, stored_config
-from .config import MODEL_NAMES, ModelConfig, TrainConfig
+from .config import DEFAULT_READING, LOSS_READINGS, MODEL_NAMES, ModelConfig, TrainConfig
 from .data import DATASETS, OneClassDataset, config_dataset, dataset_channels
 from .distributed import (DistContext, barrier, mean_over_processes, setup_distributed,
                           teardown_distributed)
@@ -89,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--betas", type=float, nargs=2, help=f"Adam betas (default: {' '.join(map(str, t.betas))})")
     opt.add_argument("--weight-decay", type=float, help=f"(default: {t.weight_decay})")
     opt.add_argument("--loss-weights", type=float, nargs=3, metavar=("REC", "ADV", "ALI"),
-                     help=f"generator loss weights (default: {' '.join(map(str, t.loss_weights))})")
-    opt.add_argument("--rec-loss", choices=REC_REDUCTIONS, help=f"reading of L_rec (default: {t.rec_loss}); see models/losses.py")
-    opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help=f"reading of L_ali and L(x) (default: {t.ali_loss})")
+                     help="generator loss weights (default: those of --losses)")
+    opt.add_argument("--losses", choices=sorted(LOSS_READINGS),
+                     help=f"named reading of the losses: sets --rec-loss, --ali-loss, --d-reset and --loss-weights "
+                          f"where not given (default: {DEFAULT_READING} with a discriminator, old without); "
+                          "see docs/MODELS.md")
+    opt.add_argument("--rec-loss", choices=REC_REDUCTIONS, help="reading of L_rec (default: that of --losses); see models/losses.py")
+    opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help="reading of L_ali and of the score L(x) (default: that of --losses)")
     opt.add_argument("--d-reset", type=float,
-                     help=f"re-initialise the discriminator when its loss falls below this (default: {t.d_reset}; 0: never)")
+                     help="re-initialise the discriminator when its loss falls below this (0: never; default: that of --losses)")
     opt.add_argument("--entropy-weight", type=float, help="MemAE entropy loss weight (default: 0.0002 for memae, else 0)")
     opt.add_argument("--gamma", type=float, help="score fusion weight of R (default: 0.9 with a discriminator, else 1)")
     opt.add_argument("--seed", type=int, help=f"(default: {t.seed})")
@@ -121,6 +125,9 @@ def make_config(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Resume]
         return replace(stored_config(state, path), **given), Resume(state, path)
     if "root" not in given:
         raise ValueError("--root is required (the data folder)")
+    preset = LOSS_READINGS[given.pop("losses")] if "losses" in given else {}
+    for key, value in preset.items():
+        given.setdefault(key, value)
     model = {k: given.pop(k) for k in MODEL_FIELDS if k in given}
     model["in_channels"] = dataset_channels(given.get("dataset", TrainConfig.dataset))
     return TrainConfig(model=ModelConfig(**model), **given), None

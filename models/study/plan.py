@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import DEFAULT_READING
+
 ABLATION = ("ae", "memae", "ae+skip", "daad", "daad+")
 
 
@@ -40,7 +42,7 @@ class Setting:
     num_items: int = 500
     dataset: str = "mvtec"
     train_ratio: float = 0.5
-    readings: tuple[str, ...] = ("old",)
+    readings: tuple[str, ...] = (DEFAULT_READING,)
 
 
 SETTINGS = {
