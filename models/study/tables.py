@@ -173,8 +173,8 @@ def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -
     return [line]
 
 
-def hazelnut_section(setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
-    out = ["## Hazelnut and MNIST (setting `full`)", "",
+def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
+    out = [f"## Hazelnut and MNIST (setting `{name}`)", "",
            f"- Hazelnut at {setting.size}x{setting.size}, width {setting.width}, {setting.epochs} epochs; "
            f"MNIST at {setting.mnist_size}x{setting.mnist_size}, width {setting.mnist_width}, "
            f"{setting.mnist_epochs} epochs, digits {list(setting.digits)}; N = {setting.num_items} items per "
@@ -182,7 +182,7 @@ def hazelnut_section(setting: Setting, s: dict[str, Any], records: list, meta: d
            "- Data: MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test images with "
            "masks); MNIST test set, images 0-4999 for training (the normal digit only), 5000-9999 for testing.",
            f"- Command: `{meta.get('command', '?')}` ({meta.get('jobs', '?')} runs in parallel).",
-           *status_lines("full", records, meta), "",
+           *status_lines(name, records, meta), "",
            "### Ablation on hazelnut (paper Table 3)", "", *ablation_table(s, setting), "",
            "### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting), "",
            "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
@@ -203,8 +203,8 @@ def hazelnut_section(setting: Setting, s: dict[str, Any], records: list, meta: d
     return out + claims(s) + [""]
 
 
-def tile_section(setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
-    return ["## Magnetic tile (setting `tile`)", "",
+def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
+    return [f"## Magnetic tile (setting `{name}`)", "",
             f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
             f"{setting.epochs} epochs, N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
             "paper's learning rates. The smallest size the issue allows: at 64x64 one run takes 2-6 min "
@@ -213,7 +213,7 @@ def tile_section(setting: Setting, s: dict[str, Any], records: list, meta: dict)
             f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "
             "the five `MT_*/Imgs` folders (masks beside the images, >= 128 is defect).",
             "- Smoothed scores: Gaussian of sigma = 4 x 64 / 256 = 1 pixel (anomalib's 4 at 256x256).",
-            f"- Command: `{meta.get('command', '?')}`.", *status_lines("tile", records, meta), "",
+            f"- Command: `{meta.get('command', '?')}`.", *status_lines(name, records, meta), "",
             "### Ablation (paper Table 3)", "", *ablation_table(s, setting), "",
             "### Block size (paper Table 4)", "", *block_table(s, setting), "",
             "### DAAD+ by loss reading and score (paper Table 5; R, L, fused; old and new defaults)", "",
@@ -224,7 +224,9 @@ def tile_section(setting: Setting, s: dict[str, Any], records: list, meta: dict)
             "![](figures/tile_score_distributions.png) ![](figures/tile_auroc_vs_block_size.png)", ""]
 
 
-def results_markdown(parts: dict[str, tuple[Setting, dict, list, dict]]) -> str:
+def results_markdown(parts: dict[str, tuple[str, Setting, dict, list, dict]]) -> str:
+    """The document from ``parts``: "full" (hazelnut and MNIST) and "tile", each (setting name,
+    setting, summary, records, study metadata)."""
     out = ["# Results: DAAD and DAAD+ at laptop scale on real data", "",
            "Made by `models/reproduce.py` from the raw runs in `docs/raw/<setting>/` (one JSON record "
            "and one compressed `.npz` of scores per run); rebuild with `python -m models.reproduce "
@@ -264,7 +266,7 @@ def build_tables(setting_name: str, out: str) -> str:
         records = load_records(raw_dir)
         s = summarise(records, setting)
         draw_figures(s, setting, os.path.join(out, "figures"), "tile_" if setting.dataset == "tile" else "")
-        parts["tile" if setting.dataset == "tile" else "full"] = (setting, s, records, meta)
+        parts["tile" if setting.dataset == "tile" else "full"] = (name, setting, s, records, meta)
     path = os.path.join(out, "RESULTS.md")
     text = results_markdown(parts)
     atomic_write(path, lambda f: f.write(text), binary=False)
