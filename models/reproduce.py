@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", default=None,
                    help="output folder (default: docs/ for the full study, runs/reproduce-quick for --quick)")
     p.add_argument("--data-root", default=None,
-                   help=f"folder holding {HAZELNUT}/ and {MNIST}/ (default: ${DATA_ROOT_ENV}, else "
+                   help=f"folder holding {HAZELNUT}/, {MNIST}/ and {TILE}/ (default: ${DATA_ROOT_ENV}, else "
                         "../shared/data beside the checkout)")
     p.add_argument("--hazelnut", default=None, help=f"the hazelnut folder (default: DATA_ROOT/{HAZELNUT})")
     p.add_argument("--mnist", default=None, help=f"the MNIST IDX folder (default: DATA_ROOT/{MNIST})")

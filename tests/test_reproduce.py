@@ -28,13 +28,15 @@ def test_plan_covers_every_cell_once():
     assert len({r.seed for r in runs}) == 3
 
 
-def test_tile_plan_goes_seed_by_seed_most_telling_first():
+def test_tile_plan_puts_the_most_telling_runs_first():
     runs = plan(SETTINGS["tile"])
-    assert {r.dataset for r in runs} == {"tile"} and len(runs) == 3 * (4 + 3 + 2)
-    assert [r.seed for r in runs] == sorted(r.seed for r in runs)
-    first = runs[:4]
-    assert [(r.model, r.reading) for r in first] == [("daad", ""), ("daad+", "paper"), ("daad+", "ganomaly"),
-                                                      ("daad+", "old")]
+    assert {r.dataset for r in runs} == {"tile"} and len(runs) == len(set(runs)) == 3 * (4 + 3 + 2)
+    assert {r.seed for r in runs[:9]} == {0}  # every cell of seed 0
+    assert [(r.model, r.reading) for r in runs[:3]] == [("daad", ""), ("daad+", "paper"), ("daad+", "ganomaly")]
+    # then DAAD and DAAD+ (default reading) of the other seeds, then its other readings
+    assert [(r.model, r.reading, r.seed) for r in runs[9:13]] == [
+        ("daad", "", 1), ("daad+", "paper", 1), ("daad", "", 2), ("daad+", "paper", 2)]
+    assert {r.reading for r in runs[13:17]} == {"old", "ganomaly"}
 
 
 def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
