@@ -61,12 +61,14 @@ def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.devic
     return ScoreSet(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
 
-def compute_metrics(scores: ScoreSet, gamma: float, image_score: str = "mean", sigma: float = 1.0,
+def compute_metrics(scores: ScoreSet, gamma: float, image_score: str = "mean", sigma: Optional[float] = None,
                     smooth: bool = False) -> dict[str, Any]:
     """Image AUROC of the fused score A(x) whose R is ``image_score`` of the maps (see
     :mod:`models.scoring`), and of R (the mean), of the smoothed maximum and of L alone; pixel
     AUROC (of the maps smoothed by ``sigma`` where ``smooth``) over the images whose mask is known
-    (None where there is none, or no anomalous pixel among them)."""
+    (None where there is none, or no anomalous pixel among them). ``sigma`` defaults to
+    :func:`~models.scoring.default_sigma` of the maps' size."""
+    sigma = default_sigma(scores.maps.shape[-1]) if sigma is None else sigma
     peak = image_scores(scores.maps, "max", sigma)
     fused = fuse_scores(scores.rec if image_score == "mean" else image_scores(scores.maps, image_score, sigma),
                         scores.feat, gamma)

@@ -55,6 +55,10 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, ddp: bool = False) -> None:
+        if ddp and config.d_reset and config.model.variant.adversarial:
+            # Each process would decide on its own loss and draw its own fresh weights.
+            raise ValueError("--d-reset is not supported with DistributedDataParallel (processes would "
+                             "re-initialise the discriminator differently); train with --d-reset 0")
         self.config, self.device = config, device
         # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)

@@ -133,3 +133,10 @@ def test_resume_is_exact_with_discriminator_resets(hazelnut, tmp_path):
     assert "grad_share" in straight.history[0] and "grad_share" in straight.history[-1]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_discriminator_resets_are_refused_under_ddp():
+    config = TrainConfig(model=ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1), num_items=20),
+                         d_reset=1e-5)
+    with pytest.raises(ValueError, match="--d-reset is not supported with DistributedDataParallel"):
+        Trainer(config, torch.device("cpu"), ddp=True)

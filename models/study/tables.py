@@ -204,11 +204,14 @@ def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: li
 
 
 def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
+    seconds = sorted(r["train_s"] for r in records)
+    timing = (f"at 64x64 one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared "
+              f"core (median {statistics.median(seconds) / 60:.0f} min), so the {len(plan(setting))} runs "
+              "already need more than the two hours the issue allows" if seconds else "no run has finished yet")
     return [f"## Magnetic tile (setting `{name}`)", "",
             f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
             f"{setting.epochs} epochs, N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
-            "paper's learning rates. The smallest size the issue allows: at 64x64 one run takes 2-6 min "
-            "on one shared core, and the study's 27 runs already fill about two hours.",
+            f"paper's learning rates. The smallest size the issue allows: {timing}.",
             f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "
             f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "
             "the five `MT_*/Imgs` folders (masks beside the images, >= 128 is defect).",
