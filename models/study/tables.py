@@ -137,7 +137,7 @@ def _mean(values: list[Optional[float]]) -> str:
 def diagnosis_table(s: dict[str, Any]) -> list[str]:
     """What each loss reading does to training: the last epoch's losses, D's accuracy, resets,
     and the share of the generator's gradient from each term (first and last epoch); means over seeds."""
-    out = ["| losses | L_rec | L_adv | L_ali | D loss | D accuracy | D resets | gradient share rec / adv / ali, "
+    out = ["| losses | L_rec | L_adv | L_ali | D loss | D accuracy | epochs with a D reset | gradient share rec / adv / ali, "
            "epoch 1 | same, last epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for r, rs in s["readings"].items():
         if not rs:
@@ -145,7 +145,7 @@ def diagnosis_table(s: dict[str, Any]) -> list[str]:
         last = [(x.get("history") or [x.get("final_losses") or {}])[-1] for x in rs]
         first_share = [(x.get("history") or [{}])[0].get("grad_share") for x in rs]
         last_share = [last_record.get("grad_share") for last_record in last]
-        resets = [sum(h.get("d_reset", 0.0) * 1 for h in x.get("history", [])) if "history" in x else None
+        resets = [sum(h.get("d_reset", 0.0) > 0 for h in x["history"]) if "history" in x else None
                   for x in rs]
 
         def shares(values: list[Optional[dict]]) -> str:
@@ -156,8 +156,9 @@ def diagnosis_table(s: dict[str, Any]) -> list[str]:
                    f"| {_mean([h.get('d_acc') for h in last])} | {_mean(resets)} "
                    f"| {shares(first_share)} | {shares(last_share)} |")
     out += ["", "Losses are the last epoch's means, in each reading's own units (so L_rec and L_ali "
-            "are not comparable across readings; the gradient shares are). D resets: epochs' share of "
-            "steps that re-initialised D, summed over the run."]
+            "are not comparable across readings; the gradient shares are): the norm of the generator's "
+            "gradient from each weighted term alone, as a share of their sum, on one batch. `old` rows "
+            "of runs made before this log existed show only their last losses."]
     return out
 
 
