@@ -11,7 +11,7 @@ from models import reproduce
 from models.atomic import write_json
 from models.study.plan import ABLATION, SETTINGS, Run, Setting, plan
 from models.study.run import execute, portable_command, run_study, save_arrays
-from models.study.tables import build_tables, compare
+from models.study.tables import build_tables, compare, near_chance
 
 
 def test_plan_covers_every_cell_once():
@@ -177,3 +177,11 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
         assert 0 <= metrics[key] <= 1, key
     assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
     assert '{"epoch": 1, "rec": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+
+
+def test_a_study_at_chance_says_so():
+    def cells(value):
+        rs = [{"metrics": {"image_auroc": value, "pixel_auroc": value}}]
+        return {"ablation": {"daad": rs, "daad+": rs}, "readings": {"old": rs}}
+    assert "close to chance" in " ".join(near_chance(cells(0.55)))
+    assert near_chance(cells(0.9)) == [] and near_chance({"ablation": {}, "readings": {}}) == []
