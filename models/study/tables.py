@@ -219,8 +219,8 @@ def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
 def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
     seconds = sorted(r["train_s"] for r in records)
     timing = (f"at 64x64 one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared "
-              f"core (median {statistics.median(seconds) / 60:.0f} min), so the {len(plan(setting))} runs "
-              "already need more than the two hours the issue allows" if seconds else "no run has finished yet")
+              f"core (median {statistics.median(seconds) / 60:.0f} min, more when the machine is busier), "
+              f"and the {len(plan(setting))} runs must fit about two hours" if seconds else "no run has finished yet")
     return [f"## Magnetic tile (setting `{name}`)", "",
             f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
             f"{setting.epochs} epochs, N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
