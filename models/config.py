@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Optional
 
 from daad_ext.functional import check_backend_name
 
+from .losses import check_reductions
+
 
 class Variant(NamedTuple):
     """What a model name switches on: skip connections, the kind of memory, the discriminator."""
@@ -47,6 +49,20 @@ MEMAE_MEMORY = {"similarity": "dot", "shrink": "memae", "threshold": 0.0025}
 MEMAE_ENTROPY_WEIGHT = 0.0002
 #: DAAD's block-wise memory (paper Sec. 3.2): cosine similarity, hard shrinkage at 1/N.
 DAAD_MEMORY = {"similarity": "cosine", "shrink": "hard", "threshold": None}
+
+#: Named readings of the DAAD+ losses (``--losses``): the settings each one fixes.
+#: ``old``: this project's first reading (squared distances; L_ali summed over the 100 features).
+#: ``paper``: the paper's words, Eq. 4 and 6: both terms are L2 norms.
+#: ``ganomaly``: GANomaly / Skip-GANomaly's code: L1 pixel term (weight 50), mean squared feature
+#: difference (weight 1), discriminator re-initialised when its loss falls below 1e-5.
+LOSS_READINGS: dict[str, dict[str, Any]] = {
+    "old": {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
+    "paper": {"rec_loss": "norm", "ali_loss": "norm", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
+    "ganomaly": {"rec_loss": "l1", "ali_loss": "mean_sq", "d_reset": 1e-5, "loss_weights": (50.0, 0.5, 1.0)},
+}
+#: The reading a "+" variant trains with unless told otherwise (chosen by measurement: docs/MODELS.md).
+DEFAULT_READING = "paper"
+
 
 #: Downsampling factor of the generator: four 2x2 max-pools.
 DEPTH = 4
@@ -138,7 +154,12 @@ class TrainConfig:
 
     ``lr`` None means the paper's: 1e-4, or 2e-4 with the adversarial losses. ``gamma`` None means
     0.9 with a discriminator and 1 without. ``entropy_weight`` None means MemAE's 0.0002 for the
-    MemAE variants and 0 otherwise.
+    MemAE variants and 0 otherwise. ``rec_loss`` and ``ali_loss`` are the readings of L_rec and
+    L_ali (:mod:`models.losses`); ``d_reset`` re-initialises the discriminator after a step whose
+    loss fell below it (GANomaly's 1e-5; 0: never); these and ``loss_weights`` default to
+    :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator, to ``"old"`` without.
+    ``normal_dir``, ``abnormal_dirs``, ``mask_dir`` and ``train_ratio`` describe a ``folder`` data
+    set given by its folders (:mod:`models.data`).
     """
 
     dataset: str = "mvtec"
@@ -151,18 +172,37 @@ class TrainConfig:
     lr: Optional[float] = None
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    loss_weights: tuple[float, float, float] = (50.0, 0.5, 0.5)
+    loss_weights: Optional[tuple[float, float, float]] = None
     entropy_weight: Optional[float] = None
     gamma: Optional[float] = None
+    rec_loss: Optional[str] = None
+    ali_loss: Optional[str] = None
+    d_reset: Optional[float] = None
     seed: int = 0
     workers: int = 0
     eval_every: int = 0
+    normal_dir: Optional[str] = None
+    abnormal_dirs: tuple[str, ...] = ()
+    mask_dir: Optional[str] = None
+    train_ratio: float = 0.8
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
         self.betas = tuple(self.betas)
+        # Unset loss settings come from the default reading; without a discriminator only L_rec
+        # exists, and it keeps the first reading (mse) so that the baselines' results stand.
+        reading = LOSS_READINGS[DEFAULT_READING if self.model.variant.adversarial else "old"]
+        for key, value in reading.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.loss_weights = tuple(self.loss_weights)
+        self.abnormal_dirs = tuple(self.abnormal_dirs)
+        check_reductions(self.rec_loss, self.ali_loss)
+        if self.d_reset < 0:
+            raise ValueError(f"d_reset must be >= 0 (0: never), got {self.d_reset}")
+        if not 0 < self.train_ratio < 1:
+            raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
         if self.epochs < 0 or self.batch < 1:
             raise ValueError(f"epochs must be >= 0 and batch >= 1, got {self.epochs}, {self.batch}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
@@ -202,4 +242,9 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
-        return cls(**data)
+        # A checkpoint written before the loss readings were options was trained with these.
+        return cls(**{**LEGACY_LOSSES, **data})
+
+
+#: The loss readings of checkpoints that do not name theirs (written before they were options).
+LEGACY_LOSSES = {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0}

@@ -17,6 +17,13 @@ Layouts (``root`` is the folder given by ``--root``):
 * ``cifar10``: torchvision's CIFAR-10 under ``root/cifar-10-batches-py`` (never downloaded),
   one class normal, the same one-class protocol. 3 channels.
 * ``folder``: ``root/train/*`` normal images; ``root/test/normal/*`` and ``root/test/anomalous/*``.
+  Or, given by its folders (:class:`FolderSpec`, as anomalib's ``Folder``): a folder of normal
+  images, folders of abnormal ones and, optionally, a folder of masks (else masks lie beside
+  their images), all below ``root``; a mask is matched to its image by file stem (``NAME.png``
+  or ``NAME_mask.png`` for ``NAME.jpg``; a file that is the mask of another is not an image).
+  The normal images are split into train and test by a fixed seeded permutation
+  (:data:`SPLIT_SEED`, the same for every run) at ``train_ratio``; the test split adds every
+  abnormal image.
 
 Image files (``mvtec``, ``folder``) are all decoded once when the data set is built, before any
 training (see :mod:`models.images` for the formats read and the files ignored):
@@ -43,6 +50,7 @@ from __future__ import annotations
 import gzip
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -62,6 +70,18 @@ MNIST_IDX_SPLIT = 5000
 CHANNELS = {"mvtec": 3, "mnist": 1, "cifar10": 3, "folder": 3}
 #: Environment variable naming the folder that holds the real data sets.
 DATA_ROOT_ENV = "DAAD_DATA_ROOT"
+#: Seed of the permutation that splits a folder data set's normal images into train and test.
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    """A ``folder`` data set by its folders, relative to the root (see the module docstring)."""
+
+    normal_dir: str
+    abnormal_dirs: tuple[str, ...] = ()
+    mask_dir: Optional[str] = None
+    train_ratio: float = 0.8
 
 
 class DataWarning(UserWarning):
@@ -126,22 +146,34 @@ class OneClassDataset(Dataset):
         self.has_masks = any(p is not None for p in self.mask_paths)
         self.mask_known = (list(mask_known) if mask_known is not None
                            else [p is not None for p in self.mask_paths])
+        #: Decoded, resized items by index: each file is decoded once per process, not every epoch.
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.names)
 
     def without_augmentation(self) -> "OneClassDataset":
         """The same items, not flipped (to score the training images): no file is read again."""
-        return OneClassDataset(self.names, self.labels, self.channels, self.size, self.mask_paths,
-                               self.arrays, augment=False, mask_known=self.mask_known)
+        plain = OneClassDataset(self.names, self.labels, self.channels, self.size, self.mask_paths,
+                                self.arrays, augment=False, mask_known=self.mask_known)
+        plain._cache = self._cache
+        return plain
 
-    def __getitem__(self, index: int) -> dict:
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index in self._cache:
+            return self._cache[index]
         if self.arrays is None:
             image = load_image(self.names[index], self.channels, self.size)
         else:
             image = prepare(self.arrays[index], self.size)
         mask_path = self.mask_paths[index]
         mask = load_mask(mask_path, self.size) if mask_path else torch.zeros(1, self.size, self.size)
+        if self.arrays is None:  # array data sets are already in memory
+            self._cache[index] = image, mask
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self._load(index)
         if self.augment:
             # Random horizontal and vertical flips (the paper's augmentation), from torch's RNG
             # so that the run's seed fixes them.
@@ -236,6 +268,64 @@ def folder_dataset(root: Path, split: str, size: int, augment: bool, skip_bad_im
     return file_dataset([p for p, _ in files], [label for _, label in files], size, augment, skip_bad_images)
 
 
+def images_and_masks(folder: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The images of ``folder`` and the masks beside them by image stem: ``NAME_mask.*`` is the
+    mask of ``NAME``, and so is ``NAME.png`` where ``NAME`` has an image of another extension."""
+    files = list_images(folder)
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path)
+    masks = {}
+    for path in files:
+        if path.stem.endswith("_mask") and path.stem[:-5] in by_stem:
+            masks[path.stem[:-5]] = path
+        elif path.suffix.lower() == ".png" and len(by_stem[path.stem]) > 1:
+            masks[path.stem] = path
+    taken = set(masks.values())
+    images = [p for p in files if p not in taken]
+    if not images:
+        raise FileNotFoundError(f"{folder} holds only masks, no image")
+    return images, masks
+
+
+def mask_folder(folder: Path) -> dict[str, Path]:
+    """The masks of a mask folder by the stem of their image (``NAME.*`` or ``NAME_mask.*``)."""
+    masks = {}
+    for path in list_images(folder):
+        stem = path.stem[:-5] if path.stem.endswith("_mask") else path.stem
+        masks.setdefault(stem, path)
+    return masks
+
+
+def split_normal(files: Sequence[Path], train_ratio: float) -> tuple[list[Path], list[Path]]:
+    """Train and test share of the normal images: a permutation fixed by :data:`SPLIT_SEED`."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
+    cut = int(round(train_ratio * len(files)))
+    if not 0 < cut < len(files):
+        raise ValueError(f"train_ratio {train_ratio} leaves no normal image for train or for test "
+                         f"({len(files)} normal images)")
+    return [files[i] for i in sorted(order[:cut])], [files[i] for i in sorted(order[cut:])]
+
+
+def spec_dataset(root: Path, spec: FolderSpec, split: str, size: int, augment: bool,
+                 skip_bad_images: bool) -> OneClassDataset:
+    """A ``folder`` data set given by its folders (see :class:`FolderSpec`)."""
+    normal, _ = images_and_masks(root / spec.normal_dir)
+    train, test = split_normal(normal, spec.train_ratio)
+    if split == "train":
+        return file_dataset(train, [0] * len(train), size, augment, skip_bad_images)
+    separate = mask_folder(root / spec.mask_dir) if spec.mask_dir else None
+    files, masks = list(test), [None] * len(test)  # a normal image's mask is known: all zeros
+    for folder in spec.abnormal_dirs:
+        images, beside = images_and_masks(root / folder)
+        found = separate if separate is not None else beside
+        files += images
+        masks += [str(found[p.stem]) if p.stem in found else None for p in images]
+    labels = [0] * len(test) + [1] * (len(files) - len(test))
+    return file_dataset(files, labels, size, augment, skip_bad_images,
+                        masks if spec.abnormal_dirs else None)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzipped or not) of unsigned bytes, as MNIST ships them."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -309,11 +399,12 @@ def one_class_dataset(name: str, root: Path, split: str, size: int, normal_class
 
 def build_dataset(name: str, root: str, split: str, size: int, normal_class: int = 0,
                   category: Optional[str] = None, augment: bool = False,
-                  skip_bad_images: bool = False) -> OneClassDataset:
+                  skip_bad_images: bool = False, folders: Optional[FolderSpec] = None) -> OneClassDataset:
     """The ``split`` ("train" or "test") of dataset ``name`` under ``root``, resized to ``size``.
 
     ``category`` selects a sub-folder of ``root`` (an MVTec AD category of a full MVTec root).
     ``skip_bad_images`` leaves unreadable image files out with a warning instead of raising.
+    ``folders`` gives a ``folder`` data set by its folders instead of the train/test layout.
     """
     check_dataset_name(name)
     if split not in ("train", "test"):
@@ -323,6 +414,8 @@ def build_dataset(name: str, root: str, split: str, size: int, normal_class: int
         raise FileNotFoundError(f"dataset root not found: {path}")
     if name == "mvtec":
         dataset = mvtec_dataset(path, split, size, augment, skip_bad_images)
+    elif name == "folder" and folders is not None:
+        dataset = spec_dataset(path, folders, split, size, augment, skip_bad_images)
     elif name == "folder":
         dataset = folder_dataset(path, split, size, augment, skip_bad_images)
     else:
@@ -335,6 +428,8 @@ def build_dataset(name: str, root: str, split: str, size: int, normal_class: int
 def config_dataset(config: "TrainConfig", split: str, root: Optional[str] = None, augment: bool = False,
                    skip_bad_images: bool = False) -> OneClassDataset:
     """The ``split`` of the data set a run's config names, under ``root`` (default: the config's)."""
+    folders = (FolderSpec(config.normal_dir, config.abnormal_dirs, config.mask_dir, config.train_ratio)
+               if config.normal_dir else None)
     return build_dataset(config.dataset, root or config.root, split, size=config.model.size,
                          normal_class=config.normal_class, category=config.category,
-                         augment=augment, skip_bad_images=skip_bad_images)
+                         augment=augment, skip_bad_images=skip_bad_images, folders=folders)

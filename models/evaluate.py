@@ -29,7 +29,7 @@ from .distributed import resolve_device
 from .inference import ScoreSet, collect_scores, compute_metrics, load_detector
 from .networks import AnomalyDetector
 from .plots import save_heatmap, save_roc
-from .scoring import fuse_scores
+from .scoring import IMAGE_SCORES, default_sigma, fuse_scores, image_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave unreadable image files out with a warning (default: stop, listing them)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gamma", type=float, help="fusion weight of R (default: the checkpoint's)")
+    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
+                   help="R of the image score: mean of the anomaly map (the paper) or max of the smoothed map "
+                        "(anomalib; for small defects) (default: mean)")
+    p.add_argument("--sigma", type=float, help="Gaussian sigma in pixels of --image-score max and --smooth-maps "
+                                               "(default: 4 at 256x256, scaled with the input size)")
+    p.add_argument("--smooth-maps", action="store_true", help="pixel AUROC of the smoothed anomaly maps")
     p.add_argument("--num-heatmaps", type=int, default=8, help="test images to draw (default: 8)")
     p.add_argument("--batch", type=int, default=16, help="evaluation batch size (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
@@ -59,15 +65,19 @@ def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
 
 def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optional[float] = None,
              num_heatmaps: int = 8, batch: int = 16, device: str = "auto",
-             skip_bad_images: bool = False) -> dict[str, Any]:
-    """Writes metrics.json, roc.png and heat maps to ``out``; returns the metrics."""
+             skip_bad_images: bool = False, image_score: str = "mean", sigma: Optional[float] = None,
+             smooth: bool = False) -> dict[str, Any]:
+    """Writes metrics.json, roc.png and heat maps to ``out``; returns the metrics. ``image_score``,
+    ``sigma`` and ``smooth``: see :func:`models.inference.compute_metrics`."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
     test_set = config_dataset(config, "test", root=root, skip_bad_images=skip_bad_images)
     gamma = config.fusion_gamma if gamma is None else gamma
-    scores = collect_scores(model, test_set, dev, batch)
-    metrics = compute_metrics(scores, gamma, [test_set.names[i] for i in scores.indices])
-    fused = fuse_scores(scores.rec, scores.feat, gamma)
+    sigma = default_sigma(config.model.size) if sigma is None else sigma
+    scores = collect_scores(model, test_set, dev, batch, config.ali_loss)
+    metrics = compute_metrics(scores, gamma, image_score, sigma, smooth,
+                              names=[test_set.names[i] for i in scores.indices])
+    fused = fuse_scores(image_scores(scores.maps, image_score, sigma), scores.feat, gamma)
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model,
               "dataset": config.dataset, "size": config.model.size, "epoch": state["epoch"],
@@ -103,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.out, args.root, args.gamma, args.num_heatmaps,
-                          args.batch, args.device, args.skip_bad_images)
+                          args.batch, args.device, args.skip_bad_images, args.image_score, args.sigma,
+                          args.smooth_maps)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",

@@ -23,7 +23,8 @@ from .checkpoint import load_checkpoint, restore_networks, stored_config
 from .config import TrainConfig
 from .metrics import aupro, auroc_per_defect, best_f1
 from .networks import AnomalyDetector
-from .scoring import fuse_scores, image_auroc, pixel_auroc
+from .scoring import (default_sigma, fuse_scores, image_auroc, image_scores, pixel_auroc,
+                      smooth_maps)
 
 
 class ScoreSet(NamedTuple):
@@ -41,13 +42,14 @@ class ScoreSet(NamedTuple):
 
 @torch.no_grad()
 def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.device,
-                   batch: int = 16) -> ScoreSet:
-    """Raw scores of every item of ``dataset`` (in order), with the model in eval mode."""
+                   batch: int = 16, ali_reduction: str = "sum_sq") -> ScoreSet:
+    """Raw scores of every item of ``dataset`` (in order), with the model in eval mode; L(x)
+    reduced by ``ali_reduction`` (the run's ``TrainConfig.ali_loss``)."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ScoreSet._fields}
     for item in DataLoader(dataset, batch_size=batch, shuffle=False):
-        s = model.score(item["image"].to(device))
+        s = model.score(item["image"].to(device), ali_reduction)
         parts["labels"].append(item["label"].numpy())
         parts["rec"].append(s.rec.cpu().numpy())
         parts["maps"].append(s.error_map.cpu().numpy())
@@ -60,19 +62,30 @@ def collect_scores(model: AnomalyDetector, dataset: Dataset, device: torch.devic
     return ScoreSet(**{k: np.concatenate(v) if v else None for k, v in parts.items()})
 
 
-def compute_metrics(scores: ScoreSet, gamma: float, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Image AUROC of the fused score (and of R and L alone), pixel AUROC over the images whose
-    mask is known (None where there is none, or no anomalous pixel among them); AUPRO, the best
-    image F1 and, given the images' ``names`` (in ``scores`` order), the image AUROC of each
-    defect type (:mod:`models.metrics`)."""
-    fused = fuse_scores(scores.rec, scores.feat, gamma)
-    metrics: dict[str, Any] = {"gamma": gamma, "image_auroc": image_auroc(scores.labels, fused),
-                               "image_auroc_rec": image_auroc(scores.labels, scores.rec)}
+def compute_metrics(scores: ScoreSet, gamma: float, image_score: str = "mean", sigma: Optional[float] = None,
+                    smooth: bool = False, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Image AUROC of the fused score A(x) whose R is ``image_score`` of the maps (see
+    :mod:`models.scoring`), and of R (the mean), of the smoothed maximum and of L alone; pixel
+    AUROC and AUPRO (of the maps smoothed by ``sigma`` where ``smooth``) over the images whose mask
+    is known (None where there is none, or no anomalous pixel among them); the best image F1 and,
+    given the images' ``names`` (in ``scores`` order), the image AUROC of each defect type
+    (:mod:`models.metrics`). ``sigma`` defaults to :func:`~models.scoring.default_sigma` of the
+    maps' size."""
+    sigma = default_sigma(scores.maps.shape[-1]) if sigma is None else sigma
+    peak = image_scores(scores.maps, "max", sigma)
+    fused = fuse_scores(scores.rec if image_score == "mean" else image_scores(scores.maps, image_score, sigma),
+                        scores.feat, gamma)
+    metrics: dict[str, Any] = {"gamma": gamma, "image_score": image_score, "sigma": sigma,
+                               "image_auroc": image_auroc(scores.labels, fused),
+                               "image_auroc_rec": image_auroc(scores.labels, scores.rec),
+                               "image_auroc_max": image_auroc(scores.labels, peak)}
     if scores.feat is not None:
         metrics["image_auroc_feat"] = image_auroc(scores.labels, scores.feat)
     known = scores.mask_known
-    metrics["pixel_auroc"] = pixel_auroc(scores.masks[known], scores.maps[known]) if known.any() else None
-    metrics["aupro"] = aupro(scores.masks[known], scores.maps[known]) if known.any() else None
+    maps = smooth_maps(scores.maps[known], sigma) if smooth else scores.maps[known]
+    metrics["pixel_auroc"] = pixel_auroc(scores.masks[known], maps) if known.any() else None
+    metrics["aupro"] = aupro(scores.masks[known], maps) if known.any() else None
+    metrics["pixel_smoothed"] = smooth
     metrics["image_f1"], metrics["image_f1_threshold"] = best_f1(scores.labels, fused)
     if names is not None:
         metrics["image_auroc_per_defect"] = auroc_per_defect(scores.labels, fused, names)
@@ -81,7 +94,9 @@ def compute_metrics(scores: ScoreSet, gamma: float, names: Optional[Sequence[str
 
 def calibration(scores: ScoreSet) -> dict[str, float]:
     """Ranges of R, L and the pixel errors on normal images, to score single images later."""
+    peak = image_scores(scores.maps, "max", default_sigma(scores.maps.shape[-1]))
     result = {"rec_min": float(scores.rec.min()), "rec_max": float(scores.rec.max()),
+              "max_min": float(peak.min()), "max_max": float(peak.max()),
               "map_max": float(np.quantile(scores.maps, 0.999))}
     if scores.feat is not None:
         result.update(feat_min=float(scores.feat.min()), feat_max=float(scores.feat.max()))

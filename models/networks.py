@@ -25,6 +25,7 @@ from torch import nn
 from daad_ext import BlockMemory
 
 from .config import DEPTH, ModelConfig
+from .losses import feature_distance
 
 #: Length of the discriminator's representation f_D (Table 8).
 FEATURE_DIM = 100
@@ -143,7 +144,8 @@ class Scores(NamedTuple):
     error_map: torch.Tensor
     #: R(x): the mean squared pixel error, (B,).
     rec: torch.Tensor
-    #: L(x): the squared distance of f_D(x) and f_D(x_hat), (B,); None without a discriminator.
+    #: L(x): the distance of f_D(x) and f_D(x_hat), reduced as the run's L_ali, (B,); None
+    #: without a discriminator.
     feat: Optional[torch.Tensor]
 
 
@@ -161,11 +163,12 @@ class AnomalyDetector(nn.Module):
         return list(self.generator.memories.values())
 
     @torch.no_grad()
-    def score(self, x: torch.Tensor) -> Scores:
-        """Raw (unscaled) anomaly scores of a batch in [-1, 1]; run in eval mode."""
+    def score(self, x: torch.Tensor, ali_reduction: str = "sum_sq") -> Scores:
+        """Raw (unscaled) anomaly scores of a batch in [-1, 1]; run in eval mode. L(x) is reduced
+        as L_ali was in training (``TrainConfig.ali_loss``, see :mod:`models.losses`)."""
         x_hat = self.generator(x).reconstruction
         error_map = (x - x_hat).pow(2).mean(dim=1)
         feat = None
         if self.discriminator is not None:
-            feat = (self.discriminator(x)[1] - self.discriminator(x_hat)[1]).pow(2).sum(dim=1)
+            feat = feature_distance(self.discriminator(x)[1], self.discriminator(x_hat)[1], ali_reduction)
         return Scores(x_hat, error_map, error_map.flatten(1).mean(dim=1), feat)

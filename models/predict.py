@@ -21,7 +21,7 @@ from .data import load_image
 from .distributed import resolve_device
 from .inference import load_detector
 from .plots import save_heatmap
-from .scoring import fuse_scores
+from .scoring import IMAGE_SCORES, default_sigma, fuse_scores, image_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to score")
     p.add_argument("--out", default="predictions", help="folder for the heat maps (default: predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
+    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
+                   help="R: mean of the anomaly map (the paper) or max of the smoothed map (anomalib) (default: mean)")
     return p
 
 
-def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "auto") -> list[dict]:
-    """Scores of ``images``; writes ``<out>/<stem>_heatmap.png`` for each."""
+def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "auto",
+            image_score: str = "mean") -> list[dict]:
+    """Scores of ``images``; writes ``<out>/<stem>_heatmap.png`` for each. With ``image_score``
+    "max", R is the maximum of the map smoothed by the default sigma (scaled by its range on
+    the training images too)."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
     calib = state.get("calibration")
@@ -50,10 +55,17 @@ def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "aut
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
         x = load_image(path, config.model.in_channels, config.model.size)
-        s = model.score(x[None].to(dev))
+        s = model.score(x[None].to(dev), config.ali_loss)
         rec = s.rec.cpu().numpy()
         feat = s.feat.cpu().numpy() if s.feat is not None else None
-        score = fuse_scores(rec, feat, gamma, (calib["rec_min"], calib["rec_max"]),
+        r, r_range = rec, (calib["rec_min"], calib["rec_max"])
+        if image_score == "max":
+            if "max_min" not in calib:
+                raise ValueError(f"{checkpoint} has no calibration of the max score (trained before it existed): "
+                                 "use --image-score mean")
+            r = image_scores(s.error_map.cpu().numpy(), "max", default_sigma(config.model.size))
+            r_range = (calib["max_min"], calib["max_max"])
+        score = fuse_scores(r, feat, gamma, r_range,
                             (calib["feat_min"], calib["feat_max"]) if feat is not None else None)
         heatmap = os.path.join(out, f"{Path(path).stem}_heatmap.png")
         save_heatmap(x, s.reconstruction[0], s.error_map[0].cpu().numpy(), calib["map_max"], heatmap,
@@ -67,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        results = predict(args.checkpoint, args.images, args.out, args.device)
+        results = predict(args.checkpoint, args.images, args.out, args.device, args.image_score)
     except (ValueError, OSError) as e:  # OSError: missing or unreadable images
         parser.error(str(e))
     for r in results:

@@ -1,7 +1,11 @@
 """Anomaly scores and metrics: min-max scaling, the fused score A(x), image and pixel AUROC.
 
-A(x) = gamma * R(x) + (1 - gamma) * L(x), with R (mean squared pixel error) and L (squared
-feature distance) each min-max scaled to [0, 1] over the evaluated set (paper Sec. 3.4).
+A(x) = gamma * R(x) + (1 - gamma) * L(x), with R and L (the feature distance, reduced as the
+run's L_ali) each min-max scaled to [0, 1] over the evaluated set (paper Sec. 3.4). R is the
+image score of the pixel anomaly map (the squared error per pixel): ``"mean"``, its mean (the
+paper's R), or ``"max"``, the maximum of the map smoothed by a Gaussian (anomalib's image score:
+a small defect is not drowned by the background's error). Pixel maps may be smoothed the same
+way before the pixel AUROC.
 
 Example:
     >>> import numpy as np
@@ -14,7 +18,35 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score, roc_curve
+
+IMAGE_SCORES = ("mean", "max")
+#: anomalib's Gaussian sigma (4 pixels at 256x256), scaled with the input size.
+SIGMA_AT_256 = 4.0
+
+
+def default_sigma(size: int) -> float:
+    """anomalib's sigma of 4 pixels at 256x256, scaled to ``size`` (1 pixel at 64x64)."""
+    return SIGMA_AT_256 * size / 256
+
+
+def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Each (H, W) map of ``maps`` (n, H, W) blurred by a Gaussian of ``sigma`` pixels (truncated at
+    4 sigma, reflected at the border, as anomalib's kernel of 2 * int(4 sigma + 0.5) + 1 taps)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    return gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0) if sigma > 0 else maps
+
+
+def image_scores(maps: np.ndarray, how: str = "mean", sigma: float = 1.0) -> np.ndarray:
+    """One score per anomaly map: its mean (R, the paper) or the maximum of its smoothed copy
+    (anomalib)."""
+    if how not in IMAGE_SCORES:
+        raise ValueError(f"unknown image score {how!r}; choose one of {IMAGE_SCORES}")
+    maps = np.asarray(maps, dtype=np.float64)
+    if how == "mean":
+        return maps.reshape(len(maps), -1).mean(axis=1)
+    return smooth_maps(maps, sigma).reshape(len(maps), -1).max(axis=1)
 
 
 def min_max(values: np.ndarray, low: Optional[float] = None, high: Optional[float] = None) -> np.ndarray:

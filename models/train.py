@@ -33,11 +33,12 @@ from tqdm import tqdm
 from .amp import AMP_DTYPES
 from .atomic import write_json
 from .checkpoint import load_checkpoint, save_checkpoint, stored_config
-from .config import MODEL_NAMES, ModelConfig, TrainConfig
+from .config import DEFAULT_READING, LOSS_READINGS, MODEL_NAMES, ModelConfig, TrainConfig
 from .data import DATASETS, OneClassDataset, config_dataset, dataset_channels
 from .distributed import (DistContext, barrier, mean_over_processes, setup_distributed,
                           teardown_distributed)
 from .inference import calibration, collect_scores, compute_metrics
+from .losses import ALI_REDUCTIONS, REC_REDUCTIONS
 from .trainer import DivergenceError, Trainer
 
 MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--root", help="data folder: an MVTec AD category, the MNIST/CIFAR root or an image folder")
     data.add_argument("--category", help="sub-folder of --root to use (an MVTec AD category)")
     data.add_argument("--normal-class", type=int, help=f"MNIST/CIFAR-10 class that is normal (default: {t.normal_class})")
+    data.add_argument("--normal-dir", help="folder data set: folder of normal images below --root")
+    data.add_argument("--abnormal-dirs", nargs="+", help="folder data set: folders of abnormal images below --root")
+    data.add_argument("--mask-dir", help="folder data set: folder of masks below --root (default: beside the images)")
+    data.add_argument("--train-ratio", type=float,
+                      help=f"folder data set: share of the normal images used for training (default: {t.train_ratio})")
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave unreadable image files out with a warning (default: stop, listing them)")
     net = p.add_argument_group("model")
@@ -84,7 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--betas", type=float, nargs=2, help=f"Adam betas (default: {' '.join(map(str, t.betas))})")
     opt.add_argument("--weight-decay", type=float, help=f"(default: {t.weight_decay})")
     opt.add_argument("--loss-weights", type=float, nargs=3, metavar=("REC", "ADV", "ALI"),
-                     help=f"generator loss weights (default: {' '.join(map(str, t.loss_weights))})")
+                     help="generator loss weights (default: those of --losses)")
+    opt.add_argument("--losses", choices=sorted(LOSS_READINGS),
+                     help=f"named reading of the losses: sets --rec-loss, --ali-loss, --d-reset and --loss-weights "
+                          f"where not given (default: {DEFAULT_READING} with a discriminator, old without); "
+                          "see docs/MODELS.md")
+    opt.add_argument("--rec-loss", choices=REC_REDUCTIONS, help="reading of L_rec (default: that of --losses); see models/losses.py")
+    opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help="reading of L_ali and of the score L(x) (default: that of --losses)")
+    opt.add_argument("--d-reset", type=float,
+                     help="re-initialise the discriminator when its loss falls below this (0: never; default: that of --losses)")
     opt.add_argument("--entropy-weight", type=float, help="MemAE entropy loss weight (default: 0.0002 for memae, else 0)")
     opt.add_argument("--gamma", type=float, help="score fusion weight of R (default: 0.9 with a discriminator, else 1)")
     opt.add_argument("--seed", type=int, help=f"(default: {t.seed})")
@@ -115,6 +129,9 @@ def make_config(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Resume]
         return replace(stored_config(state, path), **given), Resume(state, path)
     if "root" not in given:
         raise ValueError("--root is required (the data folder)")
+    preset = LOSS_READINGS[given.pop("losses")] if "losses" in given else {}
+    for key, value in preset.items():
+        given.setdefault(key, value)
     model = {k: given.pop(k) for k in MODEL_FIELDS if k in given}
     model["in_channels"] = dataset_channels(given.get("dataset", TrainConfig.dataset))
     return TrainConfig(model=ModelConfig(**model), **given), None
@@ -171,15 +188,17 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
         record = {"epoch": epoch, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
                   "time_s": round(time.perf_counter() - start, 3)}
         if ctx.is_main:
+            if epoch in (1, config.epochs) and steps:  # which loss term drives the generator
+                record["grad_share"] = trainer.gradient_shares(item["image"].to(ctx.device))
             if config.eval_every and epoch % config.eval_every == 0:
                 test_set = test_set or config_dataset(config, "test", skip_bad_images=skip_bad_images)
-                scores = collect_scores(trainer.model, test_set, ctx.device, config.batch)
+                scores = collect_scores(trainer.model, test_set, ctx.device, config.batch, config.ali_loss)
                 metrics = compute_metrics(scores, config.fusion_gamma)
                 record.update(image_auroc=metrics["image_auroc"], pixel_auroc=metrics["pixel_auroc"])
             calib = None
             if epoch == config.epochs:
                 plain = train_set.without_augmentation()
-                calib = calibration(collect_scores(trainer.model, plain, ctx.device, config.batch))
+                calib = calibration(collect_scores(trainer.model, plain, ctx.device, config.batch, config.ali_loss))
             trainer.end_epoch(record, calib)
             save_checkpoint(trainer.state_dict(), checkpoint)
             write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)

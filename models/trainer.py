@@ -7,10 +7,13 @@ Example:
     >>> config = TrainConfig(model=ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1)))
     >>> trainer = Trainer(config, torch.device("cpu"))
     >>> sorted(trainer.train_step(torch.rand(2, 3, 32, 32) * 2 - 1))
-    ['adv', 'ali', 'd', 'g', 'rec']
+    ['adv', 'ali', 'd', 'd_acc', 'd_reset', 'g', 'rec']
+    >>> sorted(trainer.gradient_shares(torch.rand(2, 3, 32, 32) * 2 - 1))
+    ['adv', 'ali', 'rec']
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
@@ -21,7 +24,8 @@ from torch.nn.utils import get_total_norm
 from .amp import MixedPrecision
 from .checkpoint import load_into, restore_networks
 from .config import TrainConfig
-from .losses import LossWeights, discriminator_loss, generator_loss
+from .losses import (LossWeights, discriminator_accuracy, discriminator_loss, generator_loss,
+                     generator_terms, weight_of)
 from .networks import AnomalyDetector
 
 
@@ -32,6 +36,14 @@ class DivergenceError(RuntimeError):
 def largest_gradient(module: torch.nn.Module) -> torch.Tensor:
     """max |grad| over the parameters of ``module``, on their device (NaN or inf if any is)."""
     return get_total_norm([p.grad for p in module.parameters() if p.grad is not None], norm_type=math.inf)
+
+
+def reinitialise(module: torch.nn.Module) -> None:
+    """Fresh weights for every layer of ``module`` (PyTorch's default initialisation), as
+    GANomaly re-initialises a collapsed discriminator; draws from torch's global RNG."""
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
 
 
 class Trainer:
@@ -45,6 +57,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, device: torch.device, ddp: bool = False,
                  amp: Optional[torch.dtype] = None) -> None:
+        if ddp and config.d_reset and config.model.variant.adversarial:
+            # Each process would decide on its own loss and draw its own fresh weights.
+            raise ValueError("--d-reset is not supported with DistributedDataParallel (processes would "
+                             "re-initialise the discriminator differently); train with --d-reset 0")
         self.config, self.device = config, device
         self.amp = MixedPrecision(device, amp)
         # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
@@ -59,6 +75,7 @@ class Trainer:
                       if self.discriminator is not None else None)
         rec, adv, ali = config.loss_weights
         self.loss_weights = LossWeights(rec, adv, ali, config.memae_entropy_weight)
+        self.reductions = dict(rec_reduction=config.rec_loss, ali_reduction=config.ali_loss)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.calibration: Optional[dict[str, float]] = None
@@ -70,7 +87,10 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=device_ids)
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One generator step, then one discriminator step; returns the losses.
+        """One generator step, then one discriminator step; returns the losses, with the
+        discriminator's accuracy (``d_acc``, on x and the x_hat of before the step) and whether it
+        was re-initialised after this step (``d_reset``, 1 or 0: its loss fell below
+        ``config.d_reset``).
 
         The losses and the largest gradient of each network come from the device in one transfer
         at the end, the step's only host sync. If any is NaN or infinite, raises
@@ -88,7 +108,8 @@ class Trainer:
                 logit_fake, feature_fake = self.discriminator(x_hat)
                 adversarial = dict(logit_fake=logit_fake, feature_real=feature_real.detach(),
                                    feature_fake=feature_fake)
-            loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial)
+            loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial,
+                                            **self.reductions)
         self.amp.backward(loss_g, self.opt_g)
         checks = {"generator gradient": largest_gradient(self.model.generator)}
         self.amp.step(self.opt_g)
@@ -97,11 +118,13 @@ class Trainer:
             # reused (D has not changed yet); x_hat is detached so that D's loss leaves G alone.
             self.opt_d.zero_grad(set_to_none=True)
             with self.amp.autocast():
-                loss_d = discriminator_loss(logit_real, self.discriminator(x_hat.detach())[0])
+                logit_fake_d = self.discriminator(x_hat.detach())[0]
+                loss_d = discriminator_loss(logit_real, logit_fake_d)
             self.amp.backward(loss_d, self.opt_d)
             checks["discriminator gradient"] = largest_gradient(self.model.discriminator)
             self.amp.step(self.opt_d)
             losses["d"] = loss_d.detach()
+            losses["d_acc"] = discriminator_accuracy(logit_real, logit_fake_d)
         self.amp.update()
         if self.amp.scaling:  # a non-finite gradient is an overflow: the scaler skipped that step
             checks = {}
@@ -110,7 +133,40 @@ class Trainer:
                   for name, value in values.items() if not math.isfinite(value)]
         if broken:
             raise DivergenceError("non-finite " + ", ".join(broken))
-        return {name: values[name] for name in losses}
+        result = {name: values[name] for name in losses}
+        if self.discriminator is not None:
+            # GANomaly: a discriminator that wins outright gives the generator no signal; restart it.
+            reset = self.config.d_reset > 0 and result["d"] < self.config.d_reset
+            if reset:
+                reinitialise(self.model.discriminator)
+            result["d_reset"] = float(reset)
+        return result
+
+    def gradient_shares(self, x: torch.Tensor) -> dict[str, float]:
+        """Norm of the generator's gradient from each weighted loss term alone, as shares of their
+        sum, on batch ``x``: which term drives the generator. Runs on copies of the networks, so
+        the run (weights, BatchNorm statistics, optimizers, RNG) is left exactly as it was.
+        """
+        generator = copy.deepcopy(self.model.generator).train()
+        discriminator = (copy.deepcopy(self.model.discriminator).train()
+                         if self.model.discriminator is not None else None)
+        with torch.random.fork_rng(devices=[]):
+            out = generator(x)
+            adversarial = {}
+            if discriminator is not None:
+                logit_fake, feature_fake = discriminator(out.reconstruction)
+                adversarial = dict(logit_fake=logit_fake, feature_real=discriminator(x)[1].detach(),
+                                   feature_fake=feature_fake)
+            terms = generator_terms(x, out.reconstruction, self.loss_weights, out.weights,
+                                    **adversarial, **self.reductions)
+            params = [p for p in generator.parameters() if p.requires_grad]
+            norms = {}
+            for name, value in terms.items():
+                grads = torch.autograd.grad(weight_of(self.loss_weights, name) * value, params,
+                                            retain_graph=True, allow_unused=True)
+                norms[name] = float(get_total_norm([g for g in grads if g is not None]))
+        total = sum(norms.values()) or 1.0
+        return {name: norm / total for name, norm in norms.items()}
 
     def end_epoch(self, record: dict[str, Any], calibration: Optional[dict[str, float]] = None) -> None:
         """Counts a finished epoch and keeps its log ``record``; after the last epoch, also the

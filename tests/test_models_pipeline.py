@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -52,8 +53,15 @@ def test_train_evaluate_predict(hazelnut, tiny, tmp_path, capsys):
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
     heatmaps = sorted(p.name for p in (tmp_path / "eval" / "heatmaps").iterdir())
     assert len(heatmaps) == 4 and sum("anomalous" in n for n in heatmaps) == 2
+    peak = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval-max"),
+                          "--num-heatmaps", "0", "--device", "cpu", "--image-score", "max", "--smooth-maps"])
+    assert peak["image_score"] == "max" and peak["sigma"] == 0.5 and peak["pixel_smoothed"]  # 4 * 32 / 256
+    assert peak["image_auroc_max"] == pytest.approx(metrics["image_auroc_max"])
+    assert peak["pixel_auroc"] != metrics["pixel_auroc"]
 
     images = [str(hazelnut / "test" / "colour" / "00.jpg"), str(hazelnut / "test" / "good" / "04.jpg")]
+    by_max = predict.predict(str(out / "checkpoint.pt"), images, str(tmp_path / "pred-max"), "cpu", "max")
+    assert all(math.isfinite(r["score"]) for r in by_max)
     results = predict.main([str(out / "checkpoint.pt"), *images, "--out", str(tmp_path / "pred"), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert all(img in printed and "score=" in printed for img in images)

@@ -17,7 +17,8 @@ from models.config import ModelConfig, TrainConfig
 from models.inference import ScoreSet, compute_metrics, load_detector
 from models.losses import (LossWeights, alignment_loss, discriminator_loss, entropy_loss,
                            generator_loss)
-from models.scoring import fuse_scores, image_auroc, min_max, pixel_auroc
+from models.scoring import (default_sigma, fuse_scores, image_auroc, image_scores, min_max, pixel_auroc,
+                            smooth_maps)
 from models.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -202,3 +203,49 @@ def test_a_save_removes_the_temporary_files_of_killed_writers(tmp_path):
     save_checkpoint({"config": {}, "epoch": 1, "generator": {}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["ck.pt", live.name, elsewhere.name, other.name])
+
+
+def test_gaussian_smoothing_against_a_direct_sum():
+    maps = np.zeros((1, 21, 21))
+    maps[0, 10, 10] = 1.0
+    sigma = 1.5
+    smoothed = smooth_maps(maps, sigma)[0]
+    offsets = np.arange(-6, 7)  # the kernel reaches 4 sigma = 6 pixels: all of it fits the map
+    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    expected = np.zeros((21, 21))
+    expected[4:17, 4:17] = np.outer(kernel, kernel)
+    np.testing.assert_allclose(smoothed, expected, atol=1e-12)
+    assert np.array_equal(smooth_maps(maps, 0.0), maps)
+    assert default_sigma(256) == 4.0 and default_sigma(64) == 1.0
+
+
+def test_the_max_score_finds_a_small_defect_that_the_mean_misses():
+    """Textures with small defects: a normal image with background error everywhere has the
+    larger mean; the defective one a small bright spot, which the smoothed maximum sees."""
+    normal = np.full((16, 16), 0.2)
+    defect = np.full((16, 16), 0.1)
+    defect[7:9, 7:9] = 1.0
+    maps = np.stack([normal, defect])
+    assert image_scores(maps, "mean").argmax() == 0
+    assert image_scores(maps, "max", sigma=1.0).argmax() == 1
+    with pytest.raises(ValueError, match="unknown image score"):
+        image_scores(maps, "median")
+
+
+def test_metrics_with_the_max_score_and_smoothed_maps():
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 16, 16)) * 0.1
+    masks = np.zeros((4, 16, 16))
+    maps[2:, 5:7, 5:7] += 1.0
+    masks[2:, 5:7, 5:7] = 1
+    labels = np.array([0, 0, 1, 1])
+    maps[:2] += 0.2  # normal images: more background error, a larger mean
+    scores = ScoreSet(labels, maps.reshape(4, -1).mean(1), None, maps, masks, np.ones(4, bool), np.arange(4))
+    by_mean = compute_metrics(scores, 1.0)
+    by_max = compute_metrics(scores, 1.0, image_score="max", sigma=1.0, smooth=True)
+    assert by_mean["image_auroc"] == by_mean["image_auroc_rec"] == 0.0
+    assert by_max["image_auroc"] == by_max["image_auroc_max"] == by_mean["image_auroc_max"] == 1.0
+    assert by_max["pixel_smoothed"] and not by_mean["pixel_smoothed"]
+    assert by_max["pixel_auroc"] == pytest.approx(
+        pixel_auroc(masks, smooth_maps(maps, 1.0)))

@@ -4,45 +4,65 @@ import json
 import re
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 
 from models import reproduce
 from models.atomic import write_json
 from models.study.plan import ABLATION, SETTINGS, Run, Setting, plan
-from models.study.run import execute, run_study
-from models.study.tables import build_tables, compare
+from models.study.run import execute, portable_command, run_study, save_arrays
+from models.study.tables import build_tables, compare, near_chance
 
 
 def test_plan_covers_every_cell_once():
     runs = plan(SETTINGS["full"])
-    assert len(runs) == len(set(runs))
+    assert len(runs) == len(set(runs)) and len({r.name for r in runs}) == len(runs)
     mvtec = [r for r in runs if r.dataset == "mvtec"]
     assert {r.model for r in mvtec} == set(ABLATION)
     # 64x64 input: the H/16 map is 4 pixels, so divisions 1, 2 and 4; DAAD's default is 2.
     assert {r.division for r in mvtec if r.model == "daad"} == {1, 2, 4}
     assert {r.division for r in mvtec if r.model == "daad+"} == {2}
+    assert {r.reading for r in mvtec if r.model == "daad+"} == {"old", "paper", "ganomaly"}
+    assert {r.reading for r in mvtec if r.model != "daad+"} == {""}
     assert {r.normal_class for r in runs if r.dataset == "mnist"} == set(range(10))
     assert len({r.seed for r in runs}) == 3
 
 
-def _record(run: Run, image: float, pixel: float, feat: bool = False) -> dict:
+def test_tile_plan_puts_the_most_telling_runs_first():
+    runs = plan(SETTINGS["tile"])
+    assert {r.dataset for r in runs} == {"tile"} and len(runs) == len(set(runs)) == 3 * (4 + 3 + 2)
+    assert {r.seed for r in runs[:9]} == {0}  # every cell of seed 0
+    assert [(r.model, r.reading) for r in runs[:3]] == [("daad", ""), ("daad+", "paper"), ("daad+", "ganomaly")]
+    # then DAAD and DAAD+ (default reading) of the other seeds, then its other readings
+    assert [(r.model, r.reading, r.seed) for r in runs[9:13]] == [
+        ("daad", "", 1), ("daad+", "paper", 1), ("daad", "", 2), ("daad+", "paper", 2)]
+    assert {r.reading for r in runs[13:17]} == {"old", "ganomaly"}
+
+
+def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
     metrics = {"gamma": 0.9 if feat else 1.0, "image_auroc": image, "image_auroc_rec": image,
                "pixel_auroc": pixel if run.dataset == "mvtec" else None}
+    arrays = {"labels": np.array([0, 1, 1], np.int8), "rec": np.array([0.1, 0.3, 0.2], np.float32)}
     if feat:
         metrics["image_auroc_feat"] = 0.5
-    return {"run": asdict(run), "name": run.name, "metrics": metrics, "labels": [0, 1, 1],
-            "rec": [0.1, 0.3, 0.2], "feat": [1.0, 2.0, 3.0] if feat else None, "train_s": 1.0}
+        arrays["feat"] = np.array([1.0, 2.0, 3.0], np.float32)
+    save_arrays(str(raw / f"{run.name}.npz"), **arrays)
+    history = [{"epoch": 1, "rec": 0.1, "adv": 1.0, "ali": 2.0, "d": 0.5, "d_acc": 0.75, "d_reset": 0.0,
+                "grad_share": {"rec": 0.5, "adv": 0.25, "ali": 0.25}}] if feat else []
+    return {"run": asdict(run), "name": run.name, "metrics": metrics, "arrays": f"{run.name}.npz",
+            "history": history, "train_s": 1.0}
 
 
 def write_quick_study(out) -> None:
     """Records of every run of the quick study: DAAD+ > DAAD > MemAE > AE > AE+Skip, division 2 best."""
     raw = out / "raw" / "quick"
+    raw.mkdir(parents=True)
     image = {"ae": 0.80, "memae": 0.85, "ae+skip": 0.70, "daad": 0.90, "daad+": 0.95}
     for run in plan(SETTINGS["quick"]):
         score = image[run.model] if run.dataset == "mvtec" else 0.6
         if run.dataset == "mvtec" and run.model == "daad" and run.division != 2:
             score = 0.75
-        write_json(str(raw / f"{run.name}.json"), _record(run, score, score - 0.1, feat=run.model.endswith("+")))
+        write_json(str(raw / f"{run.name}.json"), _record(run, score, score - 0.1, raw, feat=run.model.endswith("+")))
     write_json(str(raw / "study.json"), {"wall_s": 60.0, "jobs": 2, "machine": "test",
                                          "command": "python -m models.reproduce --quick"})
 
@@ -68,16 +88,22 @@ def test_tables_and_verdicts_from_raw_records(tmp_path):
     write_quick_study(tmp_path)
     text = open(build_tables("quick", str(tmp_path))).read()
     # model | division | image mean ± sd (n) | pixel mean ± sd (n) | paper
-    assert table_row(text, "daad+") == pytest.approx([2, 0.95, 0.0, 1, 0.85, 0.0, 1, 0.921])
+    # model | division | image mean ± sd (n) | max (—) | pixel | smoothed pixel (—) | paper
+    assert table_row(text, "daad+ (`paper`)") == pytest.approx([2, 0.95, 0.0, 1, 0.85, 0.0, 1, 0.921])
     assert table_row(text, "ae") == pytest.approx([0.80, 0.0, 1, 0.70, 0.0, 1, 0.884])  # no division
     # division | block sizes 32/16/8/4 divided by it | paper's division | image | pixel | paper
     assert table_row(text, "4") == pytest.approx([8, 4, 2, 1, 16, 0.75, 0, 1, 0.65, 0, 1, 0.813])
-    assert table_row(text, "DAAD+, L only") == pytest.approx([0.5, 0.0, 1])
+    # R | max (—) | L | fused | fused with max (—) | pixel
+    assert table_row(text, "DAAD+, `paper` **(default)**: rec norm, ali norm, weights 50 0.5 0.5") == \
+        pytest.approx([0.95, 0, 1, 0.5, 0, 1, 0.95, 0, 1, 0.85, 0, 1])
+    # L_rec, L_adv, L_ali, D loss, D accuracy, resets, shares at epoch 1, at the last epoch
+    assert table_row(text, "`paper`") == pytest.approx([0.1, 1, 2, 0.5, 0.75, 0, 0.5, 0.25, 0.25, 0.5, 0.25, 0.25])
+    assert "1 runs missing" not in text and "9 of 9 finished" in text
     assert table_row(text, "mean of 2 digits") == pytest.approx([0.6])
     assert claim(text, "DAAD vs AE, image AUROC") == ("held", [0.9, 0.8])
     assert claim(text, "AE vs AE+Skip, pixel AUROC") == ("held", [0.7, 0.6])
     assert claim(text, "division 2 vs 1, image AUROC") == ("held", [0.9, 0.75])
-    assert claim(text, "DAAD+ (fused) vs DAAD, image AUROC") == ("held", [0.95, 0.9])
+    assert claim(text, "DAAD+ (fused, `paper` losses) vs DAAD, image AUROC") == ("held", [0.95, 0.9])
     for figure in ("score_distributions", "auroc_vs_block_size"):  # the third needs reconstructions
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
 
@@ -94,6 +120,20 @@ def test_compare_is_inconclusive_within_the_seed_spread():
 def test_tables_only_needs_raw_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no raw runs"):
         build_tables("full", str(tmp_path))
+
+
+def test_a_partial_study_says_what_is_missing(tmp_path):
+    write_quick_study(tmp_path)
+    (tmp_path / "raw" / "quick" / "mvtec-ae-div1-class0-seed0.json").unlink()
+    text = open(build_tables("quick", str(tmp_path))).read()
+    assert "8 of 9 finished" in text and "**Partial**: 1 runs missing" in text
+    assert "`python -m models.reproduce --quick`" in text
+    assert table_row(text, "ae") == [0.884]  # every measured cell empty ("—"), the paper's number left
+
+
+def test_recorded_commands_hold_no_paths_of_the_machine():
+    assert portable_command(["--setting", "tile", "--out", "/work/x/docs", "--data-root=/data"]) == \
+        "python -m models.reproduce --setting tile --out PATH --data-root=PATH"
 
 
 def test_finished_runs_are_never_repeated(tmp_path, capsys):
@@ -120,12 +160,28 @@ def test_data_root_option_and_environment_variable(tmp_path, monkeypatch, capsys
 def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
     setting = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1,
                       digits=(), seeds=1, num_items=20)
-    run = Run("mvtec", "daad+", division=2, seed=0)
+    run = Run("mvtec", "daad+", division=2, seed=0, reading="ganomaly")
     record = execute(run, setting, {"mvtec": str(hazelnut)}, str(tmp_path))
-    saved = json.loads((tmp_path / f"{run.name}.json").read_text())
-    assert saved["name"] == run.name and saved["metrics"] == record["metrics"] and saved["rec"] == record["rec"]
-    assert record["epochs"] == 1 and record["final_losses"]["epoch"] == 1
-    assert len(record["labels"]) == len(record["rec"]) == len(record["feat"]) == 23
-    assert 0 <= record["metrics"]["image_auroc"] <= 1 and 0 <= record["metrics"]["pixel_auroc"] <= 1
-    assert record["figure"]["labels"] == [0, 1, 0, 1] and len(record["figure"]["reconstructions"]) == 4
+    text = (tmp_path / f"{run.name}.json").read_text()
+    saved = json.loads(text)
+    assert saved["name"] == run.name and saved["metrics"] == record["metrics"]
+    assert str(hazelnut) not in text and str(tmp_path) not in text  # no path of the machine
+    assert saved["losses"] == {"rec_loss": "l1", "ali_loss": "mean_sq", "d_reset": 1e-5, "loss_weights": [50, 0.5, 1]}
+    assert record["epochs"] == 1 and [h["epoch"] for h in record["history"]] == [1]
+    arrays = np.load(tmp_path / saved["arrays"])
+    assert len(arrays["labels"]) == len(arrays["rec"]) == len(arrays["feat"]) == len(arrays["max"]) == 23
+    assert len(arrays["train_rec"]) == len(arrays["train_feat"]) == 28
+    metrics = record["metrics"]
+    for key in ("image_auroc", "image_auroc_rec", "image_auroc_max", "image_auroc_feat", "image_auroc_fused_max",
+                "pixel_auroc", "pixel_auroc_smoothed"):
+        assert 0 <= metrics[key] <= 1, key
+    assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
     assert '{"epoch": 1, "rec": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+
+
+def test_a_study_at_chance_says_so():
+    def cells(value):
+        rs = [{"metrics": {"image_auroc": value, "pixel_auroc": value}}]
+        return {"ablation": {"daad": rs, "daad+": rs}, "readings": {"old": rs}}
+    assert "close to chance" in " ".join(near_chance(cells(0.55)))
+    assert near_chance(cells(0.9)) == [] and near_chance({"ablation": {}, "readings": {}}) == []

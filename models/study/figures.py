@@ -9,32 +9,33 @@ import numpy as np
 
 from ..plots import plt, save_figure
 from ..scoring import fuse_scores
-from .aggregate import metric
+from .aggregate import load_arrays, metric
 from .plan import Setting
 
 
-def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str) -> None:
-    """Writes each figure whose records exist to ``fig_dir``."""
+def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str, prefix: str = "") -> None:
+    """Writes each figure whose records exist to ``fig_dir``, file names starting with ``prefix``."""
     os.makedirs(fig_dir, exist_ok=True)
-    draw_reconstructions(s, os.path.join(fig_dir, "reconstructions_by_block_size.png"))
-    draw_score_distributions(s, os.path.join(fig_dir, "score_distributions.png"))
-    draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, "auroc_vs_block_size.png"))
+    draw_reconstructions(s, os.path.join(fig_dir, prefix + "reconstructions_by_block_size.png"))
+    draw_score_distributions(s, os.path.join(fig_dir, prefix + "score_distributions.png"))
+    draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, prefix + "auroc_vs_block_size.png"))
 
 
 def draw_reconstructions(s: dict[str, Any], path: str) -> None:
     """Fixed test images and their reconstructions at every block size (as the paper's Figure 5)."""
-    shown = {r: next((x["figure"] for x in rs if "figure" in x), None) for r, rs in s["blocks"].items()}
-    shown = {r: f for r, f in shown.items() if f is not None}
+    shown = {r: next((x for x in rs if "figure" in x), None) for r, rs in s["blocks"].items()}
+    shown = {r: load_arrays(x) for r, x in shown.items() if x is not None}
     if not shown:
         return
     first = next(iter(shown.values()))
-    rows, cols = len(first["images"]), 1 + len(shown)
+    labels = next(x for x in s["blocks"][next(iter(shown))] if "figure" in x)["figure"]["labels"]
+    rows, cols = len(first["figure_images"]), 1 + len(shown)
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
     for i in range(rows):
-        axes[i, 0].imshow(np.array(first["images"][i], dtype=np.uint8))
-        axes[i, 0].set_title("input, " + ("anomalous" if first["labels"][i] else "normal"), fontsize=8)
+        axes[i, 0].imshow(first["figure_images"][i])
+        axes[i, 0].set_title("input, " + ("anomalous" if labels[i] else "normal"), fontsize=8)
         for j, (r, f) in enumerate(sorted(shown.items()), 1):
-            axes[i, j].imshow(np.array(f["reconstructions"][i], dtype=np.uint8))
+            axes[i, j].imshow(f["figure_reconstructions"][i])
             axes[i, j].set_title(f"division {r}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
@@ -49,9 +50,9 @@ def draw_score_distributions(s: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.2), squeeze=False)
     for ax, m in zip(axes[0], models):
         r = s["ablation"][m][0]
-        labels = np.array(r["labels"])
-        feat = None if r["feat"] is None else np.array(r["feat"])
-        score = fuse_scores(np.array(r["rec"]), feat, r["metrics"]["gamma"])
+        arrays = load_arrays(r)
+        labels = arrays["labels"]
+        score = fuse_scores(arrays["rec"], arrays.get("feat"), r["metrics"]["gamma"])
         bins = np.linspace(0, 1, 21)
         ax.hist(score[labels == 0], bins=bins, alpha=0.6, label="normal")
         ax.hist(score[labels == 1], bins=bins, alpha=0.6, label="anomalous")
@@ -72,6 +73,6 @@ def draw_auroc_by_block_size(s: dict[str, Any], setting: Setting, path: str) -> 
     ax.errorbar(sizes, [m[0] for _, m in points], yerr=[m[1] for _, m in points], marker="o", capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("block size at H/2 (feature pixels)")
-    ax.set_ylabel("image AUROC (hazelnut)")
+    ax.set_ylabel(f"image AUROC ({'magnetic tile' if setting.dataset == 'tile' else 'hazelnut'})")
     ax.set_title("DAAD: AUROC against block size", fontsize=9)
     save_figure(fig, path)

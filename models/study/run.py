@@ -1,13 +1,16 @@
 """Running the study: one run (train, score, write its record) and all runs in parallel.
 
-Every run writes one JSON file (metrics, every test image's scores, wall time) to
-``OUT/raw/<setting>/<run name>.json``; a run whose file exists is never repeated, so an
-interrupted study resumes where it stopped.
+Every run writes to ``OUT/raw/<setting>/``: ``<run name>.json`` (its settings, metrics, per-epoch
+log, wall time; no path of the machine) and ``<run name>.npz`` (compressed arrays: every test
+image's scores and, for seed 0, reconstructions of four fixed test images for the figures). The
+JSON is written last, so a run whose JSON exists is finished and never repeated: an interrupted
+study resumes where it stopped.
 """
 from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -21,25 +24,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import write_json
-from ..config import ModelConfig, TrainConfig
+from ..atomic import atomic_write, write_json
+from ..config import LOSS_READINGS, ModelConfig, TrainConfig
 from ..data import config_dataset, dataset_channels
 from ..distributed import DistContext
-from ..inference import collect_scores, compute_metrics
+from ..inference import ScoreSet, collect_scores, compute_metrics
+from ..scoring import default_sigma, fuse_scores, image_auroc, image_scores, pixel_auroc, smooth_maps
 from ..train import train
 from .plan import SETTINGS, Run, Setting, plan
+
+#: The magnetic tile below its root: normal images, and one folder per defect type (masks beside).
+TILE_NORMAL = "MT_Free/Imgs"
+TILE_DEFECTS = tuple(f"MT_{kind}/Imgs" for kind in ("Blowhole", "Break", "Crack", "Fray", "Uneven"))
 
 
 def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig:
     """The training settings of one run."""
     mnist = run.dataset == "mnist"
-    model = ModelConfig(model=run.model, in_channels=dataset_channels(run.dataset),
+    dataset = {"mvtec": "mvtec", "mnist": "mnist", "tile": "folder"}[run.dataset]
+    model = ModelConfig(model=run.model, in_channels=dataset_channels(dataset),
                         size=setting.mnist_size if mnist else setting.size,
                         width=setting.mnist_width if mnist else setting.width,
                         division=(run.division, run.division, 1), num_items=setting.num_items)
-    return TrainConfig(dataset=run.dataset, root=roots[run.dataset], normal_class=run.normal_class,
+    extra: dict[str, Any] = dict(LOSS_READINGS[run.reading]) if run.reading else {}
+    if run.dataset == "tile":
+        extra.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
+    return TrainConfig(dataset=dataset, root=roots[run.dataset], normal_class=run.normal_class,
                        model=model, epochs=setting.mnist_epochs if mnist else setting.epochs,
-                       seed=run.seed)
+                       seed=run.seed, **extra)
+
+
+def score_metrics(scores: ScoreSet, gamma: float, size: int) -> dict[str, Any]:
+    """Every metric the tables use: the fused score with R as the mean (the paper) and as the
+    smoothed maximum (anomalib), each score alone, pixel AUROC of raw and smoothed maps."""
+    sigma = default_sigma(size)
+    metrics = compute_metrics(scores, gamma, "mean", sigma)
+    if scores.feat is not None:
+        peak = image_scores(scores.maps, "max", sigma)
+        metrics["image_auroc_fused_max"] = image_auroc(scores.labels, fuse_scores(peak, scores.feat, gamma))
+    known = scores.mask_known
+    if metrics["pixel_auroc"] is not None:
+        metrics["pixel_auroc_smoothed"] = pixel_auroc(scores.masks[known], smooth_maps(scores.maps[known], sigma))
+    return metrics
+
+
+def save_arrays(path: str, **arrays: np.ndarray) -> None:
+    """``arrays`` as one compressed ``.npz``, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> dict[str, Any]:
@@ -55,13 +88,19 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
         trainer = train(config, tmp, DistContext(0, 1, torch.device("cpu")), train_set)
     train_s = time.perf_counter() - start
     test_set = config_dataset(config, "test")
-    scores = collect_scores(trainer.model, test_set, torch.device("cpu"))
-    metrics = compute_metrics(scores, config.fusion_gamma)
-    record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
-              "labels": scores.labels.tolist(), "rec": scores.rec.tolist(),
-              "feat": None if scores.feat is None else scores.feat.tolist(),
-              "train_s": round(train_s, 1), "epochs": config.epochs,
-              "final_losses": trainer.history[-1] if trainer.history else None}
+    scores = collect_scores(trainer.model, test_set, torch.device("cpu"), ali_reduction=config.ali_loss)
+    metrics = score_metrics(scores, config.fusion_gamma, config.model.size)
+    arrays = {"labels": scores.labels.astype(np.int8), "rec": scores.rec.astype(np.float32),
+              "max": image_scores(scores.maps, "max", default_sigma(config.model.size)).astype(np.float32)}
+    if scores.feat is not None:
+        arrays["feat"] = scores.feat.astype(np.float32)
+    # The training images' scores: what a score rule may learn from without seeing an anomaly.
+    train_scores = collect_scores(trainer.model, train_set.without_augmentation(), torch.device("cpu"),
+                                  ali_reduction=config.ali_loss)
+    arrays["train_rec"] = train_scores.rec.astype(np.float32)
+    if train_scores.feat is not None:
+        arrays["train_feat"] = train_scores.feat.astype(np.float32)
+    figure = None
     if run.seed == 0 and run.dataset != "mnist":  # reconstructions of fixed test images for the figures
         picks = [int(np.flatnonzero(scores.labels == label)[0]) for label in (0, 1)]
         picks += [int(np.flatnonzero(scores.labels == label)[-1]) for label in (0, 1)]
@@ -69,15 +108,20 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
         with torch.no_grad():
             trainer.model.eval()
             recon = trainer.model.generator(images).reconstruction
-        record["figure"] = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks],
-                            "images": _to_uint8(images), "reconstructions": _to_uint8(recon)}
+        arrays.update(figure_images=_to_uint8(images), figure_reconstructions=_to_uint8(recon))
+        figure = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks]}
+    save_arrays(os.path.join(raw_dir, run.name + ".npz"), **arrays)
+    record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
+              "losses": {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")},
+              "train_s": round(train_s, 1), "epochs": config.epochs, "history": trainer.history,
+              "arrays": run.name + ".npz", **({"figure": figure} if figure else {})}
     write_json(os.path.join(raw_dir, run.name + ".json"), record)
     return record
 
 
-def _to_uint8(batch: torch.Tensor) -> list:
-    """[-1, 1] images (B, C, H, W) as nested lists of 0..255 (H, W, C), small enough for JSON."""
-    return ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).tolist()
+def _to_uint8(batch: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images (B, C, H, W) as uint8 (B, H, W, C)."""
+    return ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def run_study(setting_name: str, out: str, roots: dict[str, str], jobs: int) -> None:
@@ -89,6 +133,16 @@ def run_study(setting_name: str, out: str, roots: dict[str, str], jobs: int) -> 
     print(f"{setting_name} study: {len(runs)} runs, {len(runs) - len(todo)} already done, {jobs} in parallel",
           flush=True)
     start = time.perf_counter()
+    meta_path = os.path.join(raw_dir, "study.json")
+
+    def write_meta() -> None:  # after every run, so that a killed study still counts its time
+        previous = json.load(open(meta_path)) if os.path.exists(meta_path) else {"wall_s": 0.0}
+        write_json(meta_path, {"setting": setting_name, "jobs": jobs,
+                               "wall_s": round(previous["wall_s"] + time.perf_counter() - start, 1),
+                               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                          f"Python {platform.python_version()}",
+                               "command": portable_command(sys.argv[1:])})
+
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         pending = {pool.submit(execute, r, setting, roots, raw_dir): r for r in todo}
@@ -101,10 +155,20 @@ def run_study(setting_name: str, out: str, roots: dict[str, str], jobs: int) -> 
                 continue
             print(f"[{done}/{len(todo)}] {run.name}: image AUROC {record['metrics']['image_auroc']:.3f} "
                   f"({record['train_s']:.0f} s)", flush=True)
-    meta_path = os.path.join(raw_dir, "study.json")
-    previous = json.load(open(meta_path)) if os.path.exists(meta_path) else {"wall_s": 0.0}
-    write_json(meta_path, {"setting": setting_name, "jobs": jobs,
-                           "wall_s": round(previous["wall_s"] + time.perf_counter() - start, 1),
-                           "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                      f"Python {platform.python_version()}",
-                           "command": "python -m models.reproduce " + " ".join(sys.argv[1:])})
+            write_meta()
+            start = time.perf_counter()
+    write_meta()
+
+
+def portable_command(args: list[str]) -> str:
+    """The command line without the machine's absolute paths (the values of path options)."""
+    words, skip = ["python -m models.reproduce"], False
+    for arg in args:
+        if skip:
+            words.append("PATH")
+        elif "=" in arg and arg.startswith("--") and os.path.isabs(arg.split("=", 1)[1]):
+            words.append(arg.split("=", 1)[0] + "=PATH")
+        else:
+            words.append(arg)
+        skip = arg in ("--out", "--data-root", "--hazelnut", "--mnist", "--tile") and not skip
+    return " ".join(words)

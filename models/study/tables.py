@@ -1,5 +1,6 @@
 """The study's verdicts and ``RESULTS.md``: tables of mean ± spread next to the paper's numbers,
-and which of the paper's claims held, rebuilt from the raw run records alone."""
+the DAAD+ loss readings side by side with their training diagnostics, and which of the paper's
+claims held, rebuilt from the raw run records alone."""
 from __future__ import annotations
 
 import json
@@ -8,15 +9,19 @@ import statistics
 from typing import Any, Optional
 
 from ..atomic import atomic_write
+from ..config import DEFAULT_READING, LOSS_READINGS
 from .aggregate import Summary, load_records, metric, summarise
 from .figures import draw_figures
-from .plan import SETTINGS, Setting, default_division
+from .plan import SETTINGS, Setting, default_division, plan
 
 #: The paper's numbers (Hou et al., ICCV 2021) quoted next to ours.
 PAPER_HAZELNUT = {"ae": 0.884, "memae": 0.891, "ae+skip": 0.828, "daad": 0.893, "daad+": 0.921}
 PAPER_MNIST_MEAN = 0.990
 #: MVTec AD mean image AUROC by division rate at 256x256 (paper Table 4).
 PAPER_BLOCK = {1: 0.716, 2: 0.784, 4: 0.821, 8: 0.845, 16: 0.813}
+#: The settings whose results make ``docs/RESULTS.md``, in order.
+DOC_SETTINGS = ("full", "tile")
+DATA_NAMES = {"mvtec": "hazelnut", "tile": "magnetic tile"}
 
 
 def cell(summary: Optional[Summary]) -> str:
@@ -38,18 +43,18 @@ def compare(better: list[dict[str, Any]], worse: list[dict[str, Any]], key: str)
     return ("held" if a[0] > b[0] else "did not hold"), numbers
 
 
+def claim(title: str, pairs: list[tuple[str, list, list]]) -> str:
+    parts = []
+    for label, better, worse in pairs:
+        for key, what in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+            verdict, numbers = compare(better, worse, key)
+            parts.append(f"{label}, {what} AUROC: **{verdict}**" + (f" ({numbers})" if numbers else ""))
+    return f"{title}: " + "; ".join(parts) + "."
+
+
 def claims(s: dict[str, Any]) -> list[str]:
     """Plain statements of which of the paper's claims held, by image and by pixel AUROC."""
     ab = s["ablation"]
-
-    def claim(title: str, pairs: list[tuple[str, list, list]]) -> str:
-        parts = []
-        for label, better, worse in pairs:
-            for key, what in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
-                verdict, numbers = compare(better, worse, key)
-                parts.append(f"{label}, {what} AUROC: **{verdict}**" + (f" ({numbers})" if numbers else ""))
-        return f"{title}: " + "; ".join(parts) + "."
-
     blocks = {r: rs for r, rs in s["blocks"].items() if rs}
     lines = [claim("1. DAAD beats AE and MemAE", [("DAAD vs AE", ab["daad"], ab["ae"]),
                                                   ("DAAD vs MemAE", ab["daad"], ab["memae"])]),
@@ -68,85 +73,217 @@ def claims(s: dict[str, Any]) -> list[str]:
                                [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes]))
     else:
         lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
-    lines.append(claim("4. The adversarial representation adds to DAAD",
-                       [("DAAD+ (fused) vs DAAD", ab["daad+"], ab["daad"])]))
+    pairs = [(f"DAAD+ (fused, `{DEFAULT_READING}` losses) vs DAAD", ab["daad+"], ab["daad"])]
+    pairs += [(f"DAAD+ (fused, `{r}` losses) vs DAAD", rs, ab["daad"])
+              for r, rs in s["readings"].items() if r != DEFAULT_READING]
+    lines.append(claim("4. The adversarial representation adds to DAAD", pairs))
     return lines
 
 
-def results_markdown(s: dict[str, Any], setting_name: str, setting: Setting, meta: dict) -> str:
-    div = default_division(setting.size)
-    out = ["# Results: DAAD at laptop scale on real data", "",
-           "Made by `models/reproduce.py` from the raw runs in "
-           f"`docs/raw/{setting_name}/` (one JSON file per run); rebuild with "
-           "`python -m models.reproduce --tables-only`. Image AUROC, mean ± standard deviation over "
-           "seeds (n = number of seeds). The paper's numbers are at 256x256 with width 64 and many "
-           "more epochs; ours are not expected to match them, only to show the same effects.", "",
-           "## Settings", "",
-           f"- Setting `{setting_name}`: hazelnut at {setting.size}x{setting.size}, width "
-           f"{setting.width}, {setting.epochs} epochs; MNIST at {setting.mnist_size}x"
-           f"{setting.mnist_size}, width {setting.mnist_width}, {setting.mnist_epochs} epochs, "
-           f"digits {list(setting.digits)}; N = {setting.num_items} items per memory; "
-           f"{setting.seeds} seed(s); batch 8, Adam, the paper's losses and learning rates.",
-           f"- Command: `{meta.get('command', '?')}` ({meta.get('jobs', '?')} runs in parallel).",
-           f"- Machine: {meta.get('machine', '?')}; wall time {meta.get('wall_s', 0) / 60:.0f} min.",
-           "- Data: MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test "
-           "images with masks); MNIST test set, images 0-4999 for training (the normal digit only), "
-           "5000-9999 for testing.", "",
-           "## Ablation on hazelnut (paper Table 3)", "",
-           "| model | division | image AUROC | pixel AUROC | paper (hazelnut) |", "|---|---|---|---|---|"]
+def ablation_table(s: dict[str, Any], setting: Setting) -> list[str]:
+    div, hazelnut = default_division(setting.size), setting.dataset == "mvtec"
+    out = ["| model | division | image AUROC (A, R = mean) | image AUROC (max of smoothed map) | pixel AUROC "
+           "| pixel AUROC (smoothed) |" + (" paper (hazelnut) |" if hazelnut else ""),
+           "|---|---|---|---|---|---|" + ("---|" if hazelnut else "")]
     for m, rs in s["ablation"].items():
-        d = div if m in ("daad", "daad+") else "—"
-        out.append(f"| {m} | {d} | {cell(metric(rs, 'image_auroc'))} | {cell(metric(rs, 'pixel_auroc'))} "
-                   f"| {PAPER_HAZELNUT[m]:.3f} |")
-    out += ["", "## Block size (paper Table 4, Figure 5)", "",
-            "| division | block sizes (H/2..H/16) | paper's division at 256 | image AUROC | pixel AUROC "
-            "| paper (MVTec mean) |", "|---|---|---|---|---|---|"]
+        name = f"{m} (`{DEFAULT_READING}`)" if m.endswith("+") else m
+        out.append(f"| {name} | {div if m in ('daad', 'daad+') else '—'} | {cell(metric(rs, 'image_auroc'))} "
+                   f"| {cell(metric(rs, 'image_auroc_max'))} | {cell(metric(rs, 'pixel_auroc'))} "
+                   f"| {cell(metric(rs, 'pixel_auroc_smoothed'))} |"
+                   + (f" {PAPER_HAZELNUT[m]:.3f} |" if hazelnut else ""))
+    return out
+
+
+def block_table(s: dict[str, Any], setting: Setting) -> list[str]:
+    out = ["| division | block sizes (H/2..H/16) | paper's division at 256 | image AUROC | pixel AUROC "
+           "| paper (MVTec mean) |", "|---|---|---|---|---|---|"]
     for r, rs in s["blocks"].items():
         sizes = "/".join(str(setting.size // 2 ** (k + 1) // r) for k in range(4))
         paper_r = r * 256 // setting.size
         paper = f"{PAPER_BLOCK[paper_r]:.3f}" if paper_r in PAPER_BLOCK else "—"
         out.append(f"| {r} | {sizes} | {paper_r} | {cell(metric(rs, 'image_auroc'))} "
                    f"| {cell(metric(rs, 'pixel_auroc'))} | {paper} |")
-    plus = s["ablation"]["daad+"]
-    out += ["", "## Adversarial representation (paper Table 5)", "",
-            "| model, score | image AUROC |", "|---|---|",
-            f"| DAAD, R | {cell(metric(s['ablation']['daad'], 'image_auroc'))} |",
-            f"| DAAD+, R only | {cell(metric(plus, 'image_auroc_rec'))} |",
-            f"| DAAD+, L only | {cell(metric(plus, 'image_auroc_feat'))} |",
-            f"| DAAD+, fused (γ = 0.9) | {cell(metric(plus, 'image_auroc'))} |",
-            "", f"## MNIST one-class, DAAD (paper: mean {PAPER_MNIST_MEAN:.3f})", "",
-            "| normal digit | image AUROC |", "|---|---|"]
+    return out
+
+
+def reading_name(reading: str) -> str:
+    spec = LOSS_READINGS[reading]
+    weights = " ".join(f"{w:g}" for w in spec["loss_weights"])
+    reset = f", D reset < {spec['d_reset']:g}" if spec["d_reset"] else ""
+    default = " **(default)**" if reading == DEFAULT_READING else ""
+    return f"`{reading}`{default}: rec {spec['rec_loss']}, ali {spec['ali_loss']}, weights {weights}{reset}"
+
+
+def score_table(s: dict[str, Any]) -> list[str]:
+    """DAAD+ under each loss reading, by every score (paper Table 5 and the anomalib score)."""
+    out = ["| model, losses | R (mean) | max of smoothed map | L | fused A (R = mean, γ = 0.9) "
+           "| fused A (R = max) | pixel AUROC |", "|---|---|---|---|---|---|---|"]
+    daad = s["ablation"]["daad"]
+    out.append(f"| DAAD | {cell(metric(daad, 'image_auroc_rec'))} | {cell(metric(daad, 'image_auroc_max'))} "
+               f"| — | — | — | {cell(metric(daad, 'pixel_auroc'))} |")
+    for r, rs in s["readings"].items():
+        out.append(f"| DAAD+, {reading_name(r)} | {cell(metric(rs, 'image_auroc_rec'))} "
+                   f"| {cell(metric(rs, 'image_auroc_max'))} | {cell(metric(rs, 'image_auroc_feat'))} "
+                   f"| {cell(metric(rs, 'image_auroc'))} | {cell(metric(rs, 'image_auroc_fused_max'))} "
+                   f"| {cell(metric(rs, 'pixel_auroc'))} |")
+    return out
+
+
+def _mean(values: list[Optional[float]]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.3g}" if values else "—"
+
+
+def diagnosis_table(s: dict[str, Any]) -> list[str]:
+    """What each loss reading does to training: the last epoch's losses, D's accuracy, resets,
+    and the share of the generator's gradient from each term (first and last epoch); means over seeds."""
+    out = ["| losses | L_rec | L_adv | L_ali | D loss | D accuracy | epochs with a D reset | gradient share rec / adv / ali, "
+           "epoch 1 | same, last epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r, rs in s["readings"].items():
+        if not rs:
+            continue
+        last = [(x.get("history") or [x.get("final_losses") or {}])[-1] for x in rs]
+        first_share = [(x.get("history") or [{}])[0].get("grad_share") for x in rs]
+        last_share = [last_record.get("grad_share") for last_record in last]
+        resets = [sum(h.get("d_reset", 0.0) > 0 for h in x["history"]) if "history" in x else None
+                  for x in rs]
+
+        def shares(values: list[Optional[dict]]) -> str:
+            values = [v for v in values if v]
+            return " / ".join(_mean([v.get(k) for v in values]) for k in ("rec", "adv", "ali")) if values else "—"
+        out.append(f"| `{r}` | {_mean([h.get('rec') for h in last])} | {_mean([h.get('adv') for h in last])} "
+                   f"| {_mean([h.get('ali') for h in last])} | {_mean([h.get('d') for h in last])} "
+                   f"| {_mean([h.get('d_acc') for h in last])} | {_mean(resets)} "
+                   f"| {shares(first_share)} | {shares(last_share)} |")
+    out += ["", "Losses are the last epoch's means, in each reading's own units (so L_rec and L_ali "
+            "are not comparable across readings; the gradient shares are): the norm of the generator's "
+            "gradient from each weighted term alone, as a share of their sum, on one batch. `old` rows "
+            "of runs made before this log existed show only their last losses."]
+    return out
+
+
+def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -> list[str]:
+    planned = plan(SETTINGS[setting_name])
+    done = {r["name"] for r in records}
+    missing = [r.name for r in planned if r.name not in done]
+    line = (f"- Runs: {len(planned) - len(missing)} of {len(planned)} finished; wall time so far "
+            f"{meta.get('wall_s', 0) / 60:.0f} min ({meta.get('machine', '?')}).")
+    if missing:
+        line += (f" **Partial**: {len(missing)} runs missing (cells show n < {SETTINGS[setting_name].seeds} "
+                 f"or —); resume with `{meta.get('command', f'python -m models.reproduce --setting {setting_name}')}`.")
+    return [line]
+
+
+def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
+    out = [f"## Hazelnut and MNIST (setting `{name}`)", "",
+           f"- Hazelnut at {setting.size}x{setting.size}, width {setting.width}, {setting.epochs} epochs; "
+           f"MNIST at {setting.mnist_size}x{setting.mnist_size}, width {setting.mnist_width}, "
+           f"{setting.mnist_epochs} epochs, digits {list(setting.digits)}; N = {setting.num_items} items per "
+           f"memory; {setting.seeds} seeds; batch 8, Adam, the paper's learning rates.",
+           "- Data: MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test images with "
+           "masks); MNIST test set, images 0-4999 for training (the normal digit only), 5000-9999 for testing.",
+           f"- Command: `{meta.get('command', '?')}` ({meta.get('jobs', '?')} runs in parallel).",
+           *status_lines(name, records, meta), "",
+           "### Ablation on hazelnut (paper Table 3)", "", *ablation_table(s, setting), "",
+           "### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting), "",
+           "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
+           "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
+           f"### MNIST one-class, DAAD (paper: mean {PAPER_MNIST_MEAN:.3f})", "",
+           "| normal digit | image AUROC |", "|---|---|"]
     for d, rs in s["mnist"].items():
         out.append(f"| {d} | {cell(metric(rs, 'image_auroc'))} |")
     digit_means = [metric(rs, "image_auroc")[0] for rs in s["mnist"].values() if rs]
     if digit_means:
         out.append(f"| mean of {len(digit_means)} digits | {statistics.mean(digit_means):.3f} |")
-    out += ["", "## Which of the paper's claims held at this scale", ""]
+    out += ["", "### Which of the paper's claims held on hazelnut", ""]
     image_means = [m[0] for rs in s["ablation"].values() if (m := metric(rs, "image_auroc"))]
     if image_means and min(image_means) >= 0.98:
         out += ["Every model finds (nearly) every anomalous image of this test set (image AUROC "
                 f">= {min(image_means):.2f}), so image AUROC cannot separate them here; pixel AUROC, "
                 "which asks where the defect is, carries the comparisons.", ""]
-    out += claims(s)
-    out += ["", "## Figures", "",
-            "- Reconstructions by block size (as the paper's Figure 5): "
-            "![](figures/reconstructions_by_block_size.png)",
-            "- Score distributions of normal and anomalous test images: ![](figures/score_distributions.png)",
-            "- AUROC against block size: ![](figures/auroc_vs_block_size.png)", ""]
+    return out + claims(s) + [""]
+
+
+def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
+    """A warning when every model's image and pixel AUROC is close to chance: the data set then
+    cannot tell the models apart at this scale, whatever the verdicts below say."""
+    means = [m[0] for rs in [*s["ablation"].values(), *s["readings"].values()] for key in ("image_auroc", "pixel_auroc")
+             if (m := metric(rs, key))]
+    if not means or max(means) >= ceiling:
+        return []
+    return [f"Every model is close to chance here (every mean image and pixel AUROC in {min(means):.2f}-"
+            f"{max(means):.2f}): at this input size and training budget the magnetic tile does not tell "
+            "the models apart, so the verdicts below compare noise.", ""]
+
+
+def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
+    seconds = sorted(r["train_s"] for r in records)
+    timing = (f"at 64x64 one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared "
+              f"core (median {statistics.median(seconds) / 60:.0f} min, more when the machine is busier), "
+              f"and the {len(plan(setting))} runs must fit about two hours" if seconds else "no run has finished yet")
+    return [f"## Magnetic tile (setting `{name}`)", "",
+            f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
+            f"{setting.epochs} epochs, N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
+            f"paper's learning rates. The smallest size the issue allows: {timing}.",
+            f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "
+            f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "
+            "the five `MT_*/Imgs` folders (masks beside the images, >= 128 is defect).",
+            "- Smoothed scores: Gaussian of sigma = 4 x 64 / 256 = 1 pixel (anomalib's 4 at 256x256).",
+            f"- Command: `{meta.get('command', '?')}`.", *status_lines(name, records, meta), "",
+            "### Ablation (paper Table 3)", "", *ablation_table(s, setting), "",
+            "### Block size (paper Table 4)", "", *block_table(s, setting), "",
+            "### DAAD+ by loss reading and score (paper Table 5; R, L, fused; old and new defaults)", "",
+            *score_table(s), "",
+            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
+            "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s), *claims(s), "",
+            "Figures: ![](figures/tile_reconstructions_by_block_size.png) "
+            "![](figures/tile_score_distributions.png) ![](figures/tile_auroc_vs_block_size.png)", ""]
+
+
+def results_markdown(parts: dict[str, tuple[str, Setting, dict, list, dict]]) -> str:
+    """The document from ``parts``: "full" (hazelnut and MNIST) and "tile", each (setting name,
+    setting, summary, records, study metadata)."""
+    out = ["# Results: DAAD and DAAD+ at laptop scale on real data", "",
+           "Made by `models/reproduce.py` from the raw runs in `docs/raw/<setting>/` (one JSON record "
+           "and one compressed `.npz` of scores per run); rebuild with `python -m models.reproduce "
+           "--tables-only`. AUROC as mean ± standard deviation over seeds (n = number of seeds). The "
+           "paper's numbers are at 256x256 with width 64 and many more epochs; ours are not expected to "
+           "match them, only to show the same effects. DAAD+ rows name their loss reading "
+           f"(docs/MODELS.md, *Losses*); the default is `{DEFAULT_READING}`, `old` is this project's "
+           "first reading. A is the fused score γR + (1-γ)L; image AUROC of the non-adversarial "
+           "models is that of R.", ""]
+    if "full" in parts:
+        out += hazelnut_section(*parts["full"])
+    if "tile" in parts:
+        out += tile_section(*parts["tile"])
+    if "full" in parts:
+        out += ["## Figures (hazelnut)", "",
+                "- Reconstructions by block size (as the paper's Figure 5): "
+                "![](figures/reconstructions_by_block_size.png)",
+                "- Score distributions of normal and anomalous test images: ![](figures/score_distributions.png)",
+                "- AUROC against block size: ![](figures/auroc_vs_block_size.png)", ""]
     return "\n".join(out)
 
 
 def build_tables(setting_name: str, out: str) -> str:
-    """Writes ``OUT/RESULTS.md`` and ``OUT/figures/`` from ``OUT/raw/<setting>/``; returns the Markdown's path."""
-    raw_dir = os.path.join(out, "raw", setting_name)
-    if not os.path.isdir(raw_dir):
-        raise FileNotFoundError(f"no raw runs in {raw_dir}: run the study first")
-    setting = SETTINGS[setting_name]
-    meta_path = os.path.join(raw_dir, "study.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    s = summarise(load_records(raw_dir), setting)
-    draw_figures(s, setting, os.path.join(out, "figures"))
+    """Writes ``OUT/RESULTS.md`` and ``OUT/figures/`` from ``OUT/raw/<setting>/``: from every
+    setting of :data:`DOC_SETTINGS` found there, or ``setting_name`` alone if it is not one of
+    them (the quick study). Returns the Markdown's path."""
+    names = [n for n in DOC_SETTINGS if os.path.isdir(os.path.join(out, "raw", n))] \
+        if setting_name in DOC_SETTINGS else [setting_name]
+    if not names or not os.path.isdir(os.path.join(out, "raw", names[0])):
+        raise FileNotFoundError(f"no raw runs in {os.path.join(out, 'raw', setting_name)}: run the study first")
+    parts = {}
+    for name in names:
+        raw_dir = os.path.join(out, "raw", name)
+        setting = SETTINGS[name]
+        meta_path = os.path.join(raw_dir, "study.json")
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        records = load_records(raw_dir)
+        s = summarise(records, setting)
+        draw_figures(s, setting, os.path.join(out, "figures"), "tile_" if setting.dataset == "tile" else "")
+        parts["tile" if setting.dataset == "tile" else "full"] = (name, setting, s, records, meta)
     path = os.path.join(out, "RESULTS.md")
-    text = results_markdown(s, setting_name, setting, meta)
+    text = results_markdown(parts)
     atomic_write(path, lambda f: f.write(text), binary=False)
     return path
