@@ -138,7 +138,7 @@ def main() -> None:
     config = TrainConfig(model=ModelConfig(model=args.model, size=args.size, width=args.width,
                                            division=tuple(args.division), num_items=args.num_items))
     trainer = Trainer(config, device)
-    graph = ScoringGraph(trainer.model, config.fusion_gamma, CALIBRATION).eval()
+    graph = ScoringGraph(trainer.model, config.fusion_gamma, CALIBRATION, config.ali_loss).eval()
     x = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
     half = torch.bfloat16
 

@@ -47,12 +47,14 @@ def scaled(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
 class ScoringGraph(nn.Module):
     """The detector with the scoring of ``models.predict``: image -> (anomaly map, score)."""
 
-    def __init__(self, model: AnomalyDetector, gamma: float, calibration: dict[str, float]) -> None:
+    def __init__(self, model: AnomalyDetector, gamma: float, calibration: dict[str, float],
+                 ali_reduction: str) -> None:
         super().__init__()
         self.model, self.gamma, self.calibration = model.eval(), gamma, calibration
+        self.ali_reduction = ali_reduction  # L(x) reduced as L_ali was in training
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, c = self.model.score(x), self.calibration
+        s, c = self.model.score(x, self.ali_reduction), self.calibration
         score = scaled(s.rec, c["rec_min"], c["rec_max"])
         if s.feat is not None:
             score = self.gamma * score + (1.0 - self.gamma) * scaled(s.feat, c["feat_min"], c["feat_max"])
@@ -72,7 +74,7 @@ def scoring_graph(checkpoint: str) -> tuple[ScoringGraph, dict[str, Any]]:
     info = {"checkpoint": os.path.abspath(checkpoint), "model": m.model, "in_channels": m.in_channels,
             "size": m.size, "input": "image", "input_range": [-1.0, 1.0], "outputs": list(OUTPUTS),
             "gamma": config.fusion_gamma, "calibration": calib}
-    return ScoringGraph(model, config.fusion_gamma, calib), info
+    return ScoringGraph(model, config.fusion_gamma, calib, config.ali_loss), info
 
 
 def export_program(graph: ScoringGraph, example: torch.Tensor) -> torch.export.ExportedProgram:
