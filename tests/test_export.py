@@ -81,7 +81,7 @@ def pytorch_scores(checkpoint, images):
 
     model, config, state = load_detector(str(checkpoint), torch.device("cpu"))
     c = state["calibration"]
-    s = model.score(images)
+    s = model.score(images, config.ali_loss)
     score = fuse_scores(s.rec.numpy(), s.feat.numpy(), config.fusion_gamma, (c["rec_min"], c["rec_max"]),
                         (c["feat_min"], c["feat_max"]))
     return s.error_map.numpy(), score
