@@ -54,3 +54,18 @@ def run_dtype(backend: str, cast: torch.dtype,
     if in_cast and (in_cast[0] != "reference" or in_float32[:1] == ["reference"]):
         return cast
     return torch.float32
+
+
+def autocast_inputs(x: torch.Tensor, memory: torch.Tensor, backend: str,
+                    available: Callable[[torch.device, torch.dtype], list[str]]
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, memory)`` cast to the dtype the op runs in under autocast, or None outside autocast.
+
+    ``available(device, dtype)`` lists the backends that run ``dtype`` on ``device``, fastest first.
+    The caller runs the op on the result with autocast off.
+    """
+    cast = autocast_dtype(x, memory)
+    if cast is None:
+        return None
+    dtype = run_dtype(backend, cast, lambda d: available(x.device, d))
+    return x.to(dtype), memory.to(dtype)

@@ -16,9 +16,9 @@ import torch
 
 from . import ops
 from . import triton as triton_backend
-from .autocast import autocast_dtype, run_dtype
+from .autocast import autocast_inputs
 from .reference import block_memory_ref_checked
-from .spec import check_inputs, check_options, check_temperature
+from .spec import check_call
 
 
 class Backend(NamedTuple):
@@ -87,14 +87,10 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
         >>> y.shape, w.shape
         (torch.Size([2, 8, 16, 16]), torch.Size([2, 16, 50]))
     """
-    cast = autocast_dtype(x, memory)
+    cast = autocast_inputs(x, memory, backend, available_backends)
     if cast is not None:  # under torch.autocast: see daad_ext/autocast.py
-        dtype = run_dtype(backend, cast, lambda d: available_backends(x.device, d))
         with torch.autocast(x.device.type, enabled=False):
-            return block_memory(x.to(dtype), memory.to(dtype), division, similarity, shrink,
-                                threshold, temperature, backend)
-    geometry = check_inputs(x, memory, division)
-    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
-    check_temperature(temperature, x.dtype)
+            return block_memory(*cast, division, similarity, shrink, threshold, temperature, backend)
+    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
     name = resolve_backend(backend, x.device, x.dtype)
     return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .autocast import autocast_dtype, run_dtype
+from .autocast import autocast_inputs
 from .functional import BACKENDS, available_backends, check_backend_name, resolve_backend
 from .spec import check_feature_map, check_options, check_temperature, make_division
 
@@ -84,14 +84,13 @@ class BlockMemory(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"BlockMemory was built for inputs (B, {self.channels}, {self.height}, "
                              f"{self.width}), got shape {shape}")
-        cast = autocast_dtype(x, memory)
+        cast = autocast_inputs(x, memory, self.backend, available_backends)
         if x.device != memory.device or (x.dtype != memory.dtype and cast is None):
             raise TypeError(f"BlockMemory's memory is {memory.dtype} on {memory.device}, got input "
                             f"{x.dtype} on {x.device}; move the layer or the input (.to())")
         if cast is not None:  # under torch.autocast: see daad_ext/autocast.py
-            dtype = run_dtype(self.backend, cast, lambda d: available_backends(x.device, d))
             with torch.autocast(x.device.type, enabled=False):
-                return self._run(x.to(dtype), memory.to(dtype), return_weights)
+                return self._run(*cast, return_weights)
         return self._run(x, memory, return_weights)
 
     def _run(self, x: torch.Tensor, memory: torch.Tensor, return_weights: bool):

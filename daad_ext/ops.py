@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .spec import Division, check_inputs, check_options, check_temperature, compute_dtype
+from .spec import Division, check_call, compute_dtype
 from .extension import load_extension
 
 #: Importing the extension registers torch.ops.daad_ext.*; one that fails to load warns
@@ -33,16 +33,8 @@ SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
 KERNEL_DEVICES = frozenset(_C.KERNEL_DEVICES) if HAS_EXTENSION else frozenset()
 
 
-def check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature) -> Division:
-    """The checks of the C++ raw ops (csrc/op_checks.h), on real or fake tensors."""
-    geometry = check_inputs(x, memory, (rh, rw, rc))
-    check_options(similarity, shrink, threshold, temperature, memory.shape[0])
-    check_temperature(temperature, x.dtype)
-    return geometry
-
-
 def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature):
-    check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
+    check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
     b, q, n = x.shape[0], rh * rw * rc, memory.shape[0]
     stats = compute_dtype(x.dtype)
     probs = x.new_empty(b, q, n) if shrink == "memae" else x.new_empty(0)
@@ -52,7 +44,7 @@ def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperatu
 
 def fake_backward(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, rh, rw, rc,
                   similarity, shrink, threshold, temperature, needs_grad_x, needs_grad_memory):
-    check_op_args(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
+    check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
     grad_x = (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_grad_x
               else x.new_empty(0))
     grad_memory = (torch.empty_like(memory, memory_format=torch.contiguous_format)

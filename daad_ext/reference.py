@@ -31,8 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spec import (MEMAE_EPS, NORM_EPS, Division, check_inputs, check_options, check_temperature,
-                   compute_dtype)
+from .spec import MEMAE_EPS, NORM_EPS, Division, check_call, compute_dtype
 
 
 def divide_blocks(x: torch.Tensor, geometry: Division) -> torch.Tensor:
@@ -79,9 +78,7 @@ def block_memory_ref(x: torch.Tensor, memory: torch.Tensor, division: Sequence[i
                      threshold: Optional[float] = None,
                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise memory read in eager PyTorch; returns ``(y, w)`` with ``w`` of shape (B, Q, N)."""
-    geometry = check_inputs(x, memory, division)
-    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
-    check_temperature(temperature, x.dtype)
+    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
     return block_memory_ref_checked(x, memory, geometry, similarity, shrink, lam,
                                     float(temperature))
 

@@ -191,3 +191,13 @@ def check_inputs(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int])
         f"{(c, h, w)} map gives blocks of D = {geometry.bc}*{geometry.bh}*{geometry.bw} = "
         f"{geometry.block_dim}"))
     return geometry
+
+
+def check_call(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], similarity: str,
+               shrink: str, threshold: Optional[float], temperature: float) -> tuple[Division, float]:
+    """Every check of one call of the operator (tensors, options, temperature for x's dtype);
+    returns the block geometry and the resolved threshold."""
+    geometry = check_inputs(x, memory, division)
+    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    check_temperature(temperature, x.dtype)
+    return geometry, lam

@@ -38,10 +38,8 @@ def check_forward(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: i
                   similarity: str, shrink: str, threshold: float,
                   temperature: float) -> spec.Division:
     """Checks the forward op's arguments; returns the block geometry."""
-    geometry = spec.check_inputs(x, memory, (rh, rw, rc))
+    geometry, _ = spec.check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
     _check_backend(x)
-    spec.check_options(similarity, shrink, threshold, temperature, int(memory.shape[0]))
-    spec.check_temperature(temperature, x.dtype)
     _check_limits(int(x.shape[0]), geometry, int(memory.shape[0]))
     return geometry
 
