@@ -38,6 +38,19 @@ def largest_gradient(module: torch.nn.Module) -> torch.Tensor:
     return get_total_norm([p.grad for p in module.parameters() if p.grad is not None], norm_type=math.inf)
 
 
+def generator_pass(generator: torch.nn.Module, discriminator: Optional[torch.nn.Module],
+                   x: torch.Tensor) -> tuple[Any, Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """The generator's output on ``x``, D's logit of ``x`` (None without a discriminator) and the
+    adversarial arguments of :func:`models.losses.generator_loss` (empty without one)."""
+    out = generator(x)
+    if discriminator is None:
+        return out, None, {}
+    logit_real, feature_real = discriminator(x)
+    logit_fake, feature_fake = discriminator(out.reconstruction)
+    return out, logit_real, dict(logit_fake=logit_fake, feature_real=feature_real.detach(),
+                                 feature_fake=feature_fake)
+
+
 def reinitialise(module: torch.nn.Module) -> None:
     """Fresh weights for every layer of ``module`` (PyTorch's default initialisation), as
     GANomaly re-initialises a collapsed discriminator; draws from torch's global RNG."""
@@ -100,14 +113,8 @@ class Trainer:
         self.model.train()
         self.opt_g.zero_grad(set_to_none=True)
         with self.amp.autocast():
-            out = self.generator(x)
+            out, logit_real, adversarial = generator_pass(self.generator, self.discriminator, x)
             x_hat = out.reconstruction
-            adversarial = {}
-            if self.discriminator is not None:
-                logit_real, feature_real = self.discriminator(x)
-                logit_fake, feature_fake = self.discriminator(x_hat)
-                adversarial = dict(logit_fake=logit_fake, feature_real=feature_real.detach(),
-                                   feature_fake=feature_fake)
             loss_g, losses = generator_loss(x, x_hat, self.loss_weights, out.weights, **adversarial,
                                             **self.reductions)
         self.amp.backward(loss_g, self.opt_g)
@@ -151,12 +158,7 @@ class Trainer:
         discriminator = (copy.deepcopy(self.model.discriminator).train()
                          if self.model.discriminator is not None else None)
         with torch.random.fork_rng(devices=[]):
-            out = generator(x)
-            adversarial = {}
-            if discriminator is not None:
-                logit_fake, feature_fake = discriminator(out.reconstruction)
-                adversarial = dict(logit_fake=logit_fake, feature_real=discriminator(x)[1].detach(),
-                                   feature_fake=feature_fake)
+            out, _, adversarial = generator_pass(generator, discriminator, x)
             terms = generator_terms(x, out.reconstruction, self.loss_weights, out.weights,
                                     **adversarial, **self.reductions)
             params = [p for p in generator.parameters() if p.requires_grad]
