@@ -130,7 +130,8 @@ def test_valid_sizes():
 @pytest.mark.parametrize("module", ["models", "models.config", "models.networks", "models.trainer",
                                     "models.losses", "models.scoring", "models.inference",
                                     "models.checkpoint", "models.distributed", "models.plots",
-                                    "models.images", "models.atomic", "models.study.plan"])
+                                    "models.images", "models.atomic", "models.study.plan",
+                                    "models.study.baseline"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

@@ -6,37 +6,57 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
 
 from models import reproduce
 from models.atomic import write_json
-from models.study.plan import ABLATION, SETTINGS, Run, Setting, plan
-from models.study.run import execute, portable_command, run_study, save_arrays
-from models.study.tables import build_tables, compare, near_chance
+from models.study.aggregate import defect_type_aurocs, select
+from models.study.baseline import MeanImage
+from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
+from models.study.run import defect_types, execute, portable_command, run_config, run_study, save_arrays
+from models.study.tables import build_tables, compare, mnist_claims, mnist_table, near_chance
 
 
 def test_plan_covers_every_cell_once():
     runs = plan(SETTINGS["full"])
     assert len(runs) == len(set(runs)) and len({r.name for r in runs}) == len(runs)
     mvtec = [r for r in runs if r.dataset == "mvtec"]
-    assert {r.model for r in mvtec} == set(ABLATION)
+    assert {r.model for r in mvtec} == {*ABLATION, BASELINE}
+    assert [r for r in mvtec if r.model == BASELINE] == [Run("mvtec", BASELINE, 1, 0)]  # no seed to vary
     # 64x64 input: the H/16 map is 4 pixels, so divisions 1, 2 and 4; DAAD's default is 2.
     assert {r.division for r in mvtec if r.model == "daad"} == {1, 2, 4}
     assert {r.division for r in mvtec if r.model == "daad+"} == {2}
     assert {r.reading for r in mvtec if r.model == "daad+"} == {"old", "paper", "ganomaly"}
     assert {r.reading for r in mvtec if r.model != "daad+"} == {""}
-    assert {r.normal_class for r in runs if r.dataset == "mnist"} == set(range(10))
+    mnist = [r for r in runs if r.dataset == "mnist"]
+    assert {r.normal_class for r in mnist} == set(range(10))
+    # DAAD, then DAAD+ under each MNIST reading: every digit of a seed before the next seed
+    cells = [("daad", "", 0.0), ("daad+", "paper", 0.0), ("daad+", "old", 0.0), ("daad+", "paper", 1e-4),
+             ("ae", "", 0.0), ("memae", "", 0.0), ("ae+skip", "", 0.0)]
+    for model, reading, lr in cells:
+        cell = [r for r in mnist if (r.model, r.reading, r.lr) == (model, reading, lr)]
+        assert {(r.normal_class, r.seed) for r in cell} == {(d, s) for d in range(10) for s in range(3)}
+    # in that order, every digit of a seed before the next seed
+    assert [(r.model, r.reading, r.lr) for r in mnist[::30]] == cells
+    assert [r.seed for r in mnist[30:41]] == [0] * 10 + [1]
+    # the default learning rate leaves the names as they were; another one is in the name
+    assert {r.name for r in runs if r.model == "daad+" and r.lr} >= {"mvtec-daad+-div2-class0-seed0-paper-lr0.0001"}
+    assert "mvtec-daad+-div2-class0-seed0-paper" in {r.name for r in runs}
     assert len({r.seed for r in runs}) == 3
 
 
 def test_tile_plan_puts_the_most_telling_runs_first():
     runs = plan(SETTINGS["tile"])
-    assert {r.dataset for r in runs} == {"tile"} and len(runs) == len(set(runs)) == 3 * (4 + 3 + 2)
-    assert {r.seed for r in runs[:9]} == {0}  # every cell of seed 0
-    assert [(r.model, r.reading) for r in runs[:3]] == [("daad", ""), ("daad+", "paper"), ("daad+", "ganomaly")]
-    # then DAAD and DAAD+ (default reading) of the other seeds, then its other readings
-    assert [(r.model, r.reading, r.seed) for r in runs[9:13]] == [
+    # the baseline; per seed DAAD, DAAD+ by 3 readings and at lr 1e-4, AE, MemAE, AE+Skip, 2 more divisions
+    assert {r.dataset for r in runs} == {"tile"} and len(runs) == len(set(runs)) == 1 + 3 * (5 + 3 + 2)
+    assert runs[0].model == BASELINE and {r.seed for r in runs[:11]} == {0}  # the baseline, every cell of seed 0
+    assert [(r.model, r.reading, r.lr) for r in runs[1:5]] == [
+        ("daad", "", 0.0), ("daad+", "paper", 0.0), ("daad+", "paper", 1e-4), ("daad+", "ganomaly", 0.0)]
+    # then DAAD and DAAD+ (default reading) of the other seeds, then its learning rate and other readings
+    assert [(r.model, r.reading, r.seed) for r in runs[11:15]] == [
         ("daad", "", 1), ("daad+", "paper", 1), ("daad", "", 2), ("daad+", "paper", 2)]
-    assert {r.reading for r in runs[13:17]} == {"old", "ganomaly"}
+    assert [(r.reading, r.lr, r.seed) for r in runs[15:21]] == [
+        (reading, lr, seed) for seed in (1, 2) for reading, lr in (("paper", 1e-4), ("ganomaly", 0.0), ("old", 0.0))]
 
 
 def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
@@ -57,7 +77,7 @@ def write_quick_study(out) -> None:
     """Records of every run of the quick study: DAAD+ > DAAD > MemAE > AE > AE+Skip, division 2 best."""
     raw = out / "raw" / "quick"
     raw.mkdir(parents=True)
-    image = {"ae": 0.80, "memae": 0.85, "ae+skip": 0.70, "daad": 0.90, "daad+": 0.95}
+    image = {"ae": 0.80, "memae": 0.85, "ae+skip": 0.70, "daad": 0.90, "daad+": 0.95, BASELINE: 0.60}
     for run in plan(SETTINGS["quick"]):
         score = image[run.model] if run.dataset == "mvtec" else 0.6
         if run.dataset == "mvtec" and run.model == "daad" and run.division != 2:
@@ -98,12 +118,14 @@ def test_tables_and_verdicts_from_raw_records(tmp_path):
         pytest.approx([0.95, 0, 1, 0.5, 0, 1, 0.95, 0, 1, 0.85, 0, 1])
     # L_rec, L_adv, L_ali, D loss, D accuracy, resets, shares at epoch 1, at the last epoch
     assert table_row(text, "`paper`") == pytest.approx([0.1, 1, 2, 0.5, 0.75, 0, 0.5, 0.25, 0.25, 0.5, 0.25, 0.25])
-    assert "1 runs missing" not in text and "9 of 9 finished" in text
+    assert table_row(text, "mean training image (no learning)") == pytest.approx([0.6, 0, 1, 0.5, 0, 1])
+    assert "1 runs missing" not in text and "10 of 10 finished" in text
     assert table_row(text, "mean of 2 digits") == pytest.approx([0.6])
     assert claim(text, "DAAD vs AE, image AUROC") == ("held", [0.9, 0.8])
     assert claim(text, "AE vs AE+Skip, pixel AUROC") == ("held", [0.7, 0.6])
     assert claim(text, "division 2 vs 1, image AUROC") == ("held", [0.9, 0.75])
     assert claim(text, "DAAD+ (fused, `paper` losses) vs DAAD, image AUROC") == ("held", [0.95, 0.9])
+    assert claim(text, "DAAD vs the baseline, pixel AUROC") == ("held", [0.8, 0.5])
     for figure in ("score_distributions", "auroc_vs_block_size"):  # the third needs reconstructions
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
 
@@ -126,7 +148,7 @@ def test_a_partial_study_says_what_is_missing(tmp_path):
     write_quick_study(tmp_path)
     (tmp_path / "raw" / "quick" / "mvtec-ae-div1-class0-seed0.json").unlink()
     text = open(build_tables("quick", str(tmp_path))).read()
-    assert "8 of 9 finished" in text and "**Partial**: 1 runs missing" in text
+    assert "9 of 10 finished" in text and "**Partial**: 1 runs missing" in text
     assert "`python -m models.reproduce --quick`" in text
     assert table_row(text, "ae") == [0.884]  # every measured cell empty ("—"), the paper's number left
 
@@ -139,7 +161,7 @@ def test_recorded_commands_hold_no_paths_of_the_machine():
 def test_finished_runs_are_never_repeated(tmp_path, capsys):
     write_quick_study(tmp_path)
     run_study("quick", str(tmp_path), {"mvtec": "unused", "mnist": "unused"}, jobs=1)
-    assert "quick study: 9 runs, 9 already done" in capsys.readouterr().out
+    assert "quick study: 10 runs, 10 already done" in capsys.readouterr().out
     meta = json.loads((tmp_path / "raw" / "quick" / "study.json").read_text())
     assert meta["wall_s"] >= 60.0 and meta["jobs"] == 1
 
@@ -167,6 +189,7 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
     assert saved["name"] == run.name and saved["metrics"] == record["metrics"]
     assert str(hazelnut) not in text and str(tmp_path) not in text  # no path of the machine
     assert saved["losses"] == {"rec_loss": "l1", "ali_loss": "mean_sq", "d_reset": 1e-5, "loss_weights": [50, 0.5, 1]}
+    assert saved["lr"] == 2e-4
     assert record["epochs"] == 1 and [h["epoch"] for h in record["history"]] == [1]
     arrays = np.load(tmp_path / saved["arrays"])
     assert len(arrays["labels"]) == len(arrays["rec"]) == len(arrays["feat"]) == len(arrays["max"]) == 23
@@ -185,3 +208,75 @@ def test_a_study_at_chance_says_so():
         return {"ablation": {"daad": rs, "daad+": rs}, "readings": {"old": rs}}
     assert "close to chance" in " ".join(near_chance(cells(0.55)))
     assert near_chance(cells(0.9)) == [] and near_chance({"ablation": {}, "readings": {}}) == []
+
+
+def test_mnist_table_and_claims_compare_digit_by_digit():
+    def rs(*values):
+        return [{"metrics": {"image_auroc": v}} for v in values]
+    ae, daad, paper, old = ("ae", "", 0.0), ("daad", "", 0.0), ("daad+", "paper", 0.0), ("daad+", "old", 0.0)
+    s = {"mnist": {ae: {0: rs(0.80, 0.81), 1: rs(0.80), 2: rs(0.6)},
+                   daad: {0: rs(0.90, 0.92), 1: rs(0.80, 0.82), 2: rs(0.5)},
+                   paper: {0: rs(0.95, 0.97), 1: rs(0.70, 0.72), 2: rs(0.5)},
+                   ("daad+", "paper", 1e-4): {0: rs(0.99), 1: rs(0.99), 2: rs(0.99)},
+                   old: {0: [], 1: [], 2: []}}}
+    text = "\n".join(mnist_table(s))
+    assert text.splitlines()[0] == ("| normal digit | ae | daad | daad+ (`paper`) | daad+ (`paper`, lr 0.0001) "
+                                    "| daad+ (`old`) |")
+    assert table_row(text, "0") == pytest.approx([0.805, 0.007, 2, 0.91, 0.014, 2, 0.96, 0.014, 2, 0.99, 0, 1])
+    assert "mean of" not in text  # no digit has every column yet: no means over different digits
+    lines = mnist_claims(s)
+    assert lines == ["- DAAD vs AE, image AUROC by digit: **did not hold** for [2]; **held** for [0]; "
+                     "**inconclusive** for [1].",
+                     "- DAAD+ (fused, `paper` losses) vs DAAD, image AUROC by digit: **did not hold** for [1]; "
+                     "**held** for [0]; **inconclusive** for [2].",
+                     "- DAAD+ (fused, `paper` losses, lr 0.0001) vs DAAD, image AUROC by digit: **held** for [0, 1, 2]."]
+    s["mnist"].pop(old)
+    assert table_row("\n".join(mnist_table(s)), "mean of 3 digits") == \
+        pytest.approx([0.735, 0.740, 0.723, 0.99], abs=1e-3)
+
+
+def test_defect_types_and_their_aurocs(tmp_path):
+    root = str(tmp_path)
+    names = [f"{root}/good/a.png", f"{root}/MT_X/Imgs/b.png", f"{root}/MT_Y/Imgs/c.png", f"{root}/MT_X/Imgs/d.png"]
+    types, kind = defect_types(names, np.array([0, 1, 1, 1]), root)
+    assert types == ["MT_X/Imgs", "MT_Y/Imgs"] and kind.tolist() == [-1, 0, 1, 0]
+    # normals 0.1 and 0.4; X scores 0.3 and 0.5 (AUROC 3/4 by hand), Y 0.05 (AUROC 0)
+    save_arrays(str(tmp_path / "r.npz"), defect_type=np.array([-1, -1, 0, 0, 1], np.int8),
+                rec=np.array([0.1, 0.4, 0.3, 0.5, 0.05], np.float32))
+    record = {"raw_dir": root, "arrays": "r.npz", "defect_types": ["MT_X/Imgs", "MT_Y/Imgs"]}
+    aurocs = defect_type_aurocs([record, record, {"arrays": "old.npz"}], "rec")  # a run without types is left out
+    assert aurocs == {"MT_X/Imgs": (0.75, 0.0, 2), "MT_Y/Imgs": (0.0, 0.0, 2)}
+
+
+def test_the_baseline_scores_every_image_against_the_mean_training_image():
+    train = [{"image": torch.full((3, 4, 4), v)} for v in (0.0, 0.5, 1.0)]
+    baseline = MeanImage.fit(train)
+    x = torch.rand(2, 3, 4, 4)
+    s = baseline.score(x)
+    expected = (x - 0.5).pow(2).mean(dim=1)
+    torch.testing.assert_close(s.error_map, expected)
+    torch.testing.assert_close(s.rec, expected.flatten(1).mean(dim=1))
+    assert s.feat is None and s.reconstruction.shape == x.shape
+
+
+def test_the_baseline_run_trains_nothing(hazelnut, tmp_path):
+    setting = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1,
+                      digits=(), seeds=1, num_items=20)
+    record = execute(Run("mvtec", BASELINE, 1, 0), setting, {"mvtec": str(hazelnut)}, str(tmp_path))
+    assert record["epochs"] == 0 and record["history"] == [] and "losses" not in record and "figure" not in record
+    assert record["defect_types"] == ["test/colour"]
+    assert 0 <= record["metrics"]["image_auroc"] <= 1 and 0 <= record["metrics"]["pixel_auroc"] <= 1
+    arrays = np.load(tmp_path / record["arrays"])
+    assert (arrays["defect_type"] >= 0).tolist() == arrays["labels"].astype(bool).tolist()
+
+
+def test_records_made_before_a_run_field_existed_have_its_default():
+    old = {"run": {"dataset": "mvtec", "model": "daad+", "division": 2, "seed": 0, "normal_class": 0}}
+    assert select([old], model="daad+", reading="", lr=0.0) == [old]
+    assert select([old], model="daad+", lr=1e-4) == []
+
+
+def test_a_run_trains_at_its_learning_rate():
+    setting, roots = SETTINGS["full"], {"mvtec": "unused"}
+    assert run_config(Run("mvtec", "daad+", 2, 0, reading="paper", lr=1e-4), setting, roots).learning_rate == 1e-4
+    assert run_config(Run("mvtec", "daad+", 2, 0, reading="paper"), setting, roots).learning_rate == 2e-4

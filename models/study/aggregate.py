@@ -1,6 +1,7 @@
 """The raw run records grouped by the study's cells, with mean, spread and count per metric."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -9,7 +10,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..config import DEFAULT_READING
-from .plan import ABLATION, Setting, ablation_division, block_divisions, default_division
+from ..scoring import image_auroc
+from .plan import (ABLATION, BASELINE, Run, Setting, ablation_division, block_divisions, default_division,
+                   mnist_cells)
 
 #: (mean, standard deviation over seeds, number of seeds)
 Summary = tuple[float, float, int]
@@ -30,9 +33,13 @@ def load_arrays(record: dict[str, Any]) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+#: A field missing from a record made before it existed has its default value.
+RUN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Run)}
+
+
 def select(records: list[dict[str, Any]], **fields: Any) -> list[dict[str, Any]]:
-    """Records whose run has these field values (a missing ``reading`` is "", as before readings)."""
-    return [r for r in records if all(r["run"].get(k, "") == v for k, v in fields.items())]
+    """Records whose run has these field values."""
+    return [r for r in records if all(r["run"].get(k, RUN_DEFAULTS[k]) == v for k, v in fields.items())]
 
 
 def stats(values: Sequence[Optional[float]]) -> Optional[Summary]:
@@ -48,13 +55,37 @@ def metric(records: list[dict[str, Any]], key: str) -> Optional[Summary]:
 
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """The records of every cell the tables, figures and claims use. ``ablation["daad+"]`` is
-    DAAD+ with the default reading; ``readings`` holds DAAD+ under each reading studied."""
+    DAAD+ with the default reading; ``readings`` holds DAAD+ under each reading studied, ``lrs``
+    under the default reading at each other learning rate studied;
+    ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
     data, div = setting.dataset, default_division(setting.size)
     ablation = {m: select(records, dataset=data, model=m, division=ablation_division(m, setting),
-                          reading=DEFAULT_READING if m.endswith("+") else "")
+                          reading=DEFAULT_READING if m.endswith("+") else "", lr=0.0)
                 for m in ABLATION}
-    readings = {r: select(records, dataset=data, model="daad+", division=div, reading=r)
+    readings = {r: select(records, dataset=data, model="daad+", division=div, reading=r, lr=0.0)
                 for r in setting.readings}
+    lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=DEFAULT_READING, lr=lr)
+           for lr in setting.plus_lrs}
     blocks = {r: select(records, dataset=data, model="daad", division=r) for r in block_divisions(setting.size)}
-    mnist = {d: select(records, dataset="mnist", normal_class=d) for d in setting.digits}
-    return {"ablation": ablation, "readings": readings, "blocks": blocks, "mnist": mnist}
+    mnist = {(m, r, lr): {d: select(records, dataset="mnist", model=m, normal_class=d, reading=r, lr=lr)
+                          for d in setting.digits}
+             for m, r, lr in mnist_cells(setting)}
+    return {"ablation": ablation, "readings": readings, "lrs": lrs, "blocks": blocks, "mnist": mnist,
+            "baseline": select(records, dataset=data, model=BASELINE)}
+
+
+def defect_type_aurocs(records: list[dict[str, Any]], score: str) -> dict[str, Optional[Summary]]:
+    """Image AUROC of each defect type alone (its images against every normal test image) by
+    ``score``, an array of the runs' ``.npz`` ("rec": R as the mean, "max": max of the smoothed
+    map); mean and spread over ``records``, by the type's folder name."""
+    by_type: dict[str, list[float]] = {}
+    for r in records:
+        if "defect_types" not in r:
+            continue
+        arrays = load_arrays(r)
+        kind, values, normal = arrays["defect_type"], arrays[score], arrays["defect_type"] < 0
+        for i, name in enumerate(r["defect_types"]):
+            pick = normal | (kind == i)
+            by_type.setdefault(name, []).append(image_auroc((kind[pick] >= 0).astype(int), values[pick]))
+    return {name: stats(values) for name, values in by_type.items()}
+

@@ -5,14 +5,16 @@ At 64x64 input the memories see maps of 32, 16, 8 and 4 pixels: division 2 gives
 (16, 8, 4, 2) of the paper's division 8 at 256x256, and divisions 1, 2, 4 correspond to the
 paper's 4, 8, 16.
 
-Runs are listed in the order that makes a study stopped part way most useful: every cell of
-seed 0 first; then, for the other seeds, DAAD and DAAD+ with the default reading (the comparison
-the study exists for), the other readings, and the remaining cells.
+Runs are listed in the order that makes a study stopped part way most useful: the no-learning
+baseline (one run: it has no seed), every cell of seed 0; then, for the other seeds, DAAD and
+DAAD+ with the default reading (the comparison the study exists for), the other readings, and the
+remaining cells; then MNIST: DAAD on every digit, then DAAD+ under each reading in
+``mnist_readings``, then each model of ``mnist_baselines``, on every digit, seed by seed.
 
 Example:
     >>> from models.study.plan import SETTINGS, plan
     >>> len(plan(SETTINGS["quick"]))
-    9
+    10
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from ..config import DEFAULT_READING
 
 ABLATION = ("ae", "memae", "ae+skip", "daad", "daad+")
+#: The detector that learns nothing (:mod:`models.study.baseline`): every model must beat it.
+BASELINE = "mean-image"
 
 
 @dataclass(frozen=True)
@@ -44,18 +48,28 @@ class Setting:
     dataset: str = "mvtec"
     train_ratio: float = 0.5
     readings: tuple[str, ...] = (DEFAULT_READING,)
+    #: Besides DAAD, the models trained on every MNIST digit: the other models of the ablation
+    #: and DAAD+ under these loss readings. MNIST is where the digits spread the models apart
+    #: (the hazelnut subset is saturated, the magnetic tile near chance).
+    mnist_baselines: tuple[str, ...] = ()
+    mnist_readings: tuple[str, ...] = ()
+    #: Learning rates tried for DAAD+ (default reading) besides its default, on the setting's
+    #: image data set and, where DAAD+ trains on MNIST, on every digit.
+    plus_lrs: tuple[float, ...] = ()
 
 
 SETTINGS = {
     "full": Setting(size=64, width=16, epochs=100, mnist_size=32, mnist_width=16, mnist_epochs=10,
-                    digits=tuple(range(10)), seeds=3, readings=("old", "paper", "ganomaly")),
+                    digits=tuple(range(10)), seeds=3, readings=("old", "paper", "ganomaly"),
+                    mnist_baselines=("ae", "memae", "ae+skip"), mnist_readings=("paper", "old"),
+                    plus_lrs=(1e-4,)),
     "quick": Setting(size=64, width=8, epochs=10, mnist_size=32, mnist_width=8, mnist_epochs=2,
                      digits=(0, 1), seeds=1),
     # 476 training images (half of MT_Free), 8 epochs of 59 steps: 3-8 minutes a run on one
     # shared core, about 2.5 hours for all 27.
     "tile": Setting(size=64, width=16, epochs=8, mnist_size=32, mnist_width=16, mnist_epochs=0,
                     digits=(), seeds=3, dataset="tile", train_ratio=0.5,
-                    readings=("paper", "ganomaly", "old")),
+                    readings=("paper", "ganomaly", "old"), plus_lrs=(1e-4,)),
 }
 
 
@@ -68,10 +82,12 @@ class Run:
     normal_class: int = 0
     #: Loss reading of a "+" variant (:data:`models.config.LOSS_READINGS`); "" for the others.
     reading: str = ""
+    #: Adam's learning rate; 0 is the model's default (``TrainConfig.learning_rate``).
+    lr: float = 0.0
 
     @property
     def name(self) -> str:
-        suffix = f"-{self.reading}" if self.reading else ""
+        suffix = (f"-{self.reading}" if self.reading else "") + (f"-lr{self.lr:g}" if self.lr else "")
         return f"{self.dataset}-{self.model}-div{self.division}-class{self.normal_class}-seed{self.seed}{suffix}"
 
 
@@ -97,14 +113,32 @@ def plan(setting: Setting) -> list[Run]:
 
     def cells(s: int) -> list[list[Run]]:
         return [[Run(data, "daad", div, s), Run(data, "daad+", div, s, reading=readings[0])],
-                [Run(data, "daad+", div, s, reading=r) for r in readings[1:]],
+                [Run(data, "daad+", div, s, reading=readings[0], lr=lr) for lr in setting.plus_lrs]
+                + [Run(data, "daad+", div, s, reading=r) for r in readings[1:]],
                 [Run(data, m, 1, s) for m in ABLATION if m not in ("daad", "daad+")]
                 + [Run(data, "daad", r, s) for r in block_divisions(setting.size) if r != div]]
 
-    runs = [run for group in cells(0) for run in group] if setting.seeds else []
+    runs = [Run(data, BASELINE, 1, 0)] if setting.seeds else []
+    runs += [run for group in cells(0) for run in group] if setting.seeds else []
     for group in range(3):
         runs += [run for s in range(1, setting.seeds) for run in cells(s)[group]]
     mnist_div = default_division(setting.mnist_size)
     runs += [Run("mnist", "daad", mnist_div, s, digit) for digit in setting.digits
              for s in range(setting.seeds)]
+    later = [("daad+", mnist_div, r, 0.0) for r in setting.mnist_readings]
+    if DEFAULT_READING in setting.mnist_readings:
+        later += [("daad+", mnist_div, DEFAULT_READING, lr) for lr in setting.plus_lrs]
+    later += [(m, 1, "", 0.0) for m in setting.mnist_baselines]
+    runs += [Run("mnist", m, div, s, digit, reading=r, lr=lr) for m, div, r, lr in later
+             for s in range(setting.seeds) for digit in setting.digits]
     return runs
+
+
+def mnist_cells(setting: Setting) -> list[tuple[str, str, float]]:
+    """The MNIST columns of the study, (model, DAAD+ loss reading, learning rate), in the
+    ablation's order."""
+    cells = [(m, "", 0.0) for m in ABLATION if m in setting.mnist_baselines] + [("daad", "", 0.0)]
+    cells += [("daad+", r, 0.0) for r in setting.mnist_readings]
+    if DEFAULT_READING in setting.mnist_readings:
+        cells += [("daad+", DEFAULT_READING, lr) for lr in setting.plus_lrs]
+    return cells

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from ..distributed import DistContext
 from ..inference import ScoreSet, collect_scores, compute_metrics
 from ..scoring import default_sigma, fuse_scores, image_auroc, image_scores, pixel_auroc, smooth_maps
 from ..train import train
-from .plan import SETTINGS, Run, Setting, plan
+from .baseline import MeanImage
+from .plan import BASELINE, SETTINGS, Run, Setting, plan
 
 #: The magnetic tile below its root: normal images, and one folder per defect type (masks beside).
 TILE_NORMAL = "MT_Free/Imgs"
@@ -42,7 +43,8 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
     """The training settings of one run."""
     mnist = run.dataset == "mnist"
     dataset = {"mvtec": "mvtec", "mnist": "mnist", "tile": "folder"}[run.dataset]
-    model = ModelConfig(model=run.model, in_channels=dataset_channels(dataset),
+    name = "ae" if run.model == BASELINE else run.model  # the baseline trains nothing; it reads data as the AE
+    model = ModelConfig(model=name, in_channels=dataset_channels(dataset),
                         size=setting.mnist_size if mnist else setting.size,
                         width=setting.mnist_width if mnist else setting.width,
                         division=(run.division, run.division, 1), num_items=setting.num_items)
@@ -51,7 +53,7 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
         extra.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
     return TrainConfig(dataset=dataset, root=roots[run.dataset], normal_class=run.normal_class,
                        model=model, epochs=setting.mnist_epochs if mnist else setting.epochs,
-                       seed=run.seed, **extra)
+                       seed=run.seed, lr=run.lr or None, **extra)
 
 
 def score_metrics(scores: ScoreSet, gamma: float, size: int) -> dict[str, Any]:
@@ -66,6 +68,14 @@ def score_metrics(scores: ScoreSet, gamma: float, size: int) -> dict[str, Any]:
     if metrics["pixel_auroc"] is not None:
         metrics["pixel_auroc_smoothed"] = pixel_auroc(scores.masks[known], smooth_maps(scores.maps[known], sigma))
     return metrics
+
+
+def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[list[str], np.ndarray]:
+    """Each test image's defect type, the folder below ``root`` that holds it (no path of the
+    machine), as an index into the returned folder names in test-set order; -1 for normal images."""
+    folders = [os.path.relpath(os.path.dirname(n), root) if label else "" for n, label in zip(names, labels)]
+    types = list(dict.fromkeys(f for f in folders if f))
+    return types, np.array([types.index(f) if f else -1 for f in folders], np.int8)
 
 
 def save_arrays(path: str, **arrays: np.ndarray) -> None:
@@ -85,36 +95,45 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             tempfile.TemporaryDirectory() as tmp:
         train_set = config_dataset(config, "train", augment=True)
-        trainer = train(config, tmp, DistContext(0, 1, torch.device("cpu")), train_set)
+        trained = run.model != BASELINE
+        if not trained:
+            model, history = MeanImage.fit(train_set.without_augmentation()), []
+        else:
+            trainer = train(config, tmp, DistContext(0, 1, torch.device("cpu")), train_set)
+            model, history = trainer.model, trainer.history
     train_s = time.perf_counter() - start
     test_set = config_dataset(config, "test")
-    scores = collect_scores(trainer.model, test_set, torch.device("cpu"), ali_reduction=config.ali_loss)
+    scores = collect_scores(model, test_set, torch.device("cpu"), ali_reduction=config.ali_loss)
     metrics = score_metrics(scores, config.fusion_gamma, config.model.size)
     arrays = {"labels": scores.labels.astype(np.int8), "rec": scores.rec.astype(np.float32),
               "max": image_scores(scores.maps, "max", default_sigma(config.model.size)).astype(np.float32)}
     if scores.feat is not None:
         arrays["feat"] = scores.feat.astype(np.float32)
+    types: dict[str, Any] = {}
+    if run.dataset != "mnist":  # for the AUROC of each defect type
+        types["defect_types"], arrays["defect_type"] = defect_types(test_set.names, scores.labels, config.root)
     # The training images' scores: what a score rule may learn from without seeing an anomaly.
-    train_scores = collect_scores(trainer.model, train_set.without_augmentation(), torch.device("cpu"),
+    train_scores = collect_scores(model, train_set.without_augmentation(), torch.device("cpu"),
                                   ali_reduction=config.ali_loss)
     arrays["train_rec"] = train_scores.rec.astype(np.float32)
     if train_scores.feat is not None:
         arrays["train_feat"] = train_scores.feat.astype(np.float32)
     figure = None
-    if run.seed == 0 and run.dataset != "mnist":  # reconstructions of fixed test images for the figures
+    if run.seed == 0 and run.dataset != "mnist" and trained:  # reconstructions of test images for the figures
         picks = [int(np.flatnonzero(scores.labels == label)[0]) for label in (0, 1)]
         picks += [int(np.flatnonzero(scores.labels == label)[-1]) for label in (0, 1)]
         images = torch.stack([test_set[i]["image"] for i in picks])
         with torch.no_grad():
-            trainer.model.eval()
-            recon = trainer.model.generator(images).reconstruction
+            model.eval()
+            recon = model.generator(images).reconstruction
         arrays.update(figure_images=_to_uint8(images), figure_reconstructions=_to_uint8(recon))
         figure = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks]}
     save_arrays(os.path.join(raw_dir, run.name + ".npz"), **arrays)
+    losses = {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
     record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
-              "losses": {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")},
-              "train_s": round(train_s, 1), "epochs": config.epochs, "history": trainer.history,
-              "arrays": run.name + ".npz", **({"figure": figure} if figure else {})}
+              **({"losses": losses, "lr": config.learning_rate} if trained else {}), "train_s": round(train_s, 1),
+              "epochs": config.epochs if trained else 0, "history": history,
+              "arrays": run.name + ".npz", **types, **({"figure": figure} if figure else {})}
     write_json(os.path.join(raw_dir, run.name + ".json"), record)
     return record
 

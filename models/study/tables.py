@@ -9,8 +9,8 @@ import statistics
 from typing import Any, Optional
 
 from ..atomic import atomic_write
-from ..config import DEFAULT_READING, LOSS_READINGS
-from .aggregate import Summary, load_records, metric, summarise
+from ..config import DEFAULT_READING, LOSS_READINGS, ModelConfig, TrainConfig
+from .aggregate import Summary, defect_type_aurocs, load_records, metric, summarise
 from .figures import draw_figures
 from .plan import SETTINGS, Setting, default_division, plan
 
@@ -22,6 +22,10 @@ PAPER_BLOCK = {1: 0.716, 2: 0.784, 4: 0.821, 8: 0.845, 16: 0.813}
 #: The settings whose results make ``docs/RESULTS.md``, in order.
 DOC_SETTINGS = ("full", "tile")
 DATA_NAMES = {"mvtec": "hazelnut", "tile": "magnetic tile"}
+#: DAAD+'s default learning rate (the paper's), beside which the study tries others.
+PLUS_LR = TrainConfig(model=ModelConfig(model="daad+")).learning_rate
+#: The no-learning baseline's row (:mod:`models.study.baseline`).
+BASELINE_NAME = "mean training image (no learning)"
 
 
 def cell(summary: Optional[Summary]) -> str:
@@ -73,24 +77,34 @@ def claims(s: dict[str, Any]) -> list[str]:
                                [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes]))
     else:
         lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
-    pairs = [(f"DAAD+ (fused, `{DEFAULT_READING}` losses) vs DAAD", ab["daad+"], ab["daad"])]
-    pairs += [(f"DAAD+ (fused, `{r}` losses) vs DAAD", rs, ab["daad"])
+    pairs = [(f"{plus_label(DEFAULT_READING)} vs DAAD", ab["daad+"], ab["daad"])]
+    pairs += [(f"{plus_label(DEFAULT_READING, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
+    pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"])
               for r, rs in s["readings"].items() if r != DEFAULT_READING]
     lines.append(claim("4. The adversarial representation adds to DAAD", pairs))
+    if s.get("baseline"):  # not a claim of the paper: whether the data set can show any of the above
+        lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
+                           [("DAAD vs the baseline", ab["daad"], s["baseline"]),
+                            (f"DAAD+ (fused, `{DEFAULT_READING}` losses) vs the baseline", ab["daad+"],
+                             s["baseline"])]))
     return lines
 
 
 def ablation_table(s: dict[str, Any], setting: Setting) -> list[str]:
     div, hazelnut = default_division(setting.size), setting.dataset == "mvtec"
+
+    def row(name: str, division: Any, rs: list, paper: str) -> str:
+        keys = ("image_auroc", "image_auroc_max", "pixel_auroc", "pixel_auroc_smoothed")
+        return (f"| {name} | {division} | " + " | ".join(cell(metric(rs, k)) for k in keys) + " |"
+                + (f" {paper} |" if hazelnut else ""))
+
     out = ["| model | division | image AUROC (A, R = mean) | image AUROC (max of smoothed map) | pixel AUROC "
            "| pixel AUROC (smoothed) |" + (" paper (hazelnut) |" if hazelnut else ""),
-           "|---|---|---|---|---|---|" + ("---|" if hazelnut else "")]
+           "|---|---|---|---|---|---|" + ("---|" if hazelnut else ""),
+           row(BASELINE_NAME, "—", s["baseline"], "—")]
     for m, rs in s["ablation"].items():
         name = f"{m} (`{DEFAULT_READING}`)" if m.endswith("+") else m
-        out.append(f"| {name} | {div if m in ('daad', 'daad+') else '—'} | {cell(metric(rs, 'image_auroc'))} "
-                   f"| {cell(metric(rs, 'image_auroc_max'))} | {cell(metric(rs, 'pixel_auroc'))} "
-                   f"| {cell(metric(rs, 'pixel_auroc_smoothed'))} |"
-                   + (f" {PAPER_HAZELNUT[m]:.3f} |" if hazelnut else ""))
+        out.append(row(name, div if m in ("daad", "daad+") else "—", rs, f"{PAPER_HAZELNUT[m]:.3f}"))
     return out
 
 
@@ -103,6 +117,24 @@ def block_table(s: dict[str, Any], setting: Setting) -> list[str]:
         paper = f"{PAPER_BLOCK[paper_r]:.3f}" if paper_r in PAPER_BLOCK else "—"
         out.append(f"| {r} | {sizes} | {paper_r} | {cell(metric(rs, 'image_auroc'))} "
                    f"| {cell(metric(rs, 'pixel_auroc'))} | {paper} |")
+    return out
+
+
+def defect_type_table(s: dict[str, Any]) -> list[str]:
+    """Image AUROC of each defect type alone, by R (mean) and by the max of the smoothed map."""
+    rows = {BASELINE_NAME: s["baseline"],
+            **{(f"{m} (`{DEFAULT_READING}`)" if m.endswith("+") else m): rs for m, rs in s["ablation"].items()}}
+    by_score = {name: {score: defect_type_aurocs(rs, score) for score in ("rec", "max")}
+                for name, rs in rows.items()}
+    types = list(dict.fromkeys(t for scores in by_score.values() for t in scores["rec"]))
+    if not types:
+        return ["(no run recorded the defect type of its test images)"]
+    out = ["| model | " + " | ".join(t.split("/")[0].removeprefix("MT_") for t in types) + " |",
+           "|---|" + "---|" * len(types)]
+    for name, scores in by_score.items():
+        cells = [" / ".join("—" if (v := scores[k].get(t)) is None else f"{v[0]:.2f}" for k in ("rec", "max"))
+                 for t in types]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -121,8 +153,13 @@ def score_table(s: dict[str, Any]) -> list[str]:
     daad = s["ablation"]["daad"]
     out.append(f"| DAAD | {cell(metric(daad, 'image_auroc_rec'))} | {cell(metric(daad, 'image_auroc_max'))} "
                f"| — | — | — | {cell(metric(daad, 'pixel_auroc'))} |")
+    rows = []
     for r, rs in s["readings"].items():
-        out.append(f"| DAAD+, {reading_name(r)} | {cell(metric(rs, 'image_auroc_rec'))} "
+        rows.append((reading_name(r), rs))
+        if r == DEFAULT_READING:  # then the default reading at the other learning rates
+            rows += [(f"`{r}` at lr {lr:g} (default {PLUS_LR:g})", lr_rs) for lr, lr_rs in s.get("lrs", {}).items()]
+    for name, rs in rows:
+        out.append(f"| DAAD+, {name} | {cell(metric(rs, 'image_auroc_rec'))} "
                    f"| {cell(metric(rs, 'image_auroc_max'))} | {cell(metric(rs, 'image_auroc_feat'))} "
                    f"| {cell(metric(rs, 'image_auroc'))} | {cell(metric(rs, 'image_auroc_fused_max'))} "
                    f"| {cell(metric(rs, 'pixel_auroc'))} |")
@@ -188,20 +225,60 @@ def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: li
            "### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting), "",
            "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
-           f"### MNIST one-class, DAAD (paper: mean {PAPER_MNIST_MEAN:.3f})", "",
-           "| normal digit | image AUROC |", "|---|---|"]
-    for d, rs in s["mnist"].items():
-        out.append(f"| {d} | {cell(metric(rs, 'image_auroc'))} |")
-    digit_means = [metric(rs, "image_auroc")[0] for rs in s["mnist"].values() if rs]
-    if digit_means:
-        out.append(f"| mean of {len(digit_means)} digits | {statistics.mean(digit_means):.3f} |")
-    out += ["", "### Which of the paper's claims held on hazelnut", ""]
+           f"### MNIST one-class, image AUROC (DAAD+ by the fused A; paper, DAAD: mean {PAPER_MNIST_MEAN:.3f})", "",
+           *mnist_table(s), "", "Which of the paper's claims held on MNIST (each digit is its own "
+           "comparison: the digits' AUROCs differ far more than their seeds'):", "", *mnist_claims(s),
+           "", "### Which of the paper's claims held on hazelnut", ""]
     image_means = [m[0] for rs in s["ablation"].values() if (m := metric(rs, "image_auroc"))]
     if image_means and min(image_means) >= 0.98:
         out += ["Every model finds (nearly) every anomalous image of this test set (image AUROC "
                 f">= {min(image_means):.2f}), so image AUROC cannot separate them here; pixel AUROC, "
                 "which asks where the defect is, carries the comparisons.", ""]
     return out + claims(s) + [""]
+
+
+def plus_label(reading: str, lr: float = 0.0) -> str:
+    """DAAD+ trained under ``reading`` at learning rate ``lr`` (0: the default), in the claims."""
+    return f"DAAD+ (fused, `{reading}` losses" + (f", lr {lr:g}" if lr else "") + ")"
+
+
+def column_name(cell: tuple[str, str, float]) -> str:
+    model, reading, lr = cell
+    return model if model != "daad+" else f"daad+ (`{reading}`" + (f", lr {lr:g})" if lr else ")")
+
+
+def mnist_table(s: dict[str, Any]) -> list[str]:
+    """Image AUROC by normal digit, one column per model (DAAD+ by its fused score A)."""
+    columns = s["mnist"]
+    out = ["| normal digit | " + " | ".join(map(column_name, columns)) + " |", "|---|" + "---|" * len(columns)]
+    digits = list(next(iter(columns.values()), {}))
+    for d in digits:
+        out.append(f"| {d} | " + " | ".join(cell(metric(c[d], "image_auroc")) for c in columns.values()) + " |")
+    common = [d for d in digits if all(c[d] for c in columns.values())]  # means over the same digits
+    if common:
+        means = [statistics.mean(metric(c[d], "image_auroc")[0] for d in common) for c in columns.values()]
+        out.append(f"| mean of {len(common)} digits | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return out
+
+
+def mnist_claims(s: dict[str, Any]) -> list[str]:
+    """The paper's claims on MNIST, digit by digit (the seed spread of each digit decides)."""
+    columns = s["mnist"]
+    ae, memae, skip, daad = (("ae", "", 0.0), ("memae", "", 0.0), ("ae+skip", "", 0.0), ("daad", "", 0.0))
+    pairs = [("DAAD vs AE", daad, ae), ("DAAD vs MemAE", daad, memae), ("AE vs AE+Skip", ae, skip)]
+    pairs += [(f"{plus_label(c[1], c[2])} vs DAAD", c, daad) for c in columns if c[0] == "daad+"]
+    lines = []
+    for label, better, worse in pairs:
+        if better not in columns or worse not in columns:
+            continue
+        verdicts: dict[str, list[int]] = {}
+        for d, rs in columns[better].items():
+            if rs and columns[worse][d]:
+                verdicts.setdefault(compare(rs, columns[worse][d], "image_auroc")[0], []).append(d)
+        if verdicts:
+            lines.append(f"- {label}, image AUROC by digit: "
+                         + "; ".join(f"**{v}** for {digits}" for v, digits in sorted(verdicts.items())) + ".")
+    return lines
 
 
 def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
@@ -211,16 +288,21 @@ def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
              if (m := metric(rs, key))]
     if not means or max(means) >= ceiling:
         return []
+    base = [m[0] for key in ("image_auroc", "pixel_auroc") if (m := metric(s.get("baseline", []), key))]
     return [f"Every model is close to chance here (every mean image and pixel AUROC in {min(means):.2f}-"
-            f"{max(means):.2f}): at this input size and training budget the magnetic tile does not tell "
+            f"{max(means):.2f}" + (f"; the mean training image, which learns nothing, scores "
+                                   f"image {base[0]:.3f} and pixel {base[1]:.3f}" if len(base) == 2 else "")
+            + "): at this input size and training budget the magnetic tile does not tell "
             "the models apart, so the verdicts below compare noise.", ""]
 
 
 def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
-    seconds = sorted(r["train_s"] for r in records)
+    seconds = sorted(r["train_s"] for r in records if r.get("epochs"))  # the baseline trains nothing
     timing = (f"at 64x64 one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared "
               f"core (median {statistics.median(seconds) / 60:.0f} min, more when the machine is busier), "
-              f"and the {len(plan(setting))} runs must fit about two hours" if seconds else "no run has finished yet")
+              f"and the {len(plan(setting))} runs must fit about two hours; a probe at 128x128 (10 "
+              "epochs) scored no better (docs/MODELS.md, *Which data set can tell the models apart*)"
+              if seconds else "no run has finished yet")
     return [f"## Magnetic tile (setting `{name}`)", "",
             f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
             f"{setting.epochs} epochs, N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
@@ -231,6 +313,8 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
             "- Smoothed scores: Gaussian of sigma = 4 x 64 / 256 = 1 pixel (anomalib's 4 at 256x256).",
             f"- Command: `{meta.get('command', '?')}`.", *status_lines(name, records, meta), "",
             "### Ablation (paper Table 3)", "", *ablation_table(s, setting), "",
+            "### Image AUROC by defect type (R as the mean / max of the smoothed map; mean over seeds)", "",
+            *defect_type_table(s), "",
             "### Block size (paper Table 4)", "", *block_table(s, setting), "",
             "### DAAD+ by loss reading and score (paper Table 5; R, L, fused; old and new defaults)", "",
             *score_table(s), "",
