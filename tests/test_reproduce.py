@@ -280,3 +280,12 @@ def test_a_run_trains_at_its_learning_rate():
     setting, roots = SETTINGS["full"], {"mvtec": "unused"}
     assert run_config(Run("mvtec", "daad+", 2, 0, reading="paper", lr=1e-4), setting, roots).learning_rate == 1e-4
     assert run_config(Run("mvtec", "daad+", 2, 0, reading="paper"), setting, roots).learning_rate == 2e-4
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_an_mnist_run_keeps_its_metrics_not_its_test_scores(mnist, tmp_path):
+    setting = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1,
+                      digits=(1,), seeds=1, num_items=20)
+    record = execute(Run("mnist", "daad", 1, 0, normal_class=1), setting, {"mnist": str(mnist)}, str(tmp_path))
+    assert record["arrays"] is None and not list(tmp_path.glob("*.npz"))
+    assert 0 <= record["metrics"]["image_auroc"] <= 1 and "defect_types" not in record

@@ -1,9 +1,10 @@
 """Running the study: one run (train, score, write its record) and all runs in parallel.
 
 Every run writes to ``OUT/raw/<setting>/``: ``<run name>.json`` (its settings, metrics, per-epoch
-log, wall time; no path of the machine) and ``<run name>.npz`` (compressed arrays: every test
-image's scores and, for seed 0, reconstructions of four fixed test images for the figures). The
-JSON is written last, so a run whose JSON exists is finished and never repeated: an interrupted
+log, wall time; no path of the machine) and, for the image data sets, ``<run name>.npz``
+(compressed arrays: every test image's scores and defect type and, for seed 0, reconstructions of
+four fixed test images for the figures; MNIST's tables need only the metrics, so its 5,000 test
+scores a run are not kept). The JSON is written last, so a run whose JSON exists is finished and never repeated: an interrupted
 study resumes where it stopped.
 """
 from __future__ import annotations
@@ -128,12 +129,14 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
             recon = model.generator(images).reconstruction
         arrays.update(figure_images=_to_uint8(images), figure_reconstructions=_to_uint8(recon))
         figure = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks]}
-    save_arrays(os.path.join(raw_dir, run.name + ".npz"), **arrays)
+    keep = run.dataset != "mnist"
+    if keep:
+        save_arrays(os.path.join(raw_dir, run.name + ".npz"), **arrays)
     losses = {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
     record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
               **({"losses": losses, "lr": config.learning_rate} if trained else {}), "train_s": round(train_s, 1),
               "epochs": config.epochs if trained else 0, "history": history,
-              "arrays": run.name + ".npz", **types, **({"figure": figure} if figure else {})}
+              "arrays": run.name + ".npz" if keep else None, **types, **({"figure": figure} if figure else {})}
     write_json(os.path.join(raw_dir, run.name + ".json"), record)
     return record
 

@@ -265,7 +265,8 @@ def mnist_claims(s: dict[str, Any]) -> list[str]:
     """The paper's claims on MNIST, digit by digit (the seed spread of each digit decides)."""
     columns = s["mnist"]
     ae, memae, skip, daad = (("ae", "", 0.0), ("memae", "", 0.0), ("ae+skip", "", 0.0), ("daad", "", 0.0))
-    pairs = [("DAAD vs AE", daad, ae), ("DAAD vs MemAE", daad, memae), ("AE vs AE+Skip", ae, skip)]
+    pairs = [("DAAD vs AE", daad, ae), ("DAAD vs MemAE", daad, memae), ("AE vs AE+Skip", ae, skip),
+             ("DAAD vs AE+Skip (the memories on the skip connections)", daad, skip)]
     pairs += [(f"{plus_label(c[1], c[2])} vs DAAD", c, daad) for c in columns if c[0] == "daad+"]
     lines = []
     for label, better, worse in pairs:
@@ -335,7 +336,9 @@ def results_markdown(parts: dict[str, tuple[str, Setting, dict, list, dict]]) ->
            "match them, only to show the same effects. DAAD+ rows name their loss reading "
            f"(docs/MODELS.md, *Losses*); the default is `{DEFAULT_READING}`, `old` is this project's "
            "first reading. A is the fused score γR + (1-γ)L; image AUROC of the non-adversarial "
-           "models is that of R.", ""]
+           "models is that of R. The first row of each ablation is a detector that learns nothing (the "
+           "mean training image, `models/study/baseline.py`): a data set ranks the models only where "
+           "they beat it.", ""]
     if "full" in parts:
         out += hazelnut_section(*parts["full"])
     if "tile" in parts:
