@@ -125,11 +125,9 @@ def plan(setting: Setting) -> list[Run]:
     mnist_div = default_division(setting.mnist_size)
     runs += [Run("mnist", "daad", mnist_div, s, digit) for digit in setting.digits
              for s in range(setting.seeds)]
-    later = [("daad+", mnist_div, r, 0.0) for r in setting.mnist_readings]
-    if DEFAULT_READING in setting.mnist_readings:
-        later += [("daad+", mnist_div, DEFAULT_READING, lr) for lr in setting.plus_lrs]
-    later += [(m, 1, "", 0.0) for m in setting.mnist_baselines]
-    runs += [Run("mnist", m, div, s, digit, reading=r, lr=lr) for m, div, r, lr in later
+    # then DAAD+ (readings, then learning rates), then the other models: a stable sort keeps each group's order
+    later = sorted((c for c in mnist_cells(setting) if c[0] != "daad"), key=lambda c: c[0] != "daad+")
+    runs += [Run("mnist", m, mnist_div if m == "daad+" else 1, s, digit, reading=r, lr=lr) for m, r, lr in later
              for s in range(setting.seeds) for digit in setting.digits]
     return runs
 

@@ -28,6 +28,16 @@ PLUS_LR = TrainConfig(model=ModelConfig(model="daad+")).learning_rate
 BASELINE_NAME = "mean training image (no learning)"
 
 
+def model_name(model: str, reading: str = DEFAULT_READING, lr: float = 0.0) -> str:
+    """A model in the tables: a "+" variant with its loss reading and any learning rate not its default."""
+    return model if not model.endswith("+") else f"{model} (`{reading}`" + (f", lr {lr:g})" if lr else ")")
+
+
+def plus_label(reading: str, lr: float = 0.0) -> str:
+    """DAAD+ trained under ``reading`` at learning rate ``lr`` (0: the default), in the claims."""
+    return f"DAAD+ (fused, `{reading}` losses" + (f", lr {lr:g}" if lr else "") + ")"
+
+
 def cell(summary: Optional[Summary]) -> str:
     return "—" if summary is None else f"{summary[0]:.3f} ± {summary[1]:.3f} (n={summary[2]})"
 
@@ -85,8 +95,7 @@ def claims(s: dict[str, Any]) -> list[str]:
     if s.get("baseline"):  # not a claim of the paper: whether the data set can show any of the above
         lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
                            [("DAAD vs the baseline", ab["daad"], s["baseline"]),
-                            (f"DAAD+ (fused, `{DEFAULT_READING}` losses) vs the baseline", ab["daad+"],
-                             s["baseline"])]))
+                            (f"{plus_label(DEFAULT_READING)} vs the baseline", ab["daad+"], s["baseline"])]))
     return lines
 
 
@@ -103,8 +112,7 @@ def ablation_table(s: dict[str, Any], setting: Setting) -> list[str]:
            "|---|---|---|---|---|---|" + ("---|" if hazelnut else ""),
            row(BASELINE_NAME, "—", s["baseline"], "—")]
     for m, rs in s["ablation"].items():
-        name = f"{m} (`{DEFAULT_READING}`)" if m.endswith("+") else m
-        out.append(row(name, div if m in ("daad", "daad+") else "—", rs, f"{PAPER_HAZELNUT[m]:.3f}"))
+        out.append(row(model_name(m), div if m in ("daad", "daad+") else "—", rs, f"{PAPER_HAZELNUT[m]:.3f}"))
     return out
 
 
@@ -122,8 +130,7 @@ def block_table(s: dict[str, Any], setting: Setting) -> list[str]:
 
 def defect_type_table(s: dict[str, Any]) -> list[str]:
     """Image AUROC of each defect type alone, by R (mean) and by the max of the smoothed map."""
-    rows = {BASELINE_NAME: s["baseline"],
-            **{(f"{m} (`{DEFAULT_READING}`)" if m.endswith("+") else m): rs for m, rs in s["ablation"].items()}}
+    rows = {BASELINE_NAME: s["baseline"], **{model_name(m): rs for m, rs in s["ablation"].items()}}
     by_score = {name: {score: defect_type_aurocs(rs, score) for score in ("rec", "max")}
                 for name, rs in rows.items()}
     types = list(dict.fromkeys(t for scores in by_score.values() for t in scores["rec"]))
@@ -237,20 +244,10 @@ def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: li
     return out + claims(s) + [""]
 
 
-def plus_label(reading: str, lr: float = 0.0) -> str:
-    """DAAD+ trained under ``reading`` at learning rate ``lr`` (0: the default), in the claims."""
-    return f"DAAD+ (fused, `{reading}` losses" + (f", lr {lr:g}" if lr else "") + ")"
-
-
-def column_name(cell: tuple[str, str, float]) -> str:
-    model, reading, lr = cell
-    return model if model != "daad+" else f"daad+ (`{reading}`" + (f", lr {lr:g})" if lr else ")")
-
-
 def mnist_table(s: dict[str, Any]) -> list[str]:
     """Image AUROC by normal digit, one column per model (DAAD+ by its fused score A)."""
     columns = s["mnist"]
-    out = ["| normal digit | " + " | ".join(map(column_name, columns)) + " |", "|---|" + "---|" * len(columns)]
+    out = ["| normal digit | " + " | ".join(model_name(*c) for c in columns) + " |", "|---|" + "---|" * len(columns)]
     digits = list(next(iter(columns.values()), {}))
     for d in digits:
         out.append(f"| {d} | " + " | ".join(cell(metric(c[d], "image_auroc")) for c in columns.values()) + " |")
@@ -330,7 +327,7 @@ def results_markdown(parts: dict[str, tuple[str, Setting, dict, list, dict]]) ->
     setting, summary, records, study metadata)."""
     out = ["# Results: DAAD and DAAD+ at laptop scale on real data", "",
            "Made by `models/reproduce.py` from the raw runs in `docs/raw/<setting>/` (one JSON record "
-           "and one compressed `.npz` of scores per run); rebuild with `python -m models.reproduce "
+           "per run and, for the image data sets, one compressed `.npz` of scores); rebuild with `python -m models.reproduce "
            "--tables-only`. AUROC as mean ± standard deviation over seeds (n = number of seeds). The "
            "paper's numbers are at 256x256 with width 64 and many more epochs; ours are not expected to "
            "match them, only to show the same effects. DAAD+ rows name their loss reading "
