@@ -1,0 +1,149 @@
+"""Speed of the detector on a CPU (and a GPU): layouts, folding, bfloat16 and compilation.
+
+Nothing here changes what the networks compute beyond the rounding of the dtype they run in:
+
+* ``channels_last``: the convolutions' tensors in NHWC, which oneDNN's convolutions take without
+  reordering every activation (on the project's CPU it is the largest single gain at 256x256);
+* ``fold_batchnorm`` (inference only): each eval-mode BatchNorm that follows a convolution is
+  folded into that convolution's weight and bias (exact up to float rounding);
+* ``bf16``: the forward under ``torch.autocast`` to bfloat16 where the device has native bfloat16
+  arithmetic (AVX512-BF16 / AMX on a CPU, Ampere+ on CUDA); elsewhere it is left off;
+* ``compile``: the generator and the discriminator under ``torch.compile`` (in place,
+  ``nn.Module.compile``: names and state dicts stay as they are);
+* ``fused_adam`` (training only): Adam's fused kernel, one pass over each parameter instead of
+  about ten elementwise ops.
+
+:data:`FAST_INFERENCE` and :data:`FAST_TRAINING` are the fastest correct combinations measured by
+``benchmarks/detector.py`` (README, "The detector"); ``SpeedOptions()`` is the plain model.
+
+Example:
+    >>> import torch
+    >>> from models.acceleration import SpeedOptions, inference_context, inference_model
+    >>> from models.config import ModelConfig
+    >>> from models.networks import AnomalyDetector
+    >>> net = AnomalyDetector(ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1))).eval()
+    >>> options = SpeedOptions(channels_last=True, fold_batchnorm=True)
+    >>> fast = inference_model(net, options)
+    >>> x = torch.rand(2, 3, 32, 32) * 2 - 1
+    >>> with inference_context(options, x.device):
+    ...     torch.allclose(fast.score(x).rec, net.score(x).rec, atol=1e-6)
+    True
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .networks import AnomalyDetector
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """What :func:`inference_model` / :func:`training_networks` change; all off is the plain model."""
+
+    channels_last: bool = False
+    fold_batchnorm: bool = False
+    bf16: bool = False
+    compile: bool = False
+    fused_adam: bool = False
+
+
+#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README).
+FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True)
+#: The fastest training that keeps float32 results up to float32 rounding: bfloat16 changes the
+#: training's numbers beyond that, so it stays the separate ``--amp bf16`` of ``models.train``.
+FAST_TRAINING = SpeedOptions(channels_last=True, fused_adam=True)
+
+
+def has_native_bf16(device: Union[str, torch.device]) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic in hardware (else autocast to it only emulates)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(options: SpeedOptions, device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """bfloat16 where ``options.bf16`` asks for it and ``device`` has it natively, else None."""
+    return torch.bfloat16 if options.bf16 and has_native_bf16(device) else None
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` in which every ``BatchNorm2d`` that directly follows a
+    ``Conv2d`` in an ``nn.Sequential`` is folded into the convolution (and replaced by Identity)."""
+    folded = copy.deepcopy(module).eval()
+    for sequence in folded.modules():
+        if not isinstance(sequence, nn.Sequential):
+            continue
+        names = list(sequence._modules)
+        for conv_name, norm_name in zip(names, names[1:]):
+            conv, norm = sequence._modules[conv_name], sequence._modules[norm_name]
+            if type(conv) is nn.Conv2d and isinstance(norm, nn.BatchNorm2d):
+                sequence._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+                sequence._modules[norm_name] = nn.Identity()
+    return folded
+
+
+def networks(model: AnomalyDetector) -> list[nn.Module]:
+    """The generator and, for the "+" variants, the discriminator."""
+    return [model.generator] + ([model.discriminator] if model.discriminator is not None else [])
+
+
+def inference_model(model: AnomalyDetector, options: SpeedOptions) -> AnomalyDetector:
+    """An eval-mode copy of ``model`` prepared by ``options`` (``model`` is left as it was); run
+    it under :func:`inference_context`. ``fused_adam`` does not apply."""
+    fast = fold_batchnorm(model) if options.fold_batchnorm else copy.deepcopy(model).eval()
+    if options.channels_last:
+        fast.to(memory_format=torch.channels_last)
+    if options.compile:
+        for network in networks(fast):
+            network.compile()
+    return fast
+
+
+def inference_context(options: SpeedOptions, device: Union[str, torch.device]) -> ContextManager:
+    """No autograd, and bfloat16 autocast where :func:`autocast_dtype` gives it."""
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode())
+    dtype = autocast_dtype(options, device)
+    if dtype is not None:
+        stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype))
+    return stack
+
+
+def training_networks(model: AnomalyDetector, options: SpeedOptions) -> list[nn.Module]:
+    """The networks to run in the training step, prepared by ``options``: ``model``'s parameters
+    change layout in place (the same ``Parameter`` objects, so existing optimizers keep them),
+    and with ``compile`` the generator and discriminator are compiled in place. Returns
+    :func:`networks` of ``model``. ``fold_batchnorm`` does not apply (batch statistics train);
+    ``bf16`` is the trainer's mixed precision (:func:`autocast_dtype`); ``fused_adam``:
+    :func:`adam_options`."""
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if options.compile:
+        for network in networks(model):
+            network.compile()
+    return networks(model)
+
+
+def adam_options(options: SpeedOptions, device: Union[str, torch.device]) -> dict[str, bool]:
+    """Keyword arguments for ``torch.optim.Adam``: its fused kernel where ``options.fused_adam``
+    asks for it (CPU and CUDA have one), else the default."""
+    return {"fused": True} if options.fused_adam and torch.device(device).type in ("cpu", "cuda") else {}
+
+
+def rebuilt_adam(existing: torch.optim.Optimizer, options: SpeedOptions) -> torch.optim.Optimizer:
+    """A fresh optimizer of ``existing``'s class over its parameter groups (learning rate, betas,
+    ...) with :func:`adam_options`; ``existing`` must not have stepped (its state is not copied)."""
+    if existing.state:
+        raise ValueError("rebuilt_adam() replaces an optimizer before its first step; this one has state")
+    device = existing.param_groups[0]["params"][0].device
+    groups = [{key: value for key, value in group.items() if key not in ("foreach", "fused")}
+              for group in existing.param_groups]
+    return type(existing)(groups, **adam_options(options, device))
