@@ -18,15 +18,14 @@ Nothing here changes what the networks compute beyond the rounding of the dtype 
 
 Example:
     >>> import torch
-    >>> from models.acceleration import SpeedOptions, inference_context, inference_model
+    >>> from models.acceleration import SpeedOptions, fast_score, inference_model
     >>> from models.config import ModelConfig
     >>> from models.networks import AnomalyDetector
     >>> net = AnomalyDetector(ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1))).eval()
     >>> options = SpeedOptions(channels_last=True, fold_batchnorm=True)
     >>> fast = inference_model(net, options)
     >>> x = torch.rand(2, 3, 32, 32) * 2 - 1
-    >>> with inference_context(options, x.device):
-    ...     torch.allclose(fast.score(x).rec, net.score(x).rec, atol=1e-6)
+    >>> torch.allclose(fast_score(fast, x, "norm", options).rec, net.score(x, "norm").rec, atol=1e-6)
     True
 """
 from __future__ import annotations
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .networks import AnomalyDetector
+from .networks import AnomalyDetector, Scores
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,14 @@ def inference_context(options: SpeedOptions, device: Union[str, torch.device]) -
     if dtype is not None:
         stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype))
     return stack
+
+
+def fast_score(model: AnomalyDetector, x: torch.Tensor, ali_reduction: str, options: SpeedOptions) -> Scores:
+    """``model.score`` under :func:`inference_context`, every tensor in float32 (under bfloat16
+    autocast the reconstruction and L(x) come out in bfloat16, which numpy cannot take)."""
+    with inference_context(options, x.device):
+        scores = model.score(x, ali_reduction)
+    return Scores(*(None if t is None else t.float() for t in scores))
 
 
 def training_networks(model: AnomalyDetector, options: SpeedOptions) -> list[nn.Module]:

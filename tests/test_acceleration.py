@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,
+from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype, fast_score,
                                  fold_batchnorm, has_native_bf16, inference_context, inference_model,
                                  networks, rebuilt_adam, training_networks)
 from models.config import ModelConfig
@@ -77,8 +77,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def scores(net: AnomalyDetector, x: torch.Tensor, options: SpeedOptions = SpeedOptions()):
     with inference_context(options, x.device):
-        s = net.score(x, "norm")
-    return [s.reconstruction, s.error_map, s.rec, s.feat]
+        return list(net.score(x, "norm"))
 
 
 def test_folding_batchnorm_is_exact_in_float64():
@@ -118,6 +117,10 @@ def test_bf16_autocast_is_within_bfloat16_rounding():
     for a, b in zip(fast, plain):
         # About 2**-8 relative per layer, over the generator's 21 layers; float32's would be 1e-6.
         assert 1e-5 < relative_error(a, b) < 2e-2
+    in_float32 = fast_score(inference_model(net, options), x, "norm", options)
+    assert all(t.dtype == torch.float32 for t in in_float32)
+    for a, b in zip(in_float32, fast):
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
 
 
 def test_bf16_is_off_without_native_support(monkeypatch):
