@@ -1,99 +1,171 @@
-"""The full detector at the paper's setting: inference (the predict path) and one training step.
+"""The whole detector against the machine's limit: inference (the predict path) and one training step.
 
-    python benchmarks/detector.py                       # DAAD+, 256x256, width 64, 8x8x1, N=500, batch 8
-    python benchmarks/detector.py --size 64 --width 16 --repeats 5      # a quick look
+    python benchmarks/detector.py                                # both sizes, every variant (~15 min, 2 cores)
+    python benchmarks/detector.py --sizes study --repeats 5      # the study's setting only (~2 min)
 
-Inference is the graph ``models.export`` writes (generator, discriminator features, anomaly map
-and calibrated score) in eval mode, images per second, with the memories on the reference
-backend, on the fused one, the whole graph under ``torch.compile``, in ONNX Runtime, and under
-bfloat16 autocast (on CPU the fused kernel is float32-only and runs in float32 there; the reference
-runs in bf16). One training step is the generator step and the discriminator step of
-``models.trainer``, with Adam. Variants run interleaved, ``--repeats`` times each after a warm-up;
-the table gives medians. The breakdown times the modules of one eager forward with hooks
-(memories, discriminator; the rest is the convolutions and the scoring), and "saved" is the size
-of the tensors a training forward saves for the backward (peak GPU memory on CUDA).
+Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and
+``study`` (64x64, width 16, division 2x2x1, the reproduction study's). Inference is the graph
+``models.export`` writes (generator, discriminator features, anomaly map and calibrated score), in
+eval mode, for each :class:`models.acceleration.SpeedOptions` variant, on the reference memories,
+and in ONNX Runtime (the exported float32 graph). One training step is ``Trainer.train_step``
+(generator step and discriminator step, Adam), each variant with its own trainer.
+
+Every row is reported as images per second, achieved GFLOP/s and the fraction of the peak of its
+dtype. The peaks are a 2048 x 2048 matrix product in float32 and in bfloat16, run as two more
+variants in the same interleaved rounds; the fastest of their calls is the peak (what the cores
+do when this process has them). "vs base" is the median over rounds of the baseline's time
+over the variant's in the same round.
+FLOPs are counted once per size with ``torch.utils.flop_counter.FlopCounterMode`` on the baseline
+(eager float32, fused memories) and are the same for every variant: each does the same work. The
+fused memory op has no formula of its own; the two matrix products of its forward (similarity and
+read, 2 B Q N D each, Q D = C H W) and their gradients are registered below, the count the
+reference's batched products give.
+
+Variants run interleaved, ``--repeats`` times each after one warm-up call; the tables give
+medians. The warm-up of a compiled variant includes its compilation: "compile" is the warm-up
+less the median, and "pays after" the number of batches whose saved time repays it against the
+same variant uncompiled. The raw results go to ``--json`` (default
+benchmarks/results/detector-<date>.json).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from dataclasses import asdict, replace
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
+                                 inference_context, inference_model, rebuilt_adam, training_networks)
 from models.config import ModelConfig, TrainConfig  # noqa: E402
-from models.export import OPSET, ScoringGraph  # noqa: E402
+from models.data import build_dataset  # noqa: E402
+from models.export import OPSET, ScoringGraph, export_program  # noqa: E402
+from models.networks import AnomalyDetector  # noqa: E402
 from models.trainer import Trainer  # noqa: E402
 
+import daad_ext  # noqa: E402,F401  (registers torch.ops.daad_ext)
+
 CALIBRATION = {"rec_min": 0.0, "rec_max": 1.0, "feat_min": 0.0, "feat_max": 1.0, "map_max": 1.0}
+SIZES = {"paper": dict(size=256, width=64, division=(8, 8, 1)),
+         "study": dict(size=64, width=16, division=(2, 2, 1))}
+#: Interleaved rounds at each size (--repeats overrides): a paper-size eager batch takes ~20 s.
+REPEATS = {"paper": 3, "study": 10}
+BASELINE = "fused, eager fp32"
+#: name: (memory backend, options). "auto" is the fused kernel of the device.
+INFERENCE = {
+    "reference memories": ("reference", SpeedOptions()),
+    BASELINE: ("auto", SpeedOptions()),
+    "channels_last": ("auto", SpeedOptions(channels_last=True)),
+    "channels_last + folded BN": ("auto", SpeedOptions(channels_last=True, fold_batchnorm=True)),
+    "bf16 autocast": ("auto", SpeedOptions(bf16=True)),
+    "fast (cl + fold + bf16)": ("auto", FAST_INFERENCE),
+    "fast + compile": ("auto", replace(FAST_INFERENCE, compile=True)),
+}
+TRAINING = {
+    "reference memories": ("reference", SpeedOptions()),
+    BASELINE: ("auto", SpeedOptions()),
+    "channels_last": ("auto", SpeedOptions(channels_last=True)),
+    "fast (cl + fused Adam)": ("auto", FAST_TRAINING),
+    "fast + bf16 autocast": ("auto", replace(FAST_TRAINING, bf16=True)),
+    "fast + compiled G and D": ("auto", replace(FAST_TRAINING, compile=True)),
+}
+PEAK_SIDE = 2048
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def block_memory_products(x, memory) -> int:
+    """B Q N D of a block-memory call: the multiply-adds of one of its matrix products."""
+    b, c, h, w = x
+    return b * c * h * w * memory[0]
 
 
-def set_backend(model: torch.nn.Module, backend: str) -> None:
-    for memory in model.memories():
-        memory.backend = backend
+@register_flop_formula(torch.ops.daad_ext.block_memory_forward)
+def block_memory_forward_flops(x, memory, *_args, out_shape=None, **_kwargs) -> int:
+    return 2 * 2 * block_memory_products(x, memory)  # similarity and read
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+@register_flop_formula(torch.ops.daad_ext.block_memory_backward)
+def block_memory_backward_flops(_grad_y, _grad_w, x, memory, *args, out_shape=None, **_kwargs) -> int:
+    needs_grad_x, needs_grad_memory = args[-2:]
+    # grad of the weights (read), of the queries (similarity), of the memory (read and similarity)
+    return 2 * block_memory_products(x, memory) * (1 + needs_grad_x + 2 * needs_grad_memory)
 
 
-def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+def peak_matmul(dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    a = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
+    b = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
+    return lambda: torch.mm(a, b)
 
 
-def breakdown(graph: ScoringGraph, x: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Seconds in the memories, the discriminator and the rest of one eager forward."""
-    spent = {"memories": 0.0, "discriminator": 0.0}
-    handles = []
-    for name, modules in (("memories", graph.model.memories()),
-                          ("discriminator", [graph.model.discriminator] if graph.model.discriminator else [])):
-        for module in modules:
-            def pre(_m, _a, name=name):
-                sync(device)
-                spent[f"_{name}"] = time.perf_counter()
-
-            def post(_m, _a, _o, name=name):
-                sync(device)
-                spent[name] += time.perf_counter() - spent.pop(f"_{name}")
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    with torch.no_grad():
-        total = timed(lambda: graph(x), device)
-    for h in handles:
-        h.remove()
-    return {"convs+scoring": total - spent["memories"] - spent["discriminator"], **spent}
+PEAK_FLOPS = 2 * PEAK_SIDE ** 3
+PEAKS = {"peak matmul fp32": peak_matmul(torch.float32), "peak matmul bf16": peak_matmul(torch.bfloat16)}
 
 
-def onnx_session(graph: ScoringGraph, x: torch.Tensor):
+def run_interleaved(variants: dict[str, Callable[[], object]], repeats: int,
+                    counted: str) -> tuple[dict[str, list[float]], dict[str, float], FlopCounterMode]:
+    """Times of ``repeats`` interleaved rounds after one warm-up call each (``counted``'s under a
+    FLOP counter); returns the times, the warm-up seconds and the counter."""
+    counter = FlopCounterMode(display=False)
+    warmup = {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        if name == counted:
+            with counter:
+                fn()
+        else:
+            fn()
+        warmup[name] = time.perf_counter() - start
+        print(f"  warm-up {name}: {warmup[name]:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times, warmup, counter
+
+
+def detector(config: TrainConfig, backend: str, state: dict) -> AnomalyDetector:
+    """A fresh detector with ``state``'s weights on ``backend`` (a BlockMemory resolves its backend
+    at its first call and keeps it, so every backend gets its own networks)."""
+    model = AnomalyDetector(replace(config.model, backend=backend))
+    model.load_state_dict(state)
+    return model
+
+
+def inference_variants(config: TrainConfig, state: dict, x: torch.Tensor, skip: set[str]
+                       ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """The inference callables and their dtypes."""
+    variants, dtypes = {}, {}
+    for name, (backend, options) in INFERENCE.items():
+        if name in skip:
+            continue
+        graph = ScoringGraph(inference_model(detector(config, backend, state), options),
+                             config.fusion_gamma, CALIBRATION, config.ali_loss)
+
+        def run(graph=graph, options=options):
+            with inference_context(options, x.device):
+                return graph(x)
+        variants[name], dtypes[name] = run, "bf16" if autocast_dtype(options, x.device) else "fp32"
+    if x.device.type == "cpu" and "onnxruntime" not in skip:
+        graph = ScoringGraph(detector(config, "auto", state), config.fusion_gamma, CALIBRATION, config.ali_loss)
+        variants["onnxruntime"], dtypes["onnxruntime"] = onnx_session(graph, x), "fp32"
+    return variants, dtypes
+
+
+def onnx_session(graph: ScoringGraph, x: torch.Tensor) -> Callable[[], object]:
+    """ONNX Runtime on the graph ``models.export`` writes (memories in standard operators)."""
     import onnxruntime as ort
 
-    from daad_ext.export import decompose
-
-    with torch.no_grad():
-        program = decompose(torch.export.export(graph, (x,), dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}}))
+    program = export_program(graph, x)
     onnx_program = torch.onnx.export(program, (x,), input_names=["image"], opset_version=OPSET,
                                      dynamo=True, verbose=False)
     path = os.path.join(tempfile.mkdtemp(), "detector.onnx")
@@ -105,100 +177,134 @@ def onnx_session(graph: ScoringGraph, x: torch.Tensor):
     return lambda: session.run(None, feed)
 
 
-def run_interleaved(variants: dict[str, Callable[[], object]], repeats: int,
-                    device: torch.device) -> dict[str, float]:
-    for name, fn in variants.items():  # warm-up (and compilation)
-        start = time.perf_counter()
-        fn()
-        print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+def training_variants(config: TrainConfig, x: torch.Tensor, skip: set[str]
+                      ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """One trainer per variant (same seed, so the same initial weights)."""
+    variants, dtypes = {}, {}
+    for name, (backend, options) in TRAINING.items():
+        if name in skip:
+            continue
+        amp = autocast_dtype(options, x.device)
+        trainer = Trainer(replace(config, model=replace(config.model, backend=backend)), x.device, amp=amp)
+        trainer.generator, trainer.discriminator = training_networks(trainer.model, options)
+        trainer.opt_g, trainer.opt_d = (rebuilt_adam(opt, options) if opt else None
+                                            for opt in (trainer.opt_g, trainer.opt_d))
+        variants[name], dtypes[name] = (lambda trainer=trainer: trainer.train_step(x)), "bf16" if amp else "fp32"
+    return variants, dtypes
+
+
+def table(kind: str, variants: dict[str, Callable[[], object]], dtypes: dict[str, str], repeats: int,
+          batch: int, uncompiled: dict[str, str]) -> dict:
+    """Runs the variants and the peaks interleaved; prints and returns the rows."""
+    times, warmup, counter = run_interleaved({**variants, **PEAKS}, repeats, BASELINE)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    # The peak is what the cores do when this process gets them: the fastest product of the run.
+    peak = {dtype: PEAK_FLOPS / min(times[f"peak matmul {dtype}"]) / 1e9 for dtype in ("fp32", "bf16")}
+    flops = counter.get_total_flops()
+    modules = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+               if name in ("Generator", "Discriminator")}
+    print(f"\n{kind}, batch {batch}, median of {repeats}: {flops / batch / 1e9:.2f} GFLOP an image; "
+          f"peak {peak['fp32']:.1f} GFLOP/s fp32, {peak['bf16']:.1f} bf16")
+    print(f"  {'variant':28s} {'dtype':5s} {'s/batch':>8s} {'images/s':>9s} {'GFLOP/s':>8s} "
+          f"{'of peak':>8s} {'vs base':>8s} {'compile s':>9s} {'pays after':>10s}")
+    rows = []
+    for name, dtype in dtypes.items():
+        s = seconds[name]
+        row = {"variant": name, "dtype": dtype, "seconds": s, "times": times[name], "warmup_s": warmup[name],
+               "images_per_s": batch / s, "gflops": flops / s / 1e9, "fraction_of_peak": flops / s / 1e9 / peak[dtype],
+               # The median of each round's ratio: a round's variants share its load.
+               "vs_baseline": statistics.median(b / t for b, t in zip(times[BASELINE], times[name]))}
+        base = uncompiled.get(name)
+        if base in seconds:
+            row["compile_s"] = warmup[name] - s
+            saved = seconds[base] - s
+            row["pays_after_batches"] = row["compile_s"] / saved if saved > 0 else None
+        rows.append(row)
+        compile_s, pays = row.get("compile_s"), row.get("pays_after_batches")
+        print(f"  {name:28s} {dtype:5s} {s:8.3f} {row['images_per_s']:9.2f} {row['gflops']:8.1f} "
+              f"{row['fraction_of_peak']:8.1%} {row['vs_baseline']:7.2f}x "
+              f"{'' if compile_s is None else f'{compile_s:.1f}':>9s} {'' if pays is None else f'{pays:.0f}':>10s}",
+              flush=True)
+    return {"flops_per_batch": flops, "module_forward_flops": modules, "peak_gflops": peak,
+            "peak_times": {d: times[f"peak matmul {d}"] for d in peak}, "rows": rows}
+
+
+def uncompiled_names(variants: dict[str, tuple[str, SpeedOptions]]) -> dict[str, str]:
+    """Each compiled variant's name -> the name of the same options uncompiled (if listed)."""
+    by_options = {(backend, options): name for name, (backend, options) in variants.items()}
+    return {name: by_options.get((backend, replace(options, compile=False)))
+            for name, (backend, options) in variants.items() if options.compile}
+
+
+def loading_rate(root: str, size: int, batch: int) -> dict:
+    """Images per second of a first pass over the MVTec test split under ``root`` (decoding and
+    resizing; later passes hit the dataset's cache), batched as ``models.inference`` loads it."""
+    dataset = build_dataset("mvtec", root, "test", size)
+    start = time.perf_counter()
+    for _ in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False):
+        pass
+    seconds = time.perf_counter() - start
+    print(f"data loading, first pass of {len(dataset)} test images at {size}x{size}: "
+          f"{len(dataset) / seconds:.1f} images/s", flush=True)
+    return {"root": root, "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds}
+
+
+def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    settings = SIZES[name]
+    config = TrainConfig(model=ModelConfig(model=args.model, num_items=args.num_items, **settings))
+    torch.manual_seed(0)
+    state = AnomalyDetector(config.model).state_dict()
+    x = torch.rand(args.batch, 3, settings["size"], settings["size"], device=device) * 2 - 1
+    skip = set(args.skip) | set(args.skip_paper if name == "paper" else [])
+    print(f"\n== {name}: {args.model}, {settings}, N={args.num_items}, batch {args.batch}, {device}, "
+          f"{torch.get_num_threads()} threads; skipping {sorted(skip) or 'nothing'}", flush=True)
+    result = {"settings": {**settings, "model": args.model, "num_items": args.num_items, "batch": args.batch}}
+    variants, dtypes = inference_variants(config, {k: v.to(device) for k, v in state.items()}, x, skip)
+    if args.data and os.path.isdir(args.data):
+        result["data_loading"] = loading_rate(args.data, settings["size"], args.batch)
+    repeats = args.repeats or REPEATS[name]
+    result["inference"] = table("inference", variants, dtypes, repeats, args.batch, uncompiled_names(INFERENCE))
+    del variants
+    variants, dtypes = training_variants(config, x, skip)
+    result["training"] = table("training step", variants, dtypes, repeats, args.batch, uncompiled_names(TRAINING))
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     p.add_argument("--model", default="daad+")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--division", type=int, nargs=3, default=(8, 8, 1))
     p.add_argument("--num-items", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help=f"interleaved rounds (default: {REPEATS})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out (e.g. compiled onnxruntime)")
-    p.add_argument("--compile-train", action="store_true",
-                   help="also time the training step with the generator and discriminator compiled "
-                        "(minutes of compilation on a CPU)")
+    p.add_argument("--skip", nargs="*", default=["fast + compiled G and D"],
+                   help="variants to leave out at every size (default: %(default)s, minutes of compilation "
+                        "that did not pay at the study's size; --skip with no names runs everything)")
+    p.add_argument("--skip-paper", nargs="*", default=["reference memories", "channels_last"],
+                   help="variants to leave out at the paper's size (slow ones that decide nothing; "
+                        "default: %(default)s)")
+    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                  "shared", "data", "mvtec_hazelnut_subset"),
+                   help="an MVTec category whose test split times data loading (default: the hazelnut "
+                        "subset beside the checkout; skipped where absent)")
+    p.add_argument("--json", help="where to write the raw results (default: benchmarks/results/detector-DATE.json)")
     args = p.parse_args()
     device = torch.device(args.device)
-    fused = "cuda" if device.type == "cuda" else "cpu"
-    config = TrainConfig(model=ModelConfig(model=args.model, size=args.size, width=args.width,
-                                           division=tuple(args.division), num_items=args.num_items))
-    trainer = Trainer(config, device)
-    graph = ScoringGraph(trainer.model, config.fusion_gamma, CALIBRATION, config.ali_loss).eval()
-    x = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
-    half = torch.bfloat16
-
-    def infer(backend: str, autocast: bool = False, fn: Callable = graph) -> Callable[[], object]:
-        def run():
-            set_backend(trainer.model, backend)
-            with torch.no_grad(), (torch.autocast(device.type, dtype=half) if autocast else nullcontext()):
-                return fn(x)
-        return run
-
-    print(f"{args.model}, {args.size}x{args.size}, width {args.width}, division {tuple(args.division)}, "
-          f"N={args.num_items}, batch {args.batch}, {device}, {torch.get_num_threads()} threads", flush=True)
-    inference = {"reference": infer("reference"), fused: infer(fused),
-                 "compiled": infer(fused, fn=torch.compile(graph)),
-                 f"bf16 autocast, {fused}": infer(fused, autocast=True),
-                 "bf16 autocast, reference": infer("reference", autocast=True)}
-    if device.type == "cpu" and "onnxruntime" not in args.skip:
-        set_backend(trainer.model, fused)
-        inference["onnxruntime"] = onnx_session(graph, x)
-    inference = {k: v for k, v in inference.items() if k not in args.skip}
-    seconds = run_interleaved(inference, args.repeats, device)
-    print(f"\ninference (predict path), median of {args.repeats}:")
-    print(f"  {'variant':28s} {'s/batch':>8s} {'images/s':>9s} {'vs reference':>12s}")
-    for name, s in seconds.items():
-        print(f"  {name:28s} {s:8.3f} {args.batch / s:9.2f} {seconds['reference'] / s:11.2f}x")
-
-    print("\nbreakdown of one eager forward (s):")
-    for backend in ("reference", fused):
-        set_backend(trainer.model, backend)
-        parts = breakdown(graph, x, device)
-        print(f"  {backend:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-
-    eager = (trainer.generator, trainer.discriminator)
-    compiled = (torch.compile(trainer.generator), torch.compile(trainer.discriminator))
-
-    def step(backend: str, networks: tuple = eager) -> Callable[[], object]:
-        def run():
-            set_backend(trainer.model, backend)
-            trainer.generator, trainer.discriminator = networks
-            return trainer.train_step(x)
-        return run
-
-    training = {"reference": step("reference"), fused: step(fused)}
-    if args.compile_train:
-        training["compiled"] = step(fused, compiled)
-    seconds = run_interleaved(training, args.repeats, device)
-    print(f"\ntraining step (G + D, Adam), median of {args.repeats}:")
-    for name, s in seconds.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            training[name]()
-            memory = f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-        elif name == "compiled":  # compiled graphs save their tensors outside autograd's hooks
-            memory = ""
-        else:
-            set_backend(trainer.model, name)
-            trainer.generator = eager[0]
-            memory = f"saved {saved_bytes(lambda: trainer.generator(x)) / 2**20:.0f} MiB (generator)"
-        print(f"  {name:10s} {s:8.3f} s/step  {args.batch / s:6.2f} images/s  "
-              f"{seconds['reference'] / s:5.2f}x  {memory}")
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    machine = {"started": start, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "load_average_start": os.getloadavg(), "device": str(device),
+               "command": " ".join(sys.argv)}
+    results = {name: run_size(name, args, device) for name in args.sizes}
+    machine["load_average_end"] = os.getloadavg()
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"detector-{start[:10]}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    options = {kind: {name: [backend, asdict(o)] for name, (backend, o) in variants.items()}
+               for kind, variants in (("inference", INFERENCE), ("training", TRAINING))}
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "variants": options, "sizes": results}, f, indent=1)
+    print(f"\nraw results: {path}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
-def scores(net: AnomalyDetector, x: torch.Tensor, options: SpeedOptions = SpeedOptions()):
+PLAIN = SpeedOptions()
+
+
+def scores(net: AnomalyDetector, x: torch.Tensor, options: SpeedOptions = PLAIN):
     with inference_context(options, x.device):
         return list(net.score(x, "norm"))
 
@@ -124,7 +127,7 @@ def test_bf16_autocast_is_within_bfloat16_rounding():
 
 
 def test_bf16_is_off_without_native_support(monkeypatch):
-    import models.acceleration as acceleration
+    from models import acceleration
 
     monkeypatch.setattr(acceleration, "has_native_bf16", lambda device: False)
     assert acceleration.autocast_dtype(SpeedOptions(bf16=True), "cpu") is None
