@@ -201,8 +201,10 @@ def table(kind: str, variants: dict[str, Callable[[], object]], dtypes: dict[str
     # The peak is what the cores do when this process gets them: the fastest product of the run.
     peak = {dtype: PEAK_FLOPS / min(times[f"peak matmul {dtype}"]) / 1e9 for dtype in ("fp32", "bf16")}
     flops = counter.get_total_flops()
-    modules = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-               if name in ("Generator", "Discriminator")}
+    # Forward FLOPs by network ("Generator" in a training step, "ScoringGraph.model.generator" in
+    # the graph); the backward's are counted in the total only.
+    modules = {name.rsplit(".", 1)[-1].lower(): sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+               if name.rsplit(".", 1)[-1].lower() in ("generator", "discriminator")}
     print(f"\n{kind}, batch {batch}, median of {repeats}: {flops / batch / 1e9:.2f} GFLOP an image; "
           f"peak {peak['fp32']:.1f} GFLOP/s fp32, {peak['bf16']:.1f} bf16")
     print(f"  {'variant':28s} {'dtype':5s} {'s/batch':>8s} {'images/s':>9s} {'GFLOP/s':>8s} "
@@ -294,7 +296,7 @@ def main() -> None:
     start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = {"started": start, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "load_average_start": os.getloadavg(), "device": str(device),
-               "command": " ".join(sys.argv)}
+               "command": " ".join(sys.argv), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     results = {name: run_size(name, args, device) for name in args.sizes}
     machine["load_average_end"] = os.getloadavg()
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
