@@ -3,7 +3,7 @@
 Nothing here changes what the networks compute beyond the rounding of the dtype they run in:
 
 * ``channels_last``: the convolutions' tensors in NHWC, which oneDNN's convolutions take without
-  reordering every activation (on the project's CPU it is the largest single gain at 256x256);
+  reordering every activation;
 * ``fold_batchnorm`` (inference only): each eval-mode BatchNorm that follows a convolution is
   folded into that convolution's weight and bias (exact up to float rounding);
 * ``bf16``: the forward under ``torch.autocast`` to bfloat16 where the device has native bfloat16
@@ -53,10 +53,13 @@ class SpeedOptions:
     fused_adam: bool = False
 
 
-#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README).
+#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 2.2x the
+#: plain float32 model at 256x256, 1.6x at 64x64. Compilation is left out: at 256x256 it repays
+#: its ~100 s only after about 900 images, at 64x64 never.
 FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True)
-#: The fastest training that keeps float32 results up to float32 rounding: bfloat16 changes the
-#: training's numbers beyond that, so it stays the separate ``--amp bf16`` of ``models.train``.
+#: The fastest training step that keeps float32 results up to float32 rounding (1.37x at 256x256,
+#: 1.11x at 64x64): bfloat16 changes the training's numbers beyond that (and is slower at 64x64),
+#: so it stays the separate ``--amp bf16`` of ``models.train``.
 FAST_TRAINING = SpeedOptions(channels_last=True, fused_adam=True)
 
 
