@@ -19,13 +19,13 @@ Nothing here changes what the networks compute beyond the rounding of the dtype 
 Example:
     >>> import torch
     >>> from models.acceleration import SpeedOptions, fast_score, inference_model
-    >>> from models.config import ModelConfig
-    >>> from models.networks import AnomalyDetector
+    >>> from models.networks import AnomalyDetector, ModelConfig
     >>> net = AnomalyDetector(ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1))).eval()
     >>> options = SpeedOptions(channels_last=True, fold_batchnorm=True)
     >>> fast = inference_model(net, options)
     >>> x = torch.rand(2, 3, 32, 32) * 2 - 1
-    >>> torch.allclose(fast_score(fast, x, "norm", options).rec, net.score(x, "norm").rec, atol=1e-6)
+    >>> torch.allclose(fast_score(fast, x, options, ali_reduction="norm").rec,
+    ...                net.score(x, ali_reduction="norm").rec, atol=1e-6)
     True
 """
 from __future__ import annotations
@@ -119,11 +119,12 @@ def inference_context(options: SpeedOptions, device: Union[str, torch.device]) -
     return stack
 
 
-def fast_score(model: AnomalyDetector, x: torch.Tensor, ali_reduction: str, options: SpeedOptions) -> Scores:
-    """``model.score`` under :func:`inference_context`, every tensor in float32 (under bfloat16
-    autocast the reconstruction and L(x) come out in bfloat16, which numpy cannot take)."""
+def fast_score(model: AnomalyDetector, x: torch.Tensor, options: SpeedOptions, **score_options: str) -> Scores:
+    """``model.score(x, **score_options)`` under :func:`inference_context`, every tensor in float32
+    (under bfloat16 autocast the reconstruction and L(x) come out in bfloat16, which numpy cannot
+    take)."""
     with inference_context(options, x.device):
-        scores = model.score(x, ali_reduction)
+        scores = model.score(x, **score_options)
     return Scores(*(None if t is None else t.float() for t in scores))
 
 

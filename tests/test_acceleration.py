@@ -18,8 +18,7 @@ import torch
 from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype, fast_score,
                                  fold_batchnorm, has_native_bf16, inference_context, inference_model,
                                  networks, rebuilt_adam, training_networks)
-from models.config import ModelConfig
-from models.networks import AnomalyDetector
+from models.networks import AnomalyDetector, ModelConfig
 
 from helpers import near_tie_rows
 
@@ -80,7 +79,7 @@ PLAIN = SpeedOptions()
 
 def scores(net: AnomalyDetector, x: torch.Tensor, options: SpeedOptions = PLAIN):
     with inference_context(options, x.device):
-        return list(net.score(x, "norm"))
+        return list(net.score(x, ali_reduction="norm"))
 
 
 def test_folding_batchnorm_is_exact_in_float64():
@@ -88,7 +87,7 @@ def test_folding_batchnorm_is_exact_in_float64():
     folded = fold_batchnorm(net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left alone"
-    for fast, plain in zip(scores(folded, x), scores(net, x)):
+    for fast, plain in zip(scores(folded, x), scores(net, x), strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
 
 
@@ -106,7 +105,7 @@ def test_float32_options_match_the_plain_model(options):
     fast = inference_model(net, options)
     assert fast.generator.head[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not net.generator.head[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    for a, b in zip(scores(fast, x, options), scores(net, x)):
+    for a, b in zip(scores(fast, x, options), scores(net, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -117,12 +116,12 @@ def test_bf16_autocast_is_within_bfloat16_rounding():
     assert options.bf16 and autocast_dtype(options, "cpu") == torch.bfloat16
     fast, plain = scores(inference_model(net, options), x, options), scores(net, x)
     assert fast[0].dtype == torch.bfloat16, "the convolutions ran in bfloat16"
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain, strict=True):
         # About 2**-8 relative per layer, over the generator's 21 layers; float32's would be 1e-6.
         assert 1e-5 < relative_error(a, b) < 2e-2
-    in_float32 = fast_score(inference_model(net, options), x, "norm", options)
+    in_float32 = fast_score(inference_model(net, options), x, options, ali_reduction="norm")
     assert all(t.dtype == torch.float32 for t in in_float32)
-    for a, b in zip(in_float32, fast):
+    for a, b in zip(in_float32, fast, strict=True):
         torch.testing.assert_close(a, b.float(), rtol=0, atol=0)
 
 
@@ -140,7 +139,7 @@ def test_compiled_inference_matches_the_plain_model():
     fast = inference_model(net, options)
     assert set(fast.state_dict()) == set(fold_batchnorm(net).state_dict())  # compiled in place
     assert [type(m) for m in networks(fast)] == [type(m) for m in networks(net)]
-    for a, b in zip(scores(fast, x, options), scores(net, x)):
+    for a, b in zip(scores(fast, x, options), scores(net, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -160,11 +159,11 @@ def test_channels_last_training_keeps_the_parameters_and_the_gradients():
     fast = copy.deepcopy(net)
     parameters = list(fast.parameters())
     modules = training_networks(fast, SpeedOptions(channels_last=True))
-    assert all(a is b for a, b in zip(fast.parameters(), parameters)), "optimizers keep their parameters"
+    assert all(a is b for a, b in zip(fast.parameters(), parameters, strict=True)), "optimizers keep their parameters"
     assert fast.generator.encoder[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
     fast_grads, plain_grads = one_training_backward(fast, modules, x), one_training_backward(net, networks(net), x)
     assert len(fast_grads) == len(plain_grads) > 0
-    for a, b in zip(fast_grads, plain_grads):
+    for a, b in zip(fast_grads, plain_grads, strict=True):
         # A gradient sums thousands of products: float32 rounding, relative to the whole tensor.
         assert relative_error(a, b) < 1e-5
 
@@ -180,7 +179,7 @@ def test_rebuilt_adam_is_fused_and_steps_as_adam_does():
             opt.zero_grad()
             one_training_backward(model, networks(model), x)
             opt.step()
-    for a, b in zip(fast.parameters(), net.parameters()):
+    for a, b in zip(fast.parameters(), net.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # two steps of at most 2e-4 each
     with pytest.raises(ValueError, match="before its first step"):
         rebuilt_adam(fused_opt, FAST_TRAINING)
