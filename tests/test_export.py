@@ -60,7 +60,7 @@ def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_ker
 def trained(tmp_path_factory):
     """A daad+ checkpoint trained for one epoch on the hazelnut subset, and its test images."""
     from models import train
-    from models.data import config_dataset, data_root
+    from models.data import data_root
 
     hazelnut = data_root() / "mvtec_hazelnut_subset"
     if not hazelnut.is_dir():
@@ -69,26 +69,24 @@ def trained(tmp_path_factory):
     trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
                           "--division", "2", "2", "1", "--num-items", "20", "--batch", "8",
                           "--device", "cpu", "--model", "daad+", "--epochs", "1", "--out", str(out)])
-    test_set = config_dataset(trainer.config, "test")
+    test_set = trainer.config.dataset_split("test")
     images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
     return out / "checkpoint.pt", images, np.array(test_set.labels)
 
 
-def pytorch_scores(checkpoint, images):
+def pytorch_scores(checkpoint, images, image_score="mean"):
     """Maps and scores as models.predict computes them, in eager PyTorch with the fused kernels."""
-    from models.inference import load_detector
-    from models.scoring import fuse_scores
+    from models.inference import Scorer
+    from models.training import load_detector
 
     model, config, state = load_detector(str(checkpoint), torch.device("cpu"))
-    c = state["calibration"]
+    scorer = Scorer.calibrated(config, state, str(checkpoint), image_score)
     s = model.score(images, config.ali_loss)
-    score = fuse_scores(s.rec.numpy(), s.feat.numpy(), config.fusion_gamma, (c["rec_min"], c["rec_max"]),
-                        (c["feat_min"], c["feat_max"]))
-    return s.error_map.numpy(), score
+    return s.error_map.numpy(), scorer.score(s.error_map.numpy(), s.feat.numpy())
 
 
 def check_against_pytorch(maps, scores, checkpoint, images, labels):
-    from models.scoring import image_auroc
+    from models.inference.metrics import image_auroc
 
     ref_maps, ref_scores = pytorch_scores(checkpoint, images)
     np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-4)
@@ -128,7 +126,7 @@ def test_export_onnx_runs_in_onnx_runtime(trained, tmp_path):
 
 def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
     from models import export
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.training import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(trained[0])
     state["calibration"] = None

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import MNIST_IDX_SPLIT, DataWarning, FolderSpec, build_dataset, data_root, load_image, read_idx
-from models.images import BadImageError
+from models.data import BadImageError, DataWarning, build_dataset, data_root, load_image
+from models.data.mnist import MNIST_IDX_SPLIT, read_idx
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -260,10 +260,10 @@ def test_folder_data_set_given_by_its_folders(tmp_path):
     _gray(tmp_path / "bad_b" / "b0.png", 200)
     _gray(tmp_path / "bad_b" / "b0_mask.png", 255)  # mask beside, MVTec's suffix
     _gray(tmp_path / "bad_b" / "b1.png", 200)        # no mask: a warning, left out of pixel AUROC
-    spec = FolderSpec("good", ("bad_a", "bad_b"), None, train_ratio=0.7)
-    train = build_dataset("folder", str(tmp_path), "train", 16, folders=spec)
+    spec = dict(normal_dir="good", abnormal_dirs=("bad_a", "bad_b"), train_ratio=0.7)
+    train = build_dataset("folder", str(tmp_path), "train", 16, **spec)
     with pytest.warns(DataWarning, match="b1.png"):
-        test = build_dataset("folder", str(tmp_path), "test", 16, folders=spec)
+        test = build_dataset("folder", str(tmp_path), "test", 16, **spec)
     names = lambda data: [Path(n).name for n in data.names]
     assert len(train) == 7 and set(names(train)) | set(names(test)[:3]) == {f"n{i}.jpg" for i in range(10)}
     assert names(test)[3:] == ["a0.jpg", "b0.png", "b1.png"] and test.labels == [0, 0, 0, 1, 1, 1]
@@ -271,16 +271,16 @@ def test_folder_data_set_given_by_its_folders(tmp_path):
     assert test[3]["mask"].min() == 1 and test[0]["mask"].max() == 0
     # The split is fixed: the same every time, whatever the run's seed.
     torch.manual_seed(123)
-    assert names(build_dataset("folder", str(tmp_path), "train", 16, folders=spec)) == names(train)
+    assert names(build_dataset("folder", str(tmp_path), "train", 16, **spec)) == names(train)
     # Masks in their own folder, matched by stem.
     _gray(tmp_path / "masks" / "a0_mask.png", 255)
     _gray(tmp_path / "masks" / "b1.png", 255)
     with pytest.warns(DataWarning, match="b0.png"):
         own = build_dataset("folder", str(tmp_path), "test", 16,
-                            folders=FolderSpec("good", ("bad_a", "bad_b"), "masks", 0.7))
+                            **spec, mask_dir="masks")
     assert own.mask_known == [True, True, True, True, False, True]
     with pytest.raises(ValueError, match="leaves no normal image"):
-        build_dataset("folder", str(tmp_path), "train", 16, folders=FolderSpec("good", (), None, 0.01))
+        build_dataset("folder", str(tmp_path), "train", 16, normal_dir="good", train_ratio=0.01)
 
 
 def test_magnetic_tile_as_a_folder_data_set():
@@ -288,9 +288,9 @@ def test_magnetic_tile_as_a_folder_data_set():
     if not root.is_dir():
         pytest.skip(f"real data absent: {root}")
     defects = tuple(f"MT_{k}/Imgs" for k in ("Blowhole", "Break", "Crack", "Fray", "Uneven"))
-    spec = FolderSpec("MT_Free/Imgs", defects, None, train_ratio=0.5)
-    train = build_dataset("folder", str(root), "train", 64, folders=spec)
-    test = build_dataset("folder", str(root), "test", 64, folders=spec)
+    spec = dict(normal_dir="MT_Free/Imgs", abnormal_dirs=defects, train_ratio=0.5)
+    train = build_dataset("folder", str(root), "train", 64, **spec)
+    test = build_dataset("folder", str(root), "test", 64, **spec)
     assert len(train) == 476 and len(test) == 476 + 392 and sum(test.labels) == 392
     assert all(test.mask_known) and not set(train.names) & set(test.names)
     assert all(n.endswith(".jpg") for n in train.names + test.names)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models import evaluate, predict, train
-from models.checkpoint import load_checkpoint
 from models.data import DataWarning
+from models.training import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,7 +6,7 @@ first deletes those of the same target, written on this host, whose process is d
 
 Example:
     >>> import os, tempfile
-    >>> from models.atomic import write_json
+    >>> from models.training.atomic import write_json
     >>> path = os.path.join(tempfile.mkdtemp(), "result.json")
     >>> write_json(path, {"auroc": 0.9})
     >>> open(path).read()

@@ -13,7 +13,7 @@ Real folders hold more than clean 8-bit RGB files, so:
 Example:
     >>> import numpy as np, os, tempfile
     >>> from PIL import Image
-    >>> from models.images import read_pixels
+    >>> from models.data.images import read_pixels
     >>> path = os.path.join(tempfile.mkdtemp(), "deep.png")
     >>> Image.fromarray(np.full((2, 3), 65535, np.uint16)).save(path)
     >>> read_pixels(path, channels=3).shape, int(read_pixels(path, channels=1).max())
