@@ -63,7 +63,8 @@ setup(
     name="daad_ext",
     version="0.1.0",
     description="Block-wise memory of DAAD (Hou et al., ICCV 2021) with fused CPU, Triton and CUDA kernels",
-    packages=find_packages(include=["daad_ext", "daad_ext.*"]) + ["daad_models", "daad_models.study"],
+    packages=(find_packages(include=["daad_ext", "daad_ext.*"])
+              + ["daad_models"] + [f"daad_models.{name}" for name in find_packages("models")]),
     package_dir={"daad_models": "models"},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],

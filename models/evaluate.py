@@ -5,7 +5,7 @@ from the checkpoint) and writes to ``--out``:
 
 * ``metrics.json``: image AUROC of the fused score A(x) (and of R and L alone), pixel AUROC and
   AUPRO where ground-truth masks exist, the best image F1 (and its threshold), the image AUROC of
-  each defect type (models/metrics.py), and every image's score;
+  each defect type (models/inference/metrics.py), and every image's score;
 * ``roc.png``: the image-level ROC curve;
 * ``heatmaps/*.png``: input, reconstruction, anomaly map and mask for a sample of test images.
 

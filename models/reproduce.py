@@ -5,7 +5,7 @@ Runs, each for several seeds, with the ``models`` pipeline (fused CPU kernel whe
 * ablation (paper Table 3) on the MVTec AD hazelnut subset: AE, MemAE, AE+Skip, DAAD, DAAD+;
 * block sizes (Table 4, Figure 5): DAAD with every division rate the input size allows;
 * adversarial scores (Table 5): DAAD+ scored by R only, by L only, and by the fused score;
-* DAAD+ under each reading of its losses (:data:`models.config.LOSS_READINGS`);
+* DAAD+ under each reading of its losses (:data:`models.training.LOSS_READINGS`);
 * MNIST one-class on the real test set (index split, see :mod:`models.data`): DAAD per digit;
 * ``--setting tile``: the same ablation, block sizes and scores on the magnetic tile
   (``DATA_ROOT/magnetic_tile``: half of MT_Free trains, the other half and every defect test).

@@ -22,7 +22,7 @@ import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from .data import DATASETS, add_options, layout, option_fields
+from .data import add_options, layout, option_fields
 from .inference import RunScoring
 from .networks import MODEL_NAMES, ModelConfig
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
@@ -47,11 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)  # unset flags stay unset: --resume can tell them apart
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS,
-                      help=f"data layout (default: {t.dataset}): " + "; ".join(f"{n}: {layout(n).summary}" for n in DATASETS))
     data.add_argument("--root", help="data folder: an MVTec AD category, the MNIST/CIFAR root or an image folder")
     data.add_argument("--category", help="sub-folder of --root to use (an MVTec AD category)")
-    add_options(data)
+    add_options(data, default=t.dataset)
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave unreadable image files out with a warning (default: stop, listing them)")
     net = p.add_argument_group("model")

@@ -134,3 +134,31 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(tmp_path / "unfinished.pt"), "--format", "pt2", "--out", str(tmp_path)])
     assert "no calibration" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("image_score", ["mean", "max"])
+def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
+    """The one scorer behind every path: ``predict`` (NumPy on single images), the exported graph
+    (torch), and ``evaluate``, whose image AUROC is that of the per-image scores it writes."""
+    from models import evaluate, export, predict
+    from models.data import data_root, load_image
+    from models.inference.metrics import image_auroc
+
+    checkpoint, _, _ = trained
+    root = data_root() / "mvtec_hazelnut_subset"
+    files = sorted(str(p) for p in (root / "test" / "colour").iterdir())[:3]
+    predicted = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score)
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path / "graph"),
+                        "--image-score", image_score])
+    assert json.loads((tmp_path / "graph" / "detector.json").read_text())["image_score"] == image_score
+    batch = torch.stack([load_image(f, 3, 32) for f in files])
+    _, graph_scores = torch.export.load(path).module()(batch)
+    np.testing.assert_allclose(graph_scores.detach().numpy(), [r["score"] for r in predicted], rtol=0, atol=1e-5)
+    _, reference = pytorch_scores(checkpoint, batch, image_score)
+    np.testing.assert_allclose([r["score"] for r in predicted], reference, rtol=0, atol=1e-6)
+    result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
+                            "--image-score", image_score, "--num-heatmaps", "0"])
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["image_auroc"] == result["image_auroc"] == image_auroc(
+        [i["label"] for i in written["images"]], [i["score"] for i in written["images"]])

@@ -296,3 +296,62 @@ def test_magnetic_tile_as_a_folder_data_set():
     assert all(n.endswith(".jpg") for n in train.names + test.names)
     item = test[len(test) - 1]
     assert item["label"] == 1 and item["mask"].sum() > 0 and item["image"].shape == (3, 64, 64)
+
+
+#: A whole new data layout: this text is all that adding one takes (as models/data/<name>.py,
+#: imported by models/data/__init__.py); the test imports it from a file of its own.
+STRIPES_LAYOUT = '''
+from dataclasses import dataclass
+
+import torch
+
+from models.data import Layout, OneClassDataset, option, register
+
+
+@dataclass(frozen=True)
+class StripesOptions:
+    period: int = option(4, "stripe period in pixels of the normal images")
+
+
+def stripes(root, split, size, options, augment, skip_bad_images):
+    """Normal: vertical stripes; anomalous (test only): the same with a white square."""
+    x = torch.arange(28) % options.period < options.period // 2
+    images = (x.expand(8, 1, 28, 28) * 255).to(torch.uint8).clone()
+    labels = [0] * 8
+    if split == "test":
+        images[4:, :, 10:18, 10:18] = 255
+        labels = [0] * 4 + [1] * 4
+    return OneClassDataset([f"stripes-{split}-{i}" for i in range(8)], labels, 1, size,
+                           arrays=images, augment=augment)
+
+
+register(Layout("stripes", channels=1, options=StripesOptions, build=stripes, summary="synthetic stripes"))
+'''
+
+
+def test_a_new_layout_is_one_module(tmp_path, capsys):
+    import importlib.util
+
+    from models import train
+    from models.data import LAYOUTS
+    from models.training import load_checkpoint
+
+    path = tmp_path / "stripes.py"
+    path.write_text(STRIPES_LAYOUT)
+    spec = importlib.util.spec_from_file_location("stripes_layout", path)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        out = tmp_path / "run"
+        train.main(["--dataset", "stripes", "--period", "6", "--root", str(tmp_path), "--model", "ae",
+                    "--size", "32", "--width", "4", "--batch", "4", "--epochs", "1", "--eval-every", "1",
+                    "--device", "cpu", "--out", str(out)])
+        config = load_checkpoint(out / "checkpoint.pt")["config"]
+        assert config["dataset"] == "stripes" and config["data"] == {"period": 6}
+        assert config["model"]["in_channels"] == 1
+        with pytest.raises(SystemExit):  # another layout's option is refused, by name
+            train.main(["--dataset", "stripes", "--normal-class", "3", "--root", str(tmp_path),
+                        "--out", str(tmp_path / "bad")])
+        assert "--normal-class does not apply to the stripes data layout (its options: --period)" in \
+            capsys.readouterr().err
+    finally:
+        LAYOUTS.pop("stripes", None)

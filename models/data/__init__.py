@@ -17,10 +17,7 @@ from typing import Any, Optional
 from . import mvtec, folder, mnist, cifar10  # noqa: F401, I001  (each registers its layout, in this order)
 from .dataset import DATA_ROOT_ENV, DataWarning, OneClassDataset, data_root, load_image, load_mask
 from .images import BadImageError
-from .registry import LAYOUTS, Layout, add_options, layout, option_fields
-
-#: The registered layout names.
-DATASETS = tuple(LAYOUTS)
+from .registry import LAYOUTS, Layout, add_options, layout, option, option_fields, register
 
 
 def build_dataset(name: str, root: str, split: str, size: int, augment: bool = False,
@@ -43,6 +40,5 @@ def build_dataset(name: str, root: str, split: str, size: int, augment: bool = F
     return dataset
 
 
-__all__ = ["DATASETS", "DATA_ROOT_ENV", "BadImageError", "DataWarning", "Layout", "OneClassDataset",
-           "add_options", "build_dataset", "data_root", "layout", "load_image", "load_mask",
-           "option_fields"]
+__all__ = ["DATA_ROOT_ENV", "LAYOUTS", "BadImageError", "DataWarning", "Layout", "OneClassDataset", "add_options",
+           "build_dataset", "data_root", "layout", "load_image", "load_mask", "option", "option_fields", "register"]

@@ -91,11 +91,14 @@ def option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     return found
 
 
-def add_options(group: argparse._ArgumentGroup) -> None:
-    """Adds every layout's options to ``group``, each once, its help naming the layouts it serves.
-    Unset options stay unset (the parser's ``argument_default`` is ``SUPPRESS``)."""
+def add_options(group: argparse._ArgumentGroup, default: str) -> None:
+    """Adds ``--dataset`` (the layouts registered now) and every layout's options to ``group``,
+    each once, its help naming the layouts it serves. Unset options stay unset (the parser's
+    ``argument_default`` is ``SUPPRESS``)."""
+    group.add_argument("--dataset", choices=tuple(LAYOUTS), help=f"data layout (default: {default}): "
+                       + "; ".join(f"{entry.name}: {entry.summary}" for entry in LAYOUTS.values()))
     for name, (f, users) in option_fields().items():
         kind = f.metadata["type"] or type(f.default)
-        default = "" if f.default in (None, ()) else f" (default: {f.default})"
+        shown = "" if f.default in (None, ()) else f" (default: {f.default})"
         group.add_argument(flag(name), type=kind, nargs=f.metadata["nargs"],
-                           help=f"{'/'.join(users)}: {f.metadata['help']}{default}")
+                           help=f"{'/'.join(users)}: {f.metadata['help']}{shown}")
