@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import IMAGE_SCORES, Scorer
 from .inference.evaluation import evaluate_detector
 from .training import load_detector
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data folder (default: the one the model was trained on)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable image files out with a warning (default: stop, listing them)")
+    add_pixel_limit_option(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gamma", type=float, help="fusion weight of R (default: the checkpoint's)")
     p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
@@ -67,6 +69,7 @@ def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optio
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_pixel_limit(getattr(args, "max_pixels", None))
     try:
         result = evaluate(args.checkpoint, args.out, args.root, args.gamma, args.num_heatmaps,
                           args.batch, args.device, args.skip_bad_images, args.image_score, args.sigma,

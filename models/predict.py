@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import IMAGE_SCORES, Scorer
 from .inference.prediction import predict_images
 from .training import load_detector
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to score")
     p.add_argument("--out", default="predictions", help="folder for the heat maps (default: predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
+    add_pixel_limit_option(p)
     p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
                    help="R: mean of the anomaly map (the paper) or max of the smoothed map (anomalib) (default: mean)")
     return p
@@ -47,6 +49,7 @@ def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "aut
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_pixel_limit(getattr(args, "max_pixels", None))
     try:
         results = predict(args.checkpoint, args.images, args.out, args.device, args.image_score)
     except (ValueError, OSError) as e:  # OSError: missing or unreadable images

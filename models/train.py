@@ -23,12 +23,14 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 from .data import add_options, layout, option_fields
+from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import RunScoring
 from .networks import MODEL_NAMES, ModelConfig
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
-from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, DivergenceError, Resume, TrainConfig, Trainer,
-                       load_checkpoint, train)
+from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, CheckpointError, DivergenceError, Resume,
+                       TrainConfig, Trainer, load_checkpoint, train)
 from .training.amp import AMP_DTYPES
+from .training.atomic import WriteError
 from .training.checkpoint import stored_config
 from .training.distributed import setup_distributed, teardown_distributed
 
@@ -37,7 +39,7 @@ MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 #: with a lower rate after a divergence.
 RESUMABLE = ("root", "epochs", "workers", "eval_every", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
-INVOCATION = ("device", "out", "resume", "skip_bad_images", "amp")
+INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(data, default=t.dataset)
     data.add_argument("--skip-bad-images", action="store_true",
                       help="leave unreadable image files out with a warning (default: stop, listing them)")
+    add_pixel_limit_option(data)
     net = p.add_argument_group("model")
     net.add_argument("--model", choices=MODEL_NAMES, help=f"variant; '+' adds the discriminator (default: {m.model})")
     net.add_argument("--size", type=int, help=f"input size, a multiple of 16*lcm(RH, RW) (default: {m.size})")
@@ -120,17 +123,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     """Runs the command line; returns the trainer (its ``model`` holds the trained networks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_pixel_limit(getattr(args, "max_pixels", None))
     skip_bad_images = getattr(args, "skip_bad_images", False)
     try:  # bad flags, paths, sizes, images and checkpoints end here with a message naming them
         config, resume = make_config(args)
         train_set = config.dataset_split("train", augment=True, skip_bad_images=skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    if resume is not None and resume.state["epoch"] >= config.epochs:
+        parser.exit(0, f"{resume.path} has trained {resume.state['epoch']} epochs already (--epochs "
+                       f"{config.epochs}): nothing to train; give a larger --epochs to go on\n")
     ctx = setup_distributed(args.device)
     try:
         hooks = RunScoring(config, train_set, ctx.device, skip_bad_images)
         return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None))
-    except DivergenceError as e:
+    except (DivergenceError, CheckpointError, WriteError) as e:  # a resumed checkpoint's weights, a full disk
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:
         teardown_distributed()

@@ -355,3 +355,20 @@ def test_a_new_layout_is_one_module(tmp_path, capsys):
             capsys.readouterr().err
     finally:
         LAYOUTS.pop("stripes", None)
+
+
+def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path, monkeypatch):
+    from models.data import images
+
+    big = tmp_path / "train" / "huge.png"
+    big.parent.mkdir()
+    Image.new("L", (12000, 12000)).save(big)  # a few kilobytes of PNG, 144 megapixels
+    _gray(tmp_path / "train" / "small.png", 10)
+    with pytest.raises(BadImageError, match=r"huge.png: 12000x12000 is 144.0 megapixels, over the limit of 64 "
+                                            r"\(--max-pixels\)"):
+        build_dataset("folder", str(tmp_path), "train", 16)
+    monkeypatch.setattr(images, "PIXEL_LIMIT", images.PIXEL_LIMIT)  # restored after the test
+    images.set_pixel_limit(200_000_000)
+    assert len(build_dataset("folder", str(tmp_path), "train", 16)) == 2  # raised: read (PIL's own limit too)
+    with pytest.raises(ValueError, match="pixel limit must be >= 1"):
+        images.set_pixel_limit(0)

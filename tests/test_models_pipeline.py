@@ -143,3 +143,56 @@ def test_bad_images_stop_before_training_or_are_skipped(hazelnut, tiny, tmp_path
     with pytest.warns(DataWarning, match="04.jpg"):
         result = evaluate.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "eval"), "--skip-bad-images"])
     assert result["num_images"] == 22
+
+
+def test_resume_from_weights_that_cannot_be_used_ends_with_a_message(tiny, tmp_path, capsys):
+    from models.training import save_checkpoint
+
+    out = tmp_path / "run"
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(out)])
+    checkpoint = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    state.pop("format")
+    name = next(iter(state["generator"]))
+    nan = torch.full_like(state["generator"][name], math.nan)
+    capsys.readouterr()
+    cases = {"non-finite (NaN or infinite) generator weights": {**state["generator"], name: nan},
+             "lacks the generator state": {},
+             "do not fit its generator state": {**state["generator"], name: torch.zeros(3)}}
+    for expected, weights in cases.items():
+        save_checkpoint({**state, "generator": weights}, tmp_path / "bad.pt")
+        message = error_of(train, ["--resume", str(tmp_path / "bad.pt"), "--epochs", "2", "--out", str(out)],
+                           capsys, code=1)
+        assert expected in message and str(tmp_path / "bad.pt") in message and "Traceback" not in message
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+    with pytest.raises(SystemExit) as done:  # nothing left to train: said, and a success
+        train.main(["--resume", "--epochs", "1", "--out", str(out)])
+    assert done.value.code == 0 and "has trained 1 epochs already (--epochs 1): nothing to train" in \
+        capsys.readouterr().err
+    assert "epochs and batch must be >= 1, got 0" in error_of(train, tiny + ["--epochs", "0", "--out", str(out)], capsys)
+
+
+def test_a_save_that_hits_a_file_size_limit_keeps_the_checkpoint_and_says_why(tiny, tmp_path):
+    """A file-size limit (as a full disk) during the save: one message naming the file and the
+    cause, no traceback, and the previous checkpoint intact and resumable."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(out)])
+    checkpoint = out / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    done = subprocess.run([sys.executable, "-m", "models.train", "--resume", "--epochs", "2", "--out", str(out),
+                           "--device", "cpu"], preexec_fn=limited, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr
+    assert f"cannot write {checkpoint}: File too large; the previous file is kept as it was" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert checkpoint.read_bytes() == before and load_checkpoint(checkpoint)["epoch"] == 1

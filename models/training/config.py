@@ -83,8 +83,8 @@ class TrainConfig:
         check_reductions(self.rec_loss, self.ali_loss)
         if self.d_reset < 0:
             raise ValueError(f"d_reset must be >= 0 (0: never), got {self.d_reset}")
-        if self.epochs < 0 or self.batch < 1:
-            raise ValueError(f"epochs must be >= 0 and batch >= 1, got {self.epochs}, {self.batch}")
+        if self.epochs < 1 or self.batch < 1:
+            raise ValueError(f"epochs and batch must be >= 1, got {self.epochs}, {self.batch}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
 
