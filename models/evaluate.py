@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from .cli import command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import IMAGE_SCORES, Scorer
 from .inference.evaluation import evaluate_detector
@@ -28,10 +29,8 @@ from .training.distributed import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by models.train")
+    p = command_parser(__doc__, __package__, "evaluate")
+    p.add_argument("--checkpoint", required=True, help=f"checkpoint.pt written by {program(__package__, 'train')}")
     p.add_argument("--root", help="data folder (default: the one the model was trained on)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable image files out with a warning (default: stop, listing them)")

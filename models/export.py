@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cli import command_parser, program
 from .inference import IMAGE_SCORES, Scorer
 from .inference.graph import FORMATS, ScoringGraph, export_graph
 from .training import load_detector
@@ -41,10 +42,8 @@ def export(checkpoint: str, fmt: str, out: str, image_score: str = "mean") -> st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by models.train")
+    p = command_parser(__doc__, __package__, "export")
+    p.add_argument("--checkpoint", required=True, help=f"checkpoint.pt written by {program(__package__, 'train')}")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime, OpenVINO) or "
                    "pt2 (torch.export.load)")
     p.add_argument("--out", required=True, help="output folder")

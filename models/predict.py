@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from .cli import command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import IMAGE_SCORES, Scorer
 from .inference.prediction import predict_images
@@ -22,10 +23,8 @@ from .training.distributed import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.pt written by models.train")
+    p = command_parser(__doc__, __package__, "predict")
+    p.add_argument("checkpoint", help=f"checkpoint.pt written by {program(__package__, 'train')}")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to score")
     p.add_argument("--out", default="predictions", help="folder for the heat maps (default: predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")

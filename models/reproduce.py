@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli import command_parser
 from .data import DATA_ROOT_ENV, data_root
 from .study.plan import SETTINGS
 from .study.run import run_study
@@ -43,9 +44,7 @@ NEEDS = {"full": ("mvtec", "mnist"), "quick": ("mvtec", "mnist"), "tile": ("tile
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m models.reproduce", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__, __package__, "reproduce")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="full",
                    help="which study (default: full; see models/study/plan.py)")
     p.add_argument("--quick", action="store_true", help="the reduced study (under 10 minutes): --setting quick")

@@ -22,6 +22,7 @@ import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
+from .cli import command_parser
 from .data import add_options, layout, option_fields
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import RunScoring
@@ -44,10 +45,8 @@ INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp")
 
 def build_parser() -> argparse.ArgumentParser:
     t, m = TrainConfig(), ModelConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m models.train", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS)  # unset flags stay unset: --resume can tell them apart
+    # Unset flags stay unset (SUPPRESS): --resume can tell them apart.
+    p = command_parser(__doc__, __package__, "train", argument_default=argparse.SUPPRESS)
     data = p.add_argument_group("data")
     data.add_argument("--root", help="data folder: an MVTec AD category, the MNIST/CIFAR root or an image folder")
     data.add_argument("--category", help="sub-folder of --root to use (an MVTec AD category)")
@@ -136,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     ctx = setup_distributed(args.device)
     try:
         hooks = RunScoring(config, train_set, ctx.device, skip_bad_images)
-        return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None))
+        return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None), parser.prog)
     except (DivergenceError, CheckpointError, WriteError) as e:  # a resumed checkpoint's weights, a full disk
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:

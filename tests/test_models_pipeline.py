@@ -52,7 +52,7 @@ def test_train_evaluate_predict(hazelnut, tiny, tmp_path, capsys):
     assert {"score", "rec", "feat", "label", "name"} <= set(metrics["images"][0])
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
     heatmaps = sorted(p.name for p in (tmp_path / "eval" / "heatmaps").iterdir())
-    assert len(heatmaps) == 4 and sum("anomalous" in n for n in heatmaps) == 2
+    assert len(heatmaps) == 4 and sum("_anomalous_colour_" in n for n in heatmaps) == 2  # the defect type
     peak = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval-max"),
                           "--num-heatmaps", "0", "--device", "cpu", "--image-score", "max", "--smooth-maps"])
     assert peak["image_score"] == "max" and peak["sigma"] == 0.5 and peak["pixel_smoothed"]  # 4 * 32 / 256
@@ -196,3 +196,14 @@ def test_a_save_that_hits_a_file_size_limit_keeps_the_checkpoint_and_says_why(ti
     assert f"cannot write {checkpoint}: File too large; the previous file is kept as it was" in done.stderr
     assert "Traceback" not in done.stderr
     assert checkpoint.read_bytes() == before and load_checkpoint(checkpoint)["epoch"] == 1
+
+
+def test_commands_name_themselves_as_the_user_runs_them():
+    from models import cli
+
+    assert cli.program("models", "train") == "python -m models.train"
+    assert cli.program("daad_models", "train") == "daad-train"
+    for module in (train, evaluate, predict):
+        installed = cli.command_parser(module.__doc__, "daad_models", module.__name__.rsplit(".", 1)[1])
+        assert installed.prog.startswith("daad-") and "python -m models" not in installed.format_help()
+    assert train.build_parser().prog == "python -m models.train"  # from the checkout

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data import OneClassDataset
 from ..training.atomic import write_json
+from .metrics import defect_type
 from .plots import save_heatmap, save_roc
 from .scorer import Scorer
 from .scores import ScoreSet, collect_scores, compute_metrics
@@ -60,6 +61,8 @@ def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet,
         item = test_set[int(scores.indices[j])]
         x_hat = model.score(item["image"][None].to(device)).reconstruction[0]
         kind = "anomalous" if scores.labels[j] else "normal"
-        name = f"{j:04d}_{kind}_{Path(test_set.names[item['index']]).stem}.png"
+        source = test_set.names[item["index"]]
+        defect = defect_type(source) if scores.labels[j] else ""  # the folder: crack, colour, ...
+        name = f"{j:04d}_{kind}{'_' + defect if defect else ''}_{Path(source).stem}.png"
         save_heatmap(item["image"], x_hat, scores.maps[j], vmax, os.path.join(folder, name),
                      f"{kind}, score {fused[j]:.3f}", item["mask"][0].numpy() if item["mask_known"] else None)

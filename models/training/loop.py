@@ -58,11 +58,13 @@ def write_log(out: str, record: dict) -> None:
 
 
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset, hooks: RunHooks,
-          resume: Optional[Resume] = None, amp: Optional[str] = None) -> Trainer:
+          resume: Optional[Resume] = None, amp: Optional[str] = None,
+          program: str = "python -m models.train") -> Trainer:
     """Trains on ``train_set`` (augmented) up to ``config.epochs`` epochs; rank 0 writes to ``out``.
 
     Raises :class:`~models.training.trainer.DivergenceError` naming the epoch and step where a loss
-    or gradient became NaN or infinite; that epoch is never saved.
+    or gradient became NaN or infinite, and the ``program`` command that continues with a lower
+    learning rate; that epoch is never saved.
     """
     trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(amp))
     if resume is not None:
@@ -90,7 +92,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                     losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
                 except DivergenceError as e:
                     raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
-                                                             last_saved, trainer.epoch)) from e
+                                                             last_saved, trainer.epoch, program)) from e
                 sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
         record = {"epoch": epoch, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
@@ -113,14 +115,14 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
 
 
 def divergence_message(error: DivergenceError, epoch: int, step: int, steps: int, config: TrainConfig,
-                       out: str, last_saved: Optional[str], saved_epoch: int) -> str:
+                       out: str, last_saved: Optional[str], saved_epoch: int, program: str) -> str:
     """What diverged, where, what was kept, and the command to go on with a lower learning rate."""
     lower = f"--lr {config.learning_rate / 10:g}"
     if last_saved is None:
         kept = f"no checkpoint was written (no epoch finished); start again with a lower rate, e.g. {lower}"
     else:
         kept = (f"{last_saved} (epoch {saved_epoch}) was kept as it was; continue from it with a lower "
-                f"rate: python -m models.train --resume {last_saved} --out {out} {lower}")
+                f"rate: {program} --resume {last_saved} --out {out} {lower}")
     return (f"training diverged at epoch {epoch}, step {step} of {steps}: {error} (learning rate "
             f"{config.learning_rate:g}). {kept}")
 
