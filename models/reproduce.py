@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Optional, Sequence
