@@ -28,6 +28,7 @@ from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import RunScoring
 from .networks import MODEL_NAMES, ModelConfig
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
+from .networks.maps import ANOMALY_MAPS
 from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, CheckpointError, DivergenceError, Resume,
                        TrainConfig, Trainer, load_checkpoint, train)
 from .training.amp import AMP_DTYPES
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "see docs/MODELS.md")
     opt.add_argument("--rec-loss", choices=REC_REDUCTIONS, help="reading of L_rec (default: that of --losses); see models/networks/losses.py")
     opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help="reading of L_ali and of the score L(x) (default: that of --losses)")
+    opt.add_argument("--anomaly-map", choices=ANOMALY_MAPS, help="pixel map the run is scored by: squared error or "
+                                                                "SSIM's (default: l2); see models/networks/maps.py")
     opt.add_argument("--d-reset", type=float,
                      help="re-initialise the discriminator when its loss falls below this (0: never; default: that of --losses)")
     opt.add_argument("--entropy-weight", type=float, help="MemAE entropy loss weight (default: 0.0002 for memae, else 0)")

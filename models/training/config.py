@@ -21,6 +21,7 @@ import numpy as np
 from ..data import OneClassDataset, build_dataset, layout
 from ..networks.config import MEMAE_ENTROPY_WEIGHT, ModelConfig
 from ..networks.losses import check_reductions
+from ..networks.maps import check_map
 
 #: Named readings of the DAAD+ losses (``--losses``): the settings each one fixes.
 #: ``old``: this project's first reading (squared distances; L_ali summed over the 100 features).
@@ -48,6 +49,7 @@ class TrainConfig:
     L_ali (:mod:`models.networks.losses`); ``d_reset`` re-initialises the discriminator after a
     step whose loss fell below it (GANomaly's 1e-5; 0: never); these and ``loss_weights`` default
     to :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator, to ``"old"`` without.
+    ``anomaly_map`` is the pixel map the run is scored by (:mod:`models.networks.maps`).
 
     How long a run trains (:mod:`models.training.loop`): ``epochs``, or ``steps`` optimisation steps
     (the run ends with the epoch in which it reaches them: data sets differ 20x in size), and with
@@ -73,6 +75,7 @@ class TrainConfig:
     rec_loss: Optional[str] = None
     ali_loss: Optional[str] = None
     d_reset: Optional[float] = None
+    anomaly_map: str = "l2"
     seed: int = 0
     workers: int = 0
     eval_every: int = 0
@@ -96,6 +99,7 @@ class TrainConfig:
                 setattr(self, key, value)
         self.loss_weights = tuple(self.loss_weights)
         check_reductions(self.rec_loss, self.ali_loss)
+        check_map(self.anomaly_map)
         if self.d_reset < 0:
             raise ValueError(f"d_reset must be >= 0 (0: never), got {self.d_reset}")
         if self.epochs < 1 or self.batch < 1:
