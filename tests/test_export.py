@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
     return out / "checkpoint.pt", images, np.array(test_set.labels)
 
 
-def pytorch_scores(checkpoint, images, image_score="mean"):
+def pytorch_scores(checkpoint, images, image_score="max"):  # export's default image score
     """Maps and scores as models.predict computes them, in eager PyTorch with the fused kernels."""
     from models.inference import Scorer
     from models.training import load_detector
