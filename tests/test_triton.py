@@ -503,11 +503,10 @@ def test_kernels_compile_for_sm90(dtype):
     for need_gx, need_gm in ((True, True), (False, True), (True, False)):
         _compile_sm90(fused.backward_kernel, io,
                       dict(HAS_GY=True, HAS_GW=True, COSINE=True, SHRINK=1, NEED_GX=need_gx,
-                           NEED_GM=need_gm, TF32=True, A_TF32=True, N_PAD=n_pad, ELT=elt,
-                           F32_DOT=True, PART_ROWS=16),
-                      first(tuning.FUSED, N_PAD=n_pad, ELT=elt, F32_DOT=True))
-    _compile_sm90(tiled.products_kernel, io, dict(STORE_SQ=True, TF32=True, ELT=elt),
-                  first(tuning.PRODUCTS, ELT=elt))
+                           NEED_GM=need_gm, TF32=True, N_PAD=n_pad, ELT=4, PART_ROWS=16),
+                      first(tuning.FUSED, N_PAD=n_pad, ELT=4))
+    _compile_sm90(tiled.products_kernel, io, dict(STORE_SQ=True, TF32=True),
+                  first(tuning.PRODUCTS))
     _compile_sm90(tiled.rows_forward_kernel, io,
                   dict(COSINE=True, SHRINK=0, STORE_P=False, BLOCK_R=16, BLOCK_N=256))
     _compile_sm90(tiled.rows_backward_kernel, io,
@@ -516,11 +515,11 @@ def test_kernels_compile_for_sm90(dtype):
     for forward in (True, False):  # w @ M (input dtype) and A @ M (float32 A)
         a_type = dtype if forward else "fp32"
         _compile_sm90(tiled.rows_times_memory_kernel, dict(io, a_ptr=a_type),
-                      dict(CORRECT=not forward, F32_DOT=not forward, TF32=True, ELT=elt),
-                      first(tuning.ROWS_TIMES_MEMORY, ELT=elt))
+                      dict(CORRECT=not forward, F32_DOT=not forward, TF32=True),
+                      first(tuning.ROWS_TIMES_MEMORY))
     _compile_sm90(items.grad_memory_kernel, io,
-                  dict(HAS_GY=True, COSINE=True, TF32=True, A_TF32=True, ELT=elt),
-                  first(tuning.GRAD_MEMORY, ELT=elt))
+                  dict(HAS_GY=True, COSINE=True, TF32=True),
+                  first(tuning.GRAD_MEMORY))
     _compile_sm90(items.item_norms_kernel, io, dict(BLOCK_N=64, BLOCK_D=64))
 
 

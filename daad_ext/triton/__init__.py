@@ -12,7 +12,7 @@ Layout (kernels at module level, in the manner of flash-attention's Triton modul
 * :mod:`.op` -- the ``torch.library.triton_op`` registrations.
 
 Two paths, the same results (up to float summation order): **fused** (N padded to a power of two
-<= 1024; one program per 16 to 64 query rows holds whole rows, the row epilogue on chip) and
+<= 1024; one program per 16 or 32 query rows holds whole rows, the row epilogue on chip) and
 **tiled** (any N; products split over row tiles x item tiles x D splits, the row epilogue over
 item chunks with online softmax). ``path="auto"`` takes the fused path when its programs fill the
 GPU, else the tiled one. The backward recovers the similarities as ``s_i = T (log w_i + lse)``
