@@ -34,13 +34,15 @@ BACKENDS: dict[str, Backend] = {
                     ops.block_memory_fused),
     "triton": Backend(triton_backend.supports, triton_backend.block_memory_triton),
 }
-#: ``backend="auto"`` takes the first available of these, fastest first (benchmarks/memory_op.py).
+#: ``backend="auto"`` takes the first available of these. On CPU the fused kernel is the faster
+#: (benchmarks/memory_op.py, README's table); the CUDA order, the CUDA kernel before Triton, is
+#: the intended one, not yet measured: neither GPU backend has run on a GPU.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 def available_backends(device: Union[str, torch.device] = "cpu",
                        dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run on ``device`` with ``dtype``, fastest first."""
+    """Names of the backends that can run on ``device`` with ``dtype``, in ``AUTO_ORDER``."""
     device = torch.device(device)
     order = AUTO_ORDER.get(device.type, ()) + tuple(BACKENDS)
     return [name for name in dict.fromkeys(order) if BACKENDS[name].supports(device, dtype)]
