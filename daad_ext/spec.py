@@ -201,3 +201,53 @@ def check_call(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], s
     lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
     check_temperature(temperature, x.dtype)
     return geometry, lam
+
+
+def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {_type_name(t)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} (x's device), got {t.device}")
+
+
+def _check_saved(name: str, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+                 x: torch.Tensor) -> None:
+    """A saved tensor or gradient of the backward: x's device, ``shape`` and ``dtype``."""
+    _check_device(name, t, x)
+    shape = tuple(shape)
+
+    def message() -> str:
+        return f"{name} must have shape {shape}, got {tuple(t.shape)}"
+
+    if t.dim() != len(shape):
+        raise ValueError(message())
+    for size, want in zip(t.shape, shape):
+        require(size == want, ValueError, message)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def check_backward_call(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+                        x: torch.Tensor, memory: torch.Tensor, w: torch.Tensor,
+                        probs: torch.Tensor, row_stats: torch.Tensor, item_norms: torch.Tensor,
+                        division: Sequence[int], similarity: str, shrink: str,
+                        threshold: Optional[float], temperature: float) -> tuple[Division, float]:
+    """Every check of one call of the backward op: the forward's (:func:`check_call`), the saved
+    tensors as the forward returned them (``probs`` is MemAE's only, else a placeholder: only its
+    device counts) and the gradients that are given. Every tensor must be on x's device: a meta
+    tensor among CPU ones would send the call to the fake kernel, which computes nothing."""
+    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
+    weights = (x.shape[0], geometry.num_queries, memory.shape[0])
+    stats = compute_dtype(x.dtype)
+    _check_saved("w", w, weights, x.dtype, x)
+    if shrink == "memae":
+        _check_saved("probs", probs, weights, x.dtype, x)
+    else:
+        _check_device("probs", probs, x)
+    _check_saved("row_stats", row_stats, weights[:2] + (2,), stats, x)
+    _check_saved("item_norms", item_norms, weights[2:], stats, x)
+    if grad_y is not None:
+        _check_saved("grad_y", grad_y, tuple(x.shape), x.dtype, x)
+    if grad_w is not None:
+        _check_saved("grad_w", grad_w, weights, x.dtype, x)
+    return geometry, lam

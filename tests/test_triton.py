@@ -32,7 +32,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from helpers import assert_matches_reference, tie_free_inputs
+from helpers import (assert_matches_reference, assert_refuses_tensors_on_another_device,
+                     tie_free_inputs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES: dict[str, Callable[[], None]] = {}
@@ -334,6 +335,9 @@ def _raw_op_checks():
     for args, message in bad_backward:
         with pytest.raises((ValueError, TypeError), match=message):
             backward(*args)
+    for shrink in ("memae", "hard"):  # probs: MemAE's, else a placeholder
+        assert_refuses_tensors_on_another_device(forward, backward, x, memory,
+                                                 (*DIVISION, "cosine", shrink, 0.05, 1.0))
 
 
 @_case("dispatch-and-layer")
