@@ -9,6 +9,7 @@ import math
 import numbers
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 SIMILARITIES = ("cosine", "dot")
@@ -66,6 +67,9 @@ def _is_int(value) -> bool:
 
 
 def parse_division(division: Sequence[int]) -> tuple[int, int, int]:
+    """(rh, rw, rc) from three Python or NumPy integers (a sequence or a 1-D NumPy array)."""
+    if isinstance(division, np.ndarray) and division.ndim == 1:
+        division = tuple(division)  # NumPy integers, checked as any others below
     if (not isinstance(division, Sequence) or isinstance(division, str) or len(division) != 3
             or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
                        for r in division)):
