@@ -138,6 +138,20 @@ def check_options(similarity: str, shrink: str, threshold: Optional[float], temp
     return lam
 
 
+def schema_arguments(memory: torch.Tensor, division: Sequence[int], threshold: Optional[float],
+                     temperature: float) -> tuple[int, int, int, float, float]:
+    """``block_memory``'s Python arguments as the ops' schema takes them: (rh, rw, rc, threshold,
+    temperature), the threshold ``1/N`` by default. For an op that runs :func:`check_call` itself,
+    which checks everything else (a memory without items gets the placeholder 1.0, which that
+    check never reaches: it refuses the memory first)."""
+    rh, rw, rc = parse_division(division)
+    if threshold is None:
+        items = int(memory.shape[0]) if memory.dim() == 2 else 0
+        threshold = 1.0 / items if items >= 1 else 1.0
+    return (rh, rw, rc, _check_number("threshold", threshold),
+            _check_number("temperature", temperature))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision the statistics of ``dtype`` inputs are computed in: float32 for the half types
     (and float32), float64 for float64. Also the dtype of the kernels' saved per-row and per-item

@@ -24,22 +24,36 @@ Without Triton the package imports and the backend is simply unavailable.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
-from ..spec import Division
+from ..spec import Division, schema_arguments
 from .config import DEFAULT, HAS_TRITON, INTERPRETED, TritonConfig, supports
 
 if HAS_TRITON:
     from . import op  # noqa: F401  (registers torch.ops.daad_ext.*_triton)
 
 __all__ = ["DEFAULT", "HAS_TRITON", "INTERPRETED", "TritonConfig", "block_memory_triton",
-           "supports"]
+           "call_triton", "supports"]
 
 
 def block_memory_triton(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
                         similarity: str, shrink: str, lam: float,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton op on checked arguments; returns ``(y, w)``."""
+    """The Triton op on the layer's checked geometry and threshold; returns ``(y, w)``."""
     y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(
         x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, lam, temperature)
+    return y, w
+
+
+def call_triton(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], similarity: str,
+                shrink: str, threshold: Optional[float],
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton op on ``block_memory``'s own arguments; returns ``(y, w)``. The op checks the
+    whole call (spec.check_call, and what the kernels take), so ``block_memory`` does not check
+    it before: one check a call."""
+    rh, rw, rc, lam, temperature = schema_arguments(memory, division, threshold, temperature)
+    y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(x, memory, rh, rw, rc, similarity,
+                                                              shrink, lam, temperature)
     return y, w
