@@ -163,8 +163,8 @@ def test_triton_interpreter_under_autocast():
 
 @pytest.mark.usefixtures("single_thread")
 def test_trainer_bf16_step():
-    from models.config import ModelConfig, TrainConfig
-    from models.trainer import Trainer
+    from models.networks import ModelConfig
+    from models.training import TrainConfig, Trainer
 
     config = TrainConfig(model=ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1), num_items=20))
     trainer = Trainer(config, torch.device("cpu"), amp=torch.bfloat16)

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from models import reproduce
-from models.atomic import write_json
+from models.networks import MeanImage
+from models.training.atomic import write_json
 from models.study.aggregate import defect_type_aurocs, select
-from models.study.baseline import MeanImage
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import defect_types, execute, portable_command, run_config, run_study, save_arrays
-from models.study.tables import build_tables, compare, mnist_claims, mnist_table, near_chance
+from models.study.claims import compare, mnist_claims, near_chance
+from models.study.tables import build_tables, mnist_table
 
 
 def test_plan_covers_every_cell_once():

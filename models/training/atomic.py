@@ -6,7 +6,7 @@ first deletes those of the same target, written on this host, whose process is d
 
 Example:
     >>> import os, tempfile
-    >>> from models.atomic import write_json
+    >>> from models.training.atomic import write_json
     >>> path = os.path.join(tempfile.mkdtemp(), "result.json")
     >>> write_json(path, {"auroc": 0.9})
     >>> open(path).read()
@@ -59,13 +59,36 @@ def remove_stale_temporaries(path: PathLike) -> list[str]:
     return removed
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a file-size limit, no permission); the file it
+    was to replace is left as it was. The message names the file and the cause."""
+
+
+class _WatchedFile:
+    """A file whose first failed write is kept: writers such as ``torch.save`` swallow the
+    ``OSError`` of a full disk into a message that names neither the file nor the cause."""
+
+    def __init__(self, file: IO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
     """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
     within one file system), named ``.<name>.<pid>-<host>.<random>.tmp``, is flushed to disk,
     given the permissions a plain ``open`` would give, then replaces ``path``. Temporary files of
-    killed earlier writers are removed first.
+    killed earlier writers are removed first. A failed write raises :class:`WriteError`.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -73,17 +96,23 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
                                suffix=".tmp", dir=folder)
+    watched = None
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
+            watched = _WatchedFile(f)
+            write(watched)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        cause = watched.error if watched is not None and watched.error is not None else e
+        if isinstance(cause, OSError) and not isinstance(cause, WriteError):
+            kept = "the previous file is kept as it was" if os.path.exists(path) else "nothing was written"
+            raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}; {kept}") from e
         raise
 
 

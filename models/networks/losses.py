@@ -24,7 +24,7 @@ The score L(x) uses the same per-image reduction as the loss (:func:`feature_dis
 
 Example:
     >>> import torch
-    >>> from models.losses import LossWeights, generator_loss
+    >>> from models.networks.losses import LossWeights, generator_loss
     >>> x = torch.zeros(2, 1, 4, 4)
     >>> total, parts = generator_loss(x, x + 0.5, LossWeights(rec=50.0))
     >>> float(total), float(parts["rec"])

@@ -4,7 +4,7 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group use
 gloo on CPUs; each process drives one device; rank 0 writes checkpoints and logs.
 
 Example:
-    >>> from models.distributed import setup_distributed
+    >>> from models.training.distributed import setup_distributed
     >>> setup_distributed("cpu")  # a single process: no process group
     DistContext(rank=0, world_size=1, device=device(type='cpu'))
 """

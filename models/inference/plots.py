@@ -4,7 +4,7 @@ The study's figures (:mod:`models.study.figures`) draw with the same ``plt`` and
 
 Example:
     >>> import numpy as np, os, tempfile
-    >>> from models.plots import save_roc
+    >>> from models.inference.plots import save_roc
     >>> path = os.path.join(tempfile.mkdtemp(), "roc.png")
     >>> save_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), path, "demo")
 """
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .scoring import image_roc  # noqa: E402
+from .metrics import image_roc  # noqa: E402
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
