@@ -25,6 +25,14 @@ def _check_backend(x: torch.Tensor) -> None:
                      f"{x.device}")
 
 
+def _check_kernels(x: torch.Tensor, memory: torch.Tensor, g: spec.Division) -> spec.Division:
+    """What the kernels take beyond the spec: x's device and dtype, the limits of their indexing;
+    returns the block geometry."""
+    _check_backend(x)
+    _check_limits(int(x.shape[0]), g, int(memory.shape[0]))
+    return g
+
+
 def _check_limits(batch: int, g: spec.Division, n: int) -> None:
     rows = batch * g.num_queries
     for name, value, limit in (("B*Q (query rows)", rows, MAX_ROWS), ("N (memory items)", n,
@@ -39,9 +47,7 @@ def check_forward(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: i
                   temperature: float) -> spec.Division:
     """Checks the forward op's arguments; returns the block geometry."""
     geometry, _ = spec.check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
-    _check_backend(x)
-    _check_limits(int(x.shape[0]), geometry, int(memory.shape[0]))
-    return geometry
+    return _check_kernels(x, memory, geometry)
 
 
 def check_backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
@@ -54,6 +60,4 @@ def check_backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor
     geometry, _ = spec.check_backward_call(grad_y, grad_w, x, memory, w, probs, row_stats,
                                            item_norms, (rh, rw, rc), similarity, shrink,
                                            threshold, temperature)
-    _check_backend(x)
-    _check_limits(int(x.shape[0]), geometry, int(memory.shape[0]))
-    return geometry
+    return _check_kernels(x, memory, geometry)
