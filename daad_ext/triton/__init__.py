@@ -38,13 +38,19 @@ __all__ = ["DEFAULT", "HAS_TRITON", "INTERPRETED", "TritonConfig", "block_memory
            "call_triton", "supports"]
 
 
+def _read(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int, similarity: str,
+          shrink: str, lam: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(x, memory, rh, rw, rc, similarity,
+                                                              shrink, lam, temperature)
+    return y, w
+
+
 def block_memory_triton(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
                         similarity: str, shrink: str, lam: float,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton op on the layer's checked geometry and threshold; returns ``(y, w)``."""
-    y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(
-        x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, lam, temperature)
-    return y, w
+    return _read(x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, lam,
+                 temperature)
 
 
 def call_triton(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], similarity: str,
@@ -54,6 +60,4 @@ def call_triton(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], 
     whole call (spec.check_call, and what the kernels take), so ``block_memory`` does not check
     it before: one check a call."""
     rh, rw, rc, lam, temperature = schema_arguments(memory, division, threshold, temperature)
-    y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(x, memory, rh, rw, rc, similarity,
-                                                              shrink, lam, temperature)
-    return y, w
+    return _read(x, memory, rh, rw, rc, similarity, shrink, lam, temperature)
