@@ -128,9 +128,12 @@ def test_kernels_compile_for_sm90(dtype):
     _compile_sm90(fused.forward_kernel, io,
                   dict(COSINE=True, SHRINK=0, STORE_P=False, TF32=True, N_PAD=n_pad, ELT=elt),
                   first(tuning.FUSED, N_PAD=n_pad, ELT=elt))
-    for need_gx, need_gm in ((True, True), (False, True), (True, False)):
+    # ELT=4: the backward's products with A run on float32 tiles. The dot similarity's grad_x
+    # has no norm correction (corr is None).
+    for cosine, need_gx, need_gm in ((True, True, True), (True, False, True), (True, True, False),
+                                     (False, True, True)):
         _compile_sm90(fused.backward_kernel, io,
-                      dict(HAS_GY=True, HAS_GW=True, COSINE=True, SHRINK=1, NEED_GX=need_gx,
+                      dict(HAS_GY=True, HAS_GW=True, COSINE=cosine, SHRINK=1, NEED_GX=need_gx,
                            NEED_GM=need_gm, TF32=True, N_PAD=n_pad, ELT=4, PART_ROWS=16),
                       first(tuning.FUSED, N_PAD=n_pad, ELT=4))
     _compile_sm90(tiled.products_kernel, io, dict(STORE_SQ=True, TF32=True),
