@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .spec import Division, check_call, compute_dtype
+from .spec import Division, check_backward_call, check_call, compute_dtype
 from .extension import load_extension
 
 #: Importing the extension registers torch.ops.daad_ext.*; one that fails to load warns
@@ -44,7 +44,8 @@ def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperatu
 
 def fake_backward(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, rh, rw, rc,
                   similarity, shrink, threshold, temperature, needs_grad_x, needs_grad_memory):
-    check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
+    check_backward_call(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, (rh, rw, rc),
+                        similarity, shrink, threshold, temperature)
     grad_x = (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_grad_x
               else x.new_empty(0))
     grad_memory = (torch.empty_like(memory, memory_format=torch.contiguous_format)

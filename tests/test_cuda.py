@@ -3,7 +3,8 @@
 Without a GPU (our machines and CI):
 
 * the CUDA kernels are registered whenever the extension was built with them (CI builds them with
-  ``nvcc`` on every run; ``DAAD_EXT_EXPECT_CUDA=1`` makes a build without them a failure);
+  ``nvcc`` on every run; under CI a build without them where a toolkit exists fails the run:
+  tests/conftest.py);
 * the package imports and works on CPU when built with CUDA and no GPU is present;
 * the warp-parallel form of the shared row epilogue against its serial form
   (tests/cpp/team_check.cpp, 32 std::threads as the team);
@@ -58,9 +59,7 @@ needs_gpu = pytest.mark.skipif(not (HAS_GPU and _extension_has_cuda_code()),
 
 def test_cuda_kernels_registered_when_built_with_cuda():
     built = _extension_has_cuda_code()
-    if os.environ.get("DAAD_EXT_EXPECT_CUDA") == "1":
-        assert built, "DAAD_EXT_EXPECT_CUDA=1 but daad_ext._C was built without csrc/cuda"
-    if not built:
+    if not built:  # a required run (CI) has failed already where a toolkit exists (conftest.py)
         pytest.skip("daad_ext._C was built without its CUDA kernels (no toolkit or DAAD_EXT_NO_CUDA=1)")
     for dtype in DTYPES:
         assert "cuda" in available_backends("cuda", dtype)
