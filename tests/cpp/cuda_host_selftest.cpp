@@ -30,7 +30,7 @@ static void expect_error(const char* needle, const std::function<void()>& launch
 
 // A block sum through shared memory, barriers and warp shuffles.
 __global__ void block_sum(const float* in, float* out) {
-  __shared__ float partial[8];
+  DAAD_SHARED_ARRAY(float, partial, 8);
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   float v = in[blockIdx.x * 256 + t];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
