@@ -31,9 +31,9 @@ import pytest
 import torch
 
 import cuda_host_build
-from daad_ext import BlockMemory, available_backends, block_memory, functional, ops
+from daad_ext import BlockMemory, available_backends, block_memory, functional, ops, spec
 from daad_ext.functional import Backend
-from daad_ext.reference import block_memory_ref
+from daad_ext.reference import block_memory_ref, divide_blocks
 from helpers import assert_matches_reference, tie_free_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,6 +247,41 @@ def test_tensor_core_shapes(target, dtype, no_tf32):
     x, memory, options = _inputs(target, shape, num_items, division, similarity, "none", dtype)
     tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=1e-2, rtol=1e-2)
     assert_matches_reference(target.backend, x, memory, **options, **tol)
+
+
+def test_float16_small_norms(target):
+    """float16 inputs with small norms (|q|, |m_i| ~ 4e-3): the backward's intermediate
+    A = dL/ds / (|q||m_i|) exceeds float16's 65504 while grad x and grad M stay far below it, so
+    the kernels keep A in float32 (kernels.cuh). Both gradients must be finite and match the
+    float64 reference to float16 accuracy relative to their own scale."""
+    scale = 2.0 ** -10  # exact in float16: the cosine similarities and w are those at unit scale
+    x, memory, options = _inputs(target, (2, 4, 4, 4), 11, (2, 2, 1), "cosine", "none",
+                                 torch.float16, seed=1)
+    x, memory = x * scale, memory * scale
+    grad_w = torch.randn(2, 4, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def gradients(backend, dtype):
+        xx = x.detach().to(dtype).requires_grad_()
+        mm = memory.detach().to(dtype).requires_grad_()
+        _, w = block_memory(xx, mm, backend=backend, **options)
+        (w.double() * grad_w.to(w.device)).sum().backward()
+        return xx.grad, mm.grad
+
+    # The premise: A itself, the gradient of the loss with respect to the raw dot products <q, m_i>.
+    geometry = spec.check_call(x, memory, options["division"], "cosine", "none", None,
+                               options["temperature"])[0]
+    queries, items = divide_blocks(x.detach().double().cpu(), geometry), memory.detach().double().cpu()
+    dots = (queries @ items.t()).requires_grad_()
+    norms = queries.norm(dim=-1, keepdim=True) * items.norm(dim=-1)
+    ((dots / norms / options["temperature"]).softmax(-1) * grad_w).sum().backward()
+    assert dots.grad.abs().max() > torch.finfo(torch.float16).max
+
+    for name, got, want in zip(("grad x", "grad M"), gradients(target.backend, torch.float16),
+                               gradients("reference", torch.float64)):
+        assert got.isfinite().all(), f"{name} is not finite"
+        assert want.abs().max() < torch.finfo(torch.float16).max / 10
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-2,
+                                   atol=1e-2 * want.abs().max().item(), msg=name)
 
 
 @needs_gpu
