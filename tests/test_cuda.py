@@ -80,36 +80,76 @@ def test_cpu_works_whatever_the_build():
         block_memory(x, memory, (2, 2, 1), backend="cuda")
 
 
-def _run_cpp(name: str, *flags: str) -> subprocess.CompletedProcess:
-    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it."""
+def _cannot_run(reason: str) -> None:
+    """Skips a host-layer test that cannot run here; in CI (cuda_host_build.required()) fails it
+    with the reason instead, since CI is where it must run."""
+    if cuda_host_build.required():
+        pytest.fail(f"{reason} (CI=true / DAAD_REQUIRE_EXTENSION=1: host-layer tests must run)")
+    pytest.skip(reason)
+
+
+def _run_cpp(name: str, *flags: str, runs=((),), env=None) -> list[subprocess.CompletedProcess]:
+    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it with each argument list
+    of ``runs``."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
-        pytest.skip("no host C++ compiler")
+        _cannot_run("no host C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(ROOT, "tests", "cpp", f"{name}.cpp"), os.path.join(tmp, name)
         build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", *flags, src, "-o", exe],
                                capture_output=True, text=True)
         if build.returncode != 0 and "barrier" in build.stderr:
-            pytest.skip(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
+            _cannot_run(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
         assert build.returncode == 0, build.stderr
-        return subprocess.run([exe], capture_output=True, text=True, timeout=120)
+        return [subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
+                               env=env) for args in runs]
+
+
+def _host_layer_flags() -> tuple[str, ...]:
+    _require_toolkit_headers()
+    return ("-isystem", cuda_host_build.cuda_include_dir(), "-include",
+            os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
 
 
 def test_team_epilogue_matches_serial_epilogue():
-    run = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
+    (run,) = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
     assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_host_layer_selftest():
     """The host execution layer computes barriers, shuffles and WMMA right and reports each rule
     it enforces (barrier divergence, deadlock, lanes missing from a shuffle, ldm, alignment,
-    warp-uniform arguments); __float_to_tf32 rounds as cvt.rna."""
-    include = cuda_host_build.cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's headers are needed; set CUDA_HOME")
-    run = _run_cpp("cuda_host_selftest", "-isystem", include, "-include",
-                   os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
+    warp-uniform arguments, shared memory per block and its bounds); __float_to_tf32 rounds as
+    cvt.rna."""
+    (run,) = _run_cpp("cuda_host_selftest", *_host_layer_flags())
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _source_line(name: str, marker: str) -> str:
+    """"<name>.cpp:<line>" of the line of tests/cpp/<name>.cpp that contains ``marker``."""
+    with open(os.path.join(ROOT, "tests", "cpp", f"{name}.cpp")) as f:
+        (line,) = [i for i, text in enumerate(f, 1) if marker in text]
+    return f"{name}.cpp:{line}"
+
+
+def test_host_layer_reports_races_between_blocks():
+    """Under ThreadSanitizer, blocks resident at the same time are unordered: a plain += into a
+    counter that every block updates is reported as a race between two blocks; atomicAdd is not."""
+    race, atomic = _run_cpp("cuda_host_sanitizer_check", "-g", "-fsanitize=thread",
+                            *_host_layer_flags(), runs=(("race",), ("atomic",)))
+    assert "WARNING: ThreadSanitizer: data race" in race.stderr, race.stdout + race.stderr
+    assert _source_line("cuda_host_sanitizer_check", "void count_plain") in race.stderr
+    assert atomic.returncode == 0 and "ThreadSanitizer" not in atomic.stderr, atomic.stderr
+
+
+def test_host_layer_reports_shared_memory_overflow_at_the_access():
+    """Under AddressSanitizer, the guard after a block's shared array is poisoned: a write one
+    element past its end is reported at that write."""
+    (run,) = _run_cpp("cuda_host_sanitizer_check", "-g", "-fsanitize=address",
+                      *_host_layer_flags(), runs=(("overflow",),),
+                      env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert "ERROR: AddressSanitizer: use-after-poison" in run.stderr, run.stdout + run.stderr
+    assert _source_line("cuda_host_sanitizer_check", "writes past the end") in run.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,12 +166,17 @@ TOLERANCES = {torch.float32: dict(atol=5e-5, rtol=5e-4),
 _host_ops = None
 
 
+def _require_toolkit_headers() -> None:
+    """The host build needs the CUDA toolkit's headers."""
+    if cuda_host_build.cuda_include_dir() is None:
+        _cannot_run("the CUDA toolkit's headers are needed for the host build; set CUDA_HOME")
+
+
 def _host_backend() -> Backend:
     """The emulated op as a backend on CPU tensors (built once per process, never in "auto")."""
     global _host_ops
     if _host_ops is None:
-        if cuda_host_build.cuda_include_dir() is None:
-            pytest.skip("the CUDA toolkit's headers are needed for the host build; set CUDA_HOME")
+        _require_toolkit_headers()
         _host_ops = cuda_host_build.load(cuda_host_build.variant_from_env())
         ns = cuda_host_build.NAMESPACE
         ops.register_fused_op(f"{ns}::block_memory_forward", f"{ns}::block_memory_backward",

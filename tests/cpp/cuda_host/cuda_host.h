@@ -394,9 +394,11 @@ class Runtime {
   // The body of every lane: runs the kernel for each block it is given.
   [[noreturn]] void lane_loop() {
     for (;;) {
-      Lane& me = lane();
 #if defined(__SANITIZE_THREAD__)
       __tsan_acquire(&launch_begin_);  // before reading any state of the launch
+#endif
+      Lane& me = lane();
+#if defined(__SANITIZE_THREAD__)
       __tsan_acquire(&me.slot->order_sync);  // after the slot's previous block
 #endif
       try {
