@@ -21,6 +21,7 @@ arguments to the op itself. On a GPU only: ``opcheck``, ``torch.compile(fullgrap
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -150,6 +151,67 @@ def test_host_layer_reports_shared_memory_overflow_at_the_access():
                       env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
     assert "ERROR: AddressSanitizer: use-after-poison" in run.stderr, run.stdout + run.stderr
     assert _source_line("cuda_host_sanitizer_check", "writes past the end") in run.stderr
+
+
+def _resource_usage():
+    """tests/cpp/resource_usage.py, the sm_90 resource table of CI, as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "resource_usage", os.path.join(ROOT, "tests", "cpp", "resource_usage.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resource_table_fails_on_spills_smem_and_registers():
+    """The resource check of CI reads ptxas -v and the PTX's launch bounds as nvcc 13 writes them
+    and flags a spill, static shared memory over 48 KB and registers below the launch bounds."""
+    ru = _resource_usage()
+    log = """\
+ptxas info    : Compiling entry function '_Z4goodPf' for 'sm_90'
+ptxas info    : Function properties for _Z4goodPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 254 registers, used 1 barriers, 33792 bytes smem
+ptxas info    : Compiling entry function '_Z6spillsPf' for 'sm_90'
+ptxas info    : Function properties for _Z6spillsPf
+    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+ptxas info    : Compiling entry function '_Z3bigPf' for 'sm_90'
+ptxas info    : Function properties for _Z3bigPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 50000 bytes smem
+ptxas info    : Compiling entry function '_Z6greedyPf' for 'sm_90'
+ptxas info    : Function properties for _Z6greedyPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 130 registers, used 1 barriers
+"""
+    ptx = """\
+.visible .entry _Z4goodPf(
+\t.param .u64 _Z4goodPf_param_0
+)
+.maxntid 256, 1, 1
+{
+}
+.visible .entry _Z6greedyPf(
+\t.param .u64 _Z6greedyPf_param_0
+)
+.maxntid 128, 2, 1
+.minnctapersm 2
+{
+}
+"""
+    usage = ru.parse_ptxas(log)
+    bounds = ru.parse_launch_bounds(ptx)
+    assert usage["_Z4goodPf"] == dict(registers=254, spill_stores=0, spill_loads=0, smem=33792)
+    assert usage["_Z6spillsPf"] == dict(registers=255, spill_stores=8, spill_loads=4, smem=0)
+    assert bounds == {"_Z4goodPf": (256, 0), "_Z6greedyPf": (256, 2)}
+    rows = {name: ru.Usage(name, **u, max_threads=bounds.get(name, (0, 0))[0],
+                           min_blocks=bounds.get(name, (0, 0))[1]) for name, u in usage.items()}
+    assert ru.blocks_by_registers(rows["_Z4goodPf"]) == 1  # 256 registers a lane, 8 warps
+    assert ru.violations(rows["_Z4goodPf"]) == []
+    assert "spills" in ru.violations(rows["_Z6spillsPf"])[0]
+    assert "more than 48 KB" in ru.violations(rows["_Z3bigPf"])[0]
+    assert "ask for 2" in ru.violations(rows["_Z6greedyPf"])[0]  # 136 x 256 x 2 > 64K
+    assert "_Z6greedyPf" in ru.table(list(rows.values()))
 
 
 # ----------------------------------------------------------------------------------------------
