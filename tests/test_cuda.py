@@ -377,7 +377,8 @@ def test_float16_small_norms(target):
     # The premise: A itself, the gradient of the loss with respect to the raw dot products <q, m_i>.
     geometry = spec.check_call(x, memory, options["division"], "cosine", "none", None,
                                options["temperature"])[0]
-    queries, items = divide_blocks(x.detach().double().cpu(), geometry), memory.detach().double().cpu()
+    queries = divide_blocks(x.detach().double().cpu(), geometry)
+    items = memory.detach().double().cpu()
     dots = (queries @ items.t()).requires_grad_()
     norms = queries.norm(dim=-1, keepdim=True) * items.norm(dim=-1)
     ((dots / norms / options["temperature"]).softmax(-1) * grad_w).sum().backward()

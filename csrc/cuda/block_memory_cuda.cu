@@ -304,8 +304,8 @@ std::tuple<Tensor, Tensor> backward_cuda(
 
     const RowMajor<float> a_rm = row_major<float>(a, g.rows(), g.N);
     if (needs_grad_x) {
-      launch(times_memory_kernel<float, kTC, E>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
-             stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
+      launch(times_memory_kernel<float, kTC, E>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)),
+             kThreads, stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
              cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
     }
     if (!needs_grad_memory) return;

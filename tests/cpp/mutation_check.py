@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import cuda_host_build  # noqa: E402
 
-COMMON, KERNELS, HOST = "csrc/cuda/common.cuh", "csrc/cuda/kernels.cuh", "csrc/cuda/block_memory_cuda.cu"
+COMMON, KERNELS = "csrc/cuda/common.cuh", "csrc/cuda/kernels.cuh"
+HOST = "csrc/cuda/block_memory_cuda.cu"
 MUTANTS_DIR = os.path.join(ROOT, "build", "cuda_host", "mutants")
 
 
@@ -162,9 +163,10 @@ inline bool on(int index) {{
             with open(path) as f:
                 text = f.read()
             assert text.count(edit.anchor) == 1 and edit.anchor.count(edit.old) == 1, \
-                f"{mutation.name}: the anchor must occur once in {edit.path}, the old text once in it"
+                f"{mutation.name}: {edit.path} must hold the anchor once, the anchor the old text once"
+            mutated = edit.anchor.replace(edit.old, _switch(index, edit))
             with open(path, "w") as f:
-                f.write(text.replace(edit.anchor, edit.anchor.replace(edit.old, _switch(index, edit))))
+                f.write(text.replace(edit.anchor, mutated))
 
 
 def _environment(build: str, mutant: str) -> dict:

@@ -185,10 +185,10 @@ def triton_usage() -> list[Usage]:
     from triton.backends.nvidia.compiler import get_ptxas
 
     recorder = TritonRecorder()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_triton.py"),
-                        "-k", "sm90"], plugins=[recorder])
+    test = os.path.join(ROOT, "tests", "test_triton.py")
+    code = pytest.main(["-q", "-p", "no:cacheprovider", test, "-k", "sm90"], plugins=[recorder])
     if code != 0 or not recorder.compiled:
-        raise RuntimeError(f"the Triton sm_90 compile test did not compile any kernel (exit {code})")
+        raise RuntimeError(f"the Triton sm_90 compile test compiled no kernel (exit {code})")
     ptxas = get_ptxas(90).path
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,7 +209,8 @@ def triton_usage() -> list[Usage]:
 def main(argv: list[str]) -> int:
     rows = cuda_usage()
     print(f"CUDA kernels (csrc/cuda) on {ARCH}: registers per thread, spill bytes, static shared "
-          "memory bytes, __launch_bounds__ (threads, min blocks), blocks per SM the registers allow")
+          "memory bytes, __launch_bounds__ (threads, min blocks), blocks per SM the registers "
+          "allow")
     print(table(rows))
     failed = [(u.kernel, v) for u in rows for v in violations(u)]
     for kernel, problem in failed:
