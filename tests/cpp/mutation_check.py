@@ -163,7 +163,7 @@ inline bool on(int index) {{
             with open(path) as f:
                 text = f.read()
             assert text.count(edit.anchor) == 1 and edit.anchor.count(edit.old) == 1, \
-                f"{mutation.name}: {edit.path} must hold the anchor once, the anchor the old text once"
+                f"{mutation.name}: {edit.path} must hold the anchor once, it the old text once"
             mutated = edit.anchor.replace(edit.old, _switch(index, edit))
             with open(path, "w") as f:
                 f.write(text.replace(edit.anchor, mutated))
