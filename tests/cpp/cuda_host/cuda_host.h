@@ -49,7 +49,7 @@
 #define __device__
 #define __global__
 #define __shared__ \
-  _Pragma("GCC error \"cuda_host: declare shared memory with DAAD_SHARED_ARRAY (csrc/cuda/common.cuh)\"")
+  _Pragma("GCC error \"cuda_host: declare shared memory with DAAD_SHARED_ARRAY (common.cuh)\"")
 #define __launch_bounds__(...)
 
 #include <cuda_bf16.h>
@@ -193,7 +193,8 @@ class SharedArena {
   static constexpr size_t kCapacity = kSharedLimit + 16 * (kSharedGuard + kSharedAlign);
 
   SharedArena() {
-    void* mem = mmap(nullptr, kCapacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* mem =
+        mmap(nullptr, kCapacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a shared-memory arena");
     base_ = static_cast<unsigned char*>(mem);
   }
@@ -229,7 +230,8 @@ class SharedArena {
                            a.bytes));
       return base_ + a.offset;
     }
-    const size_t offset = (used_end() + kSharedGuard + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
+    const size_t offset =
+        (used_end() + kSharedGuard + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
     size_t total = bytes;
     for (const SharedArray& a : arrays_) total += a.bytes;
     if (total > kSharedLimit || offset + bytes + kSharedGuard > kCapacity)
@@ -352,7 +354,7 @@ class Runtime {
     block_dim_ = block;
     const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
     const int slots = int(std::min<int64_t>(resident_blocks(), blocks));
-    if (slots_.size() < size_t(slots) || (!slots_.empty() && int(slots_[0]->lanes.size()) != threads))
+    if (slots_.size() < size_t(slots) || int(slots_[0]->lanes.size()) != threads)
       make_slots(slots, threads);
     watchdog_arm();
 #if defined(__SANITIZE_THREAD__)
@@ -540,7 +542,8 @@ class Runtime {
       ready_.pop_back();
       resume(*lane);
       Slot& slot = *lane->slot;
-      if (!lane->error.empty()) fail(slot, format("thread %d: %s", lane->rank, lane->error.c_str()));
+      if (!lane->error.empty())
+        fail(slot, format("thread %d: %s", lane->rank, lane->error.c_str()));
       --slot.runnable;
       if (lane->state == State::AtWarp) release_warp(*lane);
       if (slot.runnable > 0) continue;
@@ -702,7 +705,8 @@ T* shared_array(size_t count, const char* name) {
   static_assert(alignof(T) <= kSharedAlign);
   Lane& me = Runtime::get().lane();
   [[maybe_unused]] const Bookkeeping quiet;
-  return reinterpret_cast<T*>(me.slot->shared.declare(me.shared_declared++, name, count * sizeof(T)));
+  unsigned char* array = me.slot->shared.declare(me.shared_declared++, name, count * sizeof(T));
+  return reinterpret_cast<T*>(array);
 }
 
 #define DAAD_SHARED_ARRAY(T, name, count) T* const name = ::cuda_host::shared_array<T>(count, #name)
