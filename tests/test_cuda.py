@@ -7,6 +7,10 @@ Without a GPU (our machines and CI):
 * the package imports and works on CPU when built with CUDA and no GPU is present;
 * the warp-parallel form of the shared row epilogue against its serial form
   (tests/cpp/team_check.cpp, 32 std::threads as the team);
+* the host execution layer itself (tests/cpp/cuda_host_selftest.cpp), and its sanitizer reports:
+  a race between blocks under ThreadSanitizer, a shared-memory overflow at the faulting access
+  under AddressSanitizer (tests/cpp/cuda_host_sanitizer_check.cpp);
+* the rules of CI's sm_90 resource check (tests/cpp/resource_usage.py) on canned ptxas output;
 * every correctness test below with the ``cuda_host`` target: the same kernel sources and host code
   compiled for the CPU on the host execution layer (tests/cpp/cuda_host/, csrc/cuda/README.md),
   in the build that ``DAAD_CUDA_HOST`` names (plain by default; ``make test-cuda-host`` runs the
