@@ -37,8 +37,8 @@
 // not memory), atomics, and the ends of the launch. Blocks resident at the same time are not
 // ordered at all, so a race on global memory between them (a plain += where an atomicAdd is
 // needed) is reported like a race on shared memory within a block. The blocks that run one after
-// the other in one slot are ordered (they reuse its shared memory), as is the layer's own
-// bookkeeping. Under AddressSanitizer the fiber stacks are annotated.
+// the other in one slot are ordered (they reuse its shared memory); the layer's own bookkeeping is
+// hidden from TSan. Under AddressSanitizer the fiber stacks are annotated.
 // What it cannot prove is listed in csrc/cuda/README.md.
 #pragma once
 
