@@ -93,6 +93,19 @@ def _cannot_run(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.mark.parametrize("ci", [{"CI": "true"}, {"DAAD_REQUIRE_EXTENSION": "1"}, {}], ids=str)
+def test_host_layer_tests_fail_in_ci_when_they_cannot_run(monkeypatch, ci):
+    """Without the toolkit's headers the host-layer tests skip, except in CI, where they fail."""
+    for name in ("CI", "DAAD_REQUIRE_EXTENSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ci.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cuda_host_build, "cuda_include_dir", lambda: None)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="toolkit's headers"):
+        _require_toolkit_headers()
+
+
 def _run_cpp(name: str, *flags: str, runs=((),), env=None) -> list[subprocess.CompletedProcess]:
     """Compiles tests/cpp/<name>.cpp with the host compiler and runs it with each argument list
     of ``runs``."""
