@@ -5,8 +5,8 @@ csrc/ under build/cuda_host/mutants/, each behind a run-time switch (``DAAD_CUDA
 names the active one; none by default), and that copy is built once per sanitizer build
 (tests/cuda_host_build.py with ``DAAD_CUDA_HOST_SOURCE``). Then the host-layer tests run once
 unmutated in every build (they must pass) and once per mutation in each build that should report
-it; the script prints what reported each, how long everything took, and exits non-zero if any
-mutation went unreported.
+it (JOBS=n test processes at a time, default 2); the script prints what reported each, how long
+everything took, and exits non-zero if any mutation went unreported or the unmutated sources fail.
 
     .venv/bin/python tests/cpp/mutation_check.py                  # all mutations
     .venv/bin/python tests/cpp/mutation_check.py dropped-barrier missing-atomic
