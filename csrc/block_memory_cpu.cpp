@@ -149,6 +149,19 @@ inline acc_t<T> widen(T v) {
   }
 }
 
+// v rounded to T (to nearest even; NaN stays NaN), by the same bit operations as c10's
+// conversion but with a select for NaN instead of a branch, so that loops of it vectorise.
+template <typename T>
+inline T narrow(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint16_t rounded = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return c10::BFloat16(v == v ? rounded : uint16_t(0x7FC0), c10::BFloat16::from_bits());
+  } else {
+    return v;
+  }
+}
+
 // Sum of squares of n values, in independent lanes so that the loop vectorises.
 template <typename T>
 inline double sumsq(const T* __restrict src, int64_t n) {
@@ -192,7 +205,7 @@ inline void scatter_lines(T* __restrict block, const int64_t* offsets, int64_t n
   if (minus != nullptr) {
     for (int64_t j = 0; j < nlines; ++j, in += n, minus += n) {
       T* __restrict out = block + offsets[j];
-      for (int64_t i = 0; i < n; ++i) out[i] = T(widen(in[i]) - c * widen(minus[i]));
+      for (int64_t i = 0; i < n; ++i) out[i] = narrow<T>(widen(in[i]) - c * widen(minus[i]));
     }
   } else {
     for (int64_t j = 0; j < nlines; ++j, in += n) std::memcpy(block + offsets[j], in, n * sizeof(T));
@@ -367,7 +380,7 @@ acc_t<T>* acc_row(T* row, std::vector<acc_t<T>>& scratch) {
 template <typename T>
 const acc_t<T>* load_row(const T* row, int64_t n, std::vector<acc_t<T>>& scratch) {
   if constexpr (kNarrow<T>) {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = acc_t<T>(row[i]);
+    for (int64_t i = 0; i < n; ++i) scratch[i] = widen(row[i]);
     return scratch.data();
   } else {
     return row;
@@ -378,28 +391,28 @@ const acc_t<T>* load_row(const T* row, int64_t n, std::vector<acc_t<T>>& scratch
 template <typename T>
 void store_row(const acc_t<T>* src, int64_t n, T* dst) {
   if constexpr (kNarrow<T>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = narrow<T>(src[i]);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Given item_norms (|m_i|), computes y, w, probs and row_stats.
 template <typename T>
 void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Tensor& memory,
                   const Tensor& y, const Tensor& w, const Tensor& probs, const Tensor& row_stats,
                   const Tensor& item_norms) {
   using A = acc_t<T>;
-  const int64_t N = g.N, D = g.D, rows_total = g.rows();
+  const int64_t N = g.N, rows_total = g.rows();
   const Strides xs(x), ys(y);
   const Plan plan = make_plan(g, sizeof(T));
   const int64_t max_chunk = plan.lines_per_chunk * g.bw;
   const T* x_data = x.const_data_ptr<T>();
-  const T* m_data = memory.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
   T* w_data = w.mutable_data_ptr<T>();
   A* stats = row_stats.mutable_data_ptr<A>();
-  A* nm = item_norms.mutable_data_ptr<A>();
+  const A* nm = item_norms.const_data_ptr<A>();
   const bool cosine = o.similarity == Similarity::Cosine;
   const bool memae = o.shrink == Shrink::MemAE;
   const A temperature = A(o.temperature), lam = A(o.lam);
@@ -409,14 +422,8 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
   T* z_data = logits.mutable_data_ptr<T>();
   const Tensor w2 = w.view({rows_total, N});
 
-  // |m_i| (one pass over M, split over items) and 1 / max(|m_i|, eps).
-  std::vector<A> inv_nm(N);
-  at::parallel_for(0, N, grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      nm[i] = A(std::sqrt(sumsq(m_data + i * D, D)));
-      inv_nm[i] = A(1) / clamp_norm(nm[i]);
-    }
-  });
+  std::vector<A> inv_nm(N);  // 1 / max(|m_i|, eps)
+  for (int64_t i = 0; i < N; ++i) inv_nm[i] = A(1) / clamp_norm(nm[i]);
 
   for (int64_t row0 = 0; row0 < rows_total; row0 += plan.row_block) {
     const int64_t rows = std::min(plan.row_block, rows_total - row0);
@@ -436,10 +443,10 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
         const A nq = A(std::sqrt(sq[r]));
         if (cosine) {  // z = <q, m> / (max(|q|, eps) max(|m|, eps) T), by reciprocals
           const A scale = A(1) / (clamp_norm(nq) * temperature);
-          for (int64_t i = 0; i < N; ++i) z[i] = A(s[i]) * scale * inv_nm[i];
+          for (int64_t i = 0; i < N; ++i) z[i] = widen(s[i]) * scale * inv_nm[i];
         } else if (kNarrow<T> || temperature != A(1)) {
           const A scale = A(1) / temperature;
-          for (int64_t i = 0; i < N; ++i) z[i] = A(s[i]) * scale;
+          for (int64_t i = 0; i < N; ++i) z[i] = widen(s[i]) * scale;
         }
         // For a narrow T, z (then p) and w are float rows, rounded to T once at the end.
         A* w_row = kNarrow<T> && memae ? w_scratch.data() : acc_row(w_data + row * N, z_scratch);
@@ -479,13 +486,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
                                            : at::empty({0}, x.options());
   const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor row_stats = at::empty({g.B, g.Q, 2}, stats_options);
-  Tensor item_norms = at::empty({g.N}, stats_options);
+  // |m_i| in the statistics' dtype: ATen's vectorised reduction, split over items.
+  Tensor item_norms =
+      at::linalg_vector_norm(memory, 2, {1}, false, stats_options.dtype().toScalarType());
   if (g.B > 0) {
     DAAD_DISPATCH_CPU(x.scalar_type(), "block_memory_forward_cpu", [&] {
       forward_impl<scalar_t>(g, o, x, memory, y, w, probs, row_stats, item_norms);
     });
-  } else {
-    item_norms.copy_(at::linalg_vector_norm(memory, 2, {1}, false, item_norms.scalar_type()));
   }
   return {y, w, probs, row_stats, item_norms};
 }
@@ -509,6 +516,9 @@ class Backward {
     gy_data_ = a.grad_y.defined() ? a.grad_y.const_data_ptr<T>() : nullptr;
     gx_data_ = a.needs_grad_x ? grad_x.mutable_data_ptr<T>() : nullptr;
     gs_ = at::empty({plan_.row_block, g_.N}, x.options());
+    if (kNarrow<T> && gy_data_ != nullptr && a.needs_grad_memory) {
+      dy_rows_ = at::empty({plan_.row_block, g_.D}, x.options());
+    }
     prod_ = cosine_ ? at::empty({plan_.row_block, g_.N},
                                 x.options().dtype(c10::CppTypeToScalarType<A>::value))
                     : Tensor();
@@ -546,7 +556,9 @@ class Backward {
     for_row_tasks(plan_, rows, [&](int64_t begin, int64_t end) {
       const int64_t nr = end - begin;
       if (gy_data_ != nullptr) {
-        Tensor buf = at::empty({nr * gather_width<T>(g_, plan_)}, x_.options());
+        Tensor buf = dy_rows_.defined()
+                         ? dy_rows_.view(-1).narrow(0, begin * g_.D, nr * g_.D)
+                         : at::empty({nr * gather_width<T>(g_, plan_)}, x_.options());
         Tensor g_rows = g_block.narrow(0, begin, nr);
         times_memory_t(g_, plan_, gy_data_, gys_, row0 + begin, nr, a_.memory, buf, nullptr,
                        g_rows);
@@ -560,12 +572,12 @@ class Backward {
         if (has_gw) {
           const T* gwr = gw_data + row * N;
           if (gy_data_ != nullptr) {
-            for (int64_t i = 0; i < N; ++i) g[i] = A(gr[i]) + A(gwr[i]);
+            for (int64_t i = 0; i < N; ++i) g[i] = widen(gr[i]) + widen(gwr[i]);
           } else {
-            for (int64_t i = 0; i < N; ++i) g[i] = A(gwr[i]);
+            for (int64_t i = 0; i < N; ++i) g[i] = widen(gwr[i]);
           }
         } else if constexpr (kNarrow<T>) {
-          for (int64_t i = 0; i < N; ++i) g[i] = A(gr[i]);
+          for (int64_t i = 0; i < N; ++i) g[i] = widen(gr[i]);
         }
         const A* w = load_row(w_data + row * N, N, w_scratch);
         const A* p = memae ? load_row(p_data + row * N, N, p_scratch) : nullptr;
@@ -575,7 +587,7 @@ class Backward {
         if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
           row_corr_[r] = norm_correction(nq, rowdot);
           const A scale = A(1) / clamp_norm(nq);
-          for (int64_t i = 0; i < N; ++i) gr[i] = T(g[i] * scale * inv_nm_[i]);
+          for (int64_t i = 0; i < N; ++i) gr[i] = narrow<T>(g[i] * scale * inv_nm_[i]);
         } else {
           store_row(g, N, gr);
         }
@@ -626,21 +638,26 @@ class Backward {
     });
   }
 
-  // dM[:, chunk] (+)= w^T dY + dS^T Q for the rows of one row block (dY gathered into ``dyc``);
-  // after the last one, dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i (cosine), while the chunk of
-  // dM is in cache.
+  // dM[:, chunk] (+)= w^T dY + dS^T Q for the rows of one row block (dY gathered into ``dyc``, or
+  // read from dy_rows_); after the last one, dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i
+  // (cosine), while the chunk of dM is in cache.
   void add_memory_grad(const Chunk& chunk, int64_t row0, int64_t rows, bool last_block,
                        const Tensor& w_block, const Tensor& g_block, Tensor& dyc,
                        const Tensor& qc) {
     Tensor gm_chunk = grad_memory_.narrow(1, chunk.d0, chunk.dc);
     bool written = row0 > 0;
     if (gy_data_ != nullptr) {
-      gather_chunk<T>(g_, gy_data_, gys_, chunk, row0, rows, dyc.mutable_data_ptr<T>(), chunk.dc,
-                      nullptr);
-      if (written) {
-        gm_chunk.addmm_(w_block.t(), dyc);
+      Tensor dy = dyc;
+      if (dy_rows_.defined()) {
+        dy = dy_rows_.narrow(0, 0, rows).narrow(1, chunk.d0, chunk.dc);
       } else {
-        at::mm_out(gm_chunk, w_block.t(), dyc);
+        gather_chunk<T>(g_, gy_data_, gys_, chunk, row0, rows, dyc.mutable_data_ptr<T>(),
+                        chunk.dc, nullptr);
+      }
+      if (written) {
+        gm_chunk.addmm_(w_block.t(), dy);
+      } else {
+        at::mm_out(gm_chunk, w_block.t(), dy);
       }
       written = true;
     }
@@ -658,7 +675,7 @@ class Backward {
         if (coef == A(0)) continue;
         T* out = gm_data + i * D + chunk.d0;
         const T* m = m_data + i * D + chunk.d0;
-        for (int64_t j = 0; j < chunk.dc; ++j) out[j] = T(A(out[j]) - coef * A(m[j]));
+        for (int64_t j = 0; j < chunk.dc; ++j) out[j] = narrow<T>(widen(out[j]) - coef * widen(m[j]));
       }
     }
   }
@@ -675,6 +692,7 @@ class Backward {
   const T* gy_data_;
   T* gx_data_;
   Tensor gs_;    // row block x N: dL/dw, then dL/d<q, m>
+  Tensor dy_rows_;  // row block x D (narrow T, for grad M): dY as row_pass gathers it whole
   Tensor prod_;  // row block x N (cosine, in acc_t<T>): dL/ds_i * s_i
   std::vector<A> row_corr_;
   std::vector<double> colsum_;
