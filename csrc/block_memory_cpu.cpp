@@ -33,14 +33,15 @@
 //     re-normalisation run in float32 on these similarities, and w is rounded to bfloat16 once;
 //   * y = w M uses that rounded w (as the CUDA kernel does), and the backward recovers the
 //     similarities from the bfloat16 w (or p) and the float32 lse;
-//   * dL/d<q, m> is rounded to bfloat16 for the products dS M and dS^T Q.
+//   * dL/d<q, m> is rounded to bfloat16 for the products dS M and dS^T Q;
+//   * the backward keeps the whole rows of dY that it gathers for G for the product w^T dY
+//     (a row block x D buffer) instead of gathering dY a second time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
-
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <bit>
@@ -138,8 +139,7 @@ struct Chunk {
   }
 };
 
-// v in acc_t<T>. A bfloat16 is the upper half of a float's bits: widened by a shift, which
-// vectorises (c10's conversion, through memcpy, does not in GCC's loops).
+// v in acc_t<T>. A bfloat16 is the upper half of a float's bits: widened by a shift.
 template <typename T>
 inline acc_t<T> widen(T v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -150,7 +150,7 @@ inline acc_t<T> widen(T v) {
 }
 
 // v rounded to T (to nearest even; NaN stays NaN), by the same bit operations as c10's
-// conversion but with a select for NaN instead of a branch, so that loops of it vectorise.
+// conversion, with a select for NaN instead of a branch (no branch per value in the loops).
 template <typename T>
 inline T narrow(acc_t<T> v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
