@@ -371,6 +371,23 @@ def test_zero_block(similarity):
     assert torch.isfinite(xg.grad[0, :, 4:]).all() and torch.isfinite(xg.grad[1]).all()
 
 
+def test_bfloat16_zero_block_and_item_stay_finite():
+    """The 1e-12 floors are applied in float32: an all-zero block, a zero memory item and a MemAE
+    row with nothing kept give finite values and gradients in bfloat16, not NaN."""
+    x, memory = torch.randn(2, 4, 4, 4), torch.randn(6, 16)
+    x[0, :, :2, :2] = 0
+    memory[2] = 0
+    for shrink, threshold in (("hard", None), ("memae", None), ("memae", 1.0), ("none", None)):
+        xb = x.bfloat16().requires_grad_()
+        mb = memory.bfloat16().requires_grad_()
+        y, w = block_memory(xb, mb, (2, 2, 1), shrink=shrink, threshold=threshold, backend="cpu")
+        (y.float().sum() + w.float().sum()).backward()
+        for t in (y, w, xb.grad, mb.grad):
+            assert torch.isfinite(t).all(), (shrink, threshold)
+        if threshold == 1.0:
+            assert (w == 0).all()  # nothing passes a threshold of 1: zero rows
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_backward(dtype):
     division = (8, 8, 1)
