@@ -26,7 +26,7 @@ HAS_EXTENSION = _C is not None
 FORWARD = "daad_ext::block_memory_forward"
 BACKWARD = "daad_ext::block_memory_backward"
 #: dtypes each device's C++ kernel accepts.
-SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
+SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 #: Device types the extension was built with a kernel for (it says so itself); a constant, so that
 #: torch.compile traces the backend choice as one.
