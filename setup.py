@@ -8,8 +8,8 @@ found (``CUDA_HOME``), unless ``DAAD_EXT_NO_CUDA=1``. Without a visible GPU, the
 architectures default to ``TORCH_CUDA_ARCH_LIST=9.0`` (Hopper); set it for other GPUs.
 What the build used is written to ``daad_ext/_build_info.py`` (``python -m daad_ext`` shows it).
 The detector's source folder ``models/`` installs as the package ``daad_models`` (``models`` is
-too common a name to claim), with the commands daad-train, daad-evaluate, daad-predict and
-daad-export.
+too common a name to claim), with the commands daad-train, daad-evaluate, daad-predict,
+daad-export and daad-reproduce.
 """
 import glob
 import os
@@ -63,7 +63,8 @@ setup(
     name="daad_ext",
     version="0.1.0",
     description="Block-wise memory of DAAD (Hou et al., ICCV 2021) with fused CPU, Triton and CUDA kernels",
-    packages=find_packages(include=["daad_ext", "daad_ext.*"]) + ["daad_models", "daad_models.study"],
+    packages=(find_packages(include=["daad_ext", "daad_ext.*"])
+              + ["daad_models"] + [f"daad_models.{name}" for name in find_packages("models")]),
     package_dir={"daad_models": "models"},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
@@ -71,7 +72,7 @@ setup(
                     "onnx": ["onnx", "onnxscript"],
                     "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
-                                      for command in ("train", "evaluate", "predict", "export")]},
+                                      for command in ("train", "evaluate", "predict", "export", "reproduce")]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -1,11 +1,15 @@
 """models: the DAAD detector (Hou et al., ICCV 2021) and its baselines, built on ``daad_ext``.
 
-Plain networks (:mod:`models.networks`), configured by :mod:`models.config`; the training step
-(:mod:`models.trainer`), losses (:mod:`models.losses`), scores and metrics (:mod:`models.scoring`,
-:mod:`models.inference`), data (:mod:`models.data`; image files: :mod:`models.images`),
-checkpoints (:mod:`models.checkpoint`), the command lines ``python -m models.train`` /
-``models.evaluate`` / ``models.predict``, and the reproduction study (``python -m models.reproduce``,
-:mod:`models.study`).
+Rooms by job, each importing only from the rooms before it:
+
+* :mod:`models.data`: the data layouts (one module each) and image files;
+* :mod:`models.networks`: the plain networks, their settings and losses;
+* :mod:`models.training`: the run's settings, the training step and loop, checkpoints;
+* :mod:`models.inference`: the one scorer, metrics, evaluation, prediction, the exported graph;
+* :mod:`models.study`: the reproduction study;
+* the commands, thin layers over those: ``python -m models.train`` / ``evaluate`` / ``predict`` /
+  ``export`` / ``reproduce`` (installed as ``daad-train`` ...).
+
 See docs/MODELS.md.
 
 Example:
@@ -15,7 +19,10 @@ Example:
     >>> net.score(torch.zeros(1, 3, 32, 32)).rec.shape
     torch.Size([1])
 """
-from .config import MODEL_NAMES, ModelConfig, TrainConfig
-from .networks import AnomalyDetector, Discriminator, Generator
+from .data import build_dataset
+from .inference import Scorer, collect_scores, compute_metrics
+from .networks import MODEL_NAMES, AnomalyDetector, Discriminator, Generator, MeanImage, ModelConfig
+from .training import TrainConfig, Trainer, load_detector
 
-__all__ = ["MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "ModelConfig", "TrainConfig"]
+__all__ = ["MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "MeanImage", "ModelConfig", "Scorer",
+           "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "load_detector"]

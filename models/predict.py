@@ -12,72 +12,42 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
-
-from .data import load_image
-from .distributed import resolve_device
-from .inference import load_detector
-from .plots import save_heatmap
-from .scoring import IMAGE_SCORES, default_sigma, fuse_scores, image_scores
+from .cli import add_image_score_option, command_parser, program
+from .data.images import add_pixel_limit_option, set_pixel_limit
+from .inference import DEFAULT_IMAGE_SCORE, Scorer
+from .inference.prediction import predict_images
+from .training import load_detector
+from .training.distributed import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m models.predict", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint.pt written by models.train")
+    p = command_parser(__doc__, __package__, "predict")
+    p.add_argument("checkpoint", help=f"checkpoint.pt written by {program(__package__, 'train')}")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to score")
     p.add_argument("--out", default="predictions", help="folder for the heat maps (default: predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
-    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
-                   help="R: mean of the anomaly map (the paper) or max of the smoothed map (anomalib) (default: mean)")
+    add_pixel_limit_option(p)
+    add_image_score_option(p)
     return p
 
 
 def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "auto",
-            image_score: str = "mean") -> list[dict]:
+            image_score: str = DEFAULT_IMAGE_SCORE) -> list[dict]:
     """Scores of ``images``; writes ``<out>/<stem>_heatmap.png`` for each. With ``image_score``
     "max", R is the maximum of the map smoothed by the default sigma (scaled by its range on
     the training images too)."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
-    calib = state.get("calibration")
-    if calib is None:
-        raise ValueError(f"{checkpoint} has no calibration (its training did not finish): "
-                         "resume it to the end, or use models.evaluate on a test set")
-    os.makedirs(out, exist_ok=True)
-    gamma = config.fusion_gamma
-    results = []
-    for path in images:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image not found: {path}")
-        x = load_image(path, config.model.in_channels, config.model.size)
-        s = model.score(x[None].to(dev), config.ali_loss)
-        rec = s.rec.cpu().numpy()
-        feat = s.feat.cpu().numpy() if s.feat is not None else None
-        r, r_range = rec, (calib["rec_min"], calib["rec_max"])
-        if image_score == "max":
-            if "max_min" not in calib:
-                raise ValueError(f"{checkpoint} has no calibration of the max score (trained before it existed): "
-                                 "use --image-score mean")
-            r = image_scores(s.error_map.cpu().numpy(), "max", default_sigma(config.model.size))
-            r_range = (calib["max_min"], calib["max_max"])
-        score = fuse_scores(r, feat, gamma, r_range,
-                            (calib["feat_min"], calib["feat_max"]) if feat is not None else None)
-        heatmap = os.path.join(out, f"{Path(path).stem}_heatmap.png")
-        save_heatmap(x, s.reconstruction[0], s.error_map[0].cpu().numpy(), calib["map_max"], heatmap,
-                     f"{Path(path).name}: score {score[0]:.3f}")
-        results.append({"image": path, "score": float(score[0]), "rec": float(rec[0]),
-                        "feat": None if feat is None else float(feat[0]), "heatmap": heatmap})
-    return results
+    scorer = Scorer.calibrated(config, state, checkpoint, image_score)
+    return predict_images(model, scorer, images, out, dev, config.model.in_channels, config.model.size)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_pixel_limit(getattr(args, "max_pixels", None))
     try:
         results = predict(args.checkpoint, args.images, args.out, args.device, args.image_score)
     except (ValueError, OSError) as e:  # OSError: missing or unreadable images

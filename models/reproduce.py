@@ -5,7 +5,7 @@ Runs, each for several seeds, with the ``models`` pipeline (fused CPU kernel whe
 * ablation (paper Table 3) on the MVTec AD hazelnut subset: AE, MemAE, AE+Skip, DAAD, DAAD+;
 * block sizes (Table 4, Figure 5): DAAD with every division rate the input size allows;
 * adversarial scores (Table 5): DAAD+ scored by R only, by L only, and by the fused score;
-* DAAD+ under each reading of its losses (:data:`models.config.LOSS_READINGS`);
+* DAAD+ under each reading of its losses (:data:`models.training.LOSS_READINGS`);
 * MNIST one-class on the real test set (index split, see :mod:`models.data`): DAAD per digit;
 * ``--setting tile``: the same ablation, block sizes and scores on the magnetic tile
   (``DATA_ROOT/magnetic_tile``: half of MT_Free trains, the other half and every defect test).
@@ -25,11 +25,11 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli import command_parser
 from .data import DATA_ROOT_ENV, data_root
 from .study.plan import SETTINGS
 from .study.run import run_study
@@ -43,9 +43,7 @@ NEEDS = {"full": ("mvtec", "mnist"), "quick": ("mvtec", "mnist"), "tile": ("tile
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m models.reproduce", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(__doc__, __package__, "reproduce")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="full",
                    help="which study (default: full; see models/study/plan.py)")
     p.add_argument("--quick", action="store_true", help="the reduced study (under 10 minutes): --setting quick")

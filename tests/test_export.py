@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from daad_ext import BlockMemory, available_backends
+from daad_ext import BlockMemory, available_backends, block_memory_ref
 from daad_ext.export import decompose, forward_decomposition
 from daad_ext.spec import check_options
 
@@ -36,6 +36,22 @@ def test_decomposition_matches_the_fused_op(similarity, shrink):
         torch.testing.assert_close(g, e, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decomposition_computes_half_inputs_as_the_reference_does(dtype):
+    """float16/bfloat16 through the reference's own upcast: computed in float32 and rounded once,
+    the same bits as the reference (an all-zero block included, which in half precision would
+    turn the norm floors into 0 and the weights into NaN)."""
+    division, n = (2, 2, 1), 16
+    x, memory = tie_free_inputs((2, 4, 8, 8), n, division, "cosine", "memae", dtype=dtype)
+    x[1, :, :4, :4] = 0
+    y, w, probs, row_stats, item_norms = forward_decomposition(
+        x, memory, *division, "cosine", "memae", 1 / n, 1.0)
+    y_ref, w_ref = block_memory_ref(x, memory, division, "cosine", "memae")
+    assert torch.equal(y, y_ref) and torch.equal(w, w_ref)
+    assert y.dtype == w.dtype == probs.dtype == dtype and torch.isfinite(w).all()
+    assert row_stats.dtype == item_norms.dtype == torch.float32
+
+
 @fused
 def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_kernel():
     layer = BlockMemory(4, 8, 8, num_items=16, division=(2, 2, 1)).eval()
@@ -60,7 +76,7 @@ def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_ker
 def trained(tmp_path_factory):
     """A daad+ checkpoint trained for one epoch on the hazelnut subset, and its test images."""
     from models import train
-    from models.data import config_dataset, data_root
+    from models.data import data_root
 
     hazelnut = data_root() / "mvtec_hazelnut_subset"
     if not hazelnut.is_dir():
@@ -69,26 +85,24 @@ def trained(tmp_path_factory):
     trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
                           "--division", "2", "2", "1", "--num-items", "20", "--batch", "8",
                           "--device", "cpu", "--model", "daad+", "--epochs", "1", "--out", str(out)])
-    test_set = config_dataset(trainer.config, "test")
+    test_set = trainer.config.dataset_split("test")
     images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
     return out / "checkpoint.pt", images, np.array(test_set.labels)
 
 
-def pytorch_scores(checkpoint, images):
+def pytorch_scores(checkpoint, images, image_score="max"):  # export's default image score
     """Maps and scores as models.predict computes them, in eager PyTorch with the fused kernels."""
-    from models.inference import load_detector
-    from models.scoring import fuse_scores
+    from models.inference import Scorer
+    from models.training import load_detector
 
     model, config, state = load_detector(str(checkpoint), torch.device("cpu"))
-    c = state["calibration"]
+    scorer = Scorer.calibrated(config, state, str(checkpoint), image_score)
     s = model.score(images, config.ali_loss)
-    score = fuse_scores(s.rec.numpy(), s.feat.numpy(), config.fusion_gamma, (c["rec_min"], c["rec_max"]),
-                        (c["feat_min"], c["feat_max"]))
-    return s.error_map.numpy(), score
+    return s.error_map.numpy(), scorer.score(s.error_map.numpy(), s.feat.numpy())
 
 
 def check_against_pytorch(maps, scores, checkpoint, images, labels):
-    from models.scoring import image_auroc
+    from models.inference.metrics import image_auroc
 
     ref_maps, ref_scores = pytorch_scores(checkpoint, images)
     np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-4)
@@ -128,7 +142,7 @@ def test_export_onnx_runs_in_onnx_runtime(trained, tmp_path):
 
 def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
     from models import export
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.training import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(trained[0])
     state["calibration"] = None
@@ -136,3 +150,31 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(tmp_path / "unfinished.pt"), "--format", "pt2", "--out", str(tmp_path)])
     assert "no calibration" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("image_score", ["mean", "max"])
+def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
+    """The one scorer behind every path: ``predict`` (NumPy on single images), the exported graph
+    (torch), and ``evaluate``, whose image AUROC is that of the per-image scores it writes."""
+    from models import evaluate, export, predict
+    from models.data import data_root, load_image
+    from models.inference.metrics import image_auroc
+
+    checkpoint, _, _ = trained
+    root = data_root() / "mvtec_hazelnut_subset"
+    files = sorted(str(p) for p in (root / "test" / "colour").iterdir())[:3]
+    predicted = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score)
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path / "graph"),
+                        "--image-score", image_score])
+    assert json.loads((tmp_path / "graph" / "detector.json").read_text())["image_score"] == image_score
+    batch = torch.stack([load_image(f, 3, 32) for f in files])
+    _, graph_scores = torch.export.load(path).module()(batch)
+    np.testing.assert_allclose(graph_scores.detach().numpy(), [r["score"] for r in predicted], rtol=0, atol=1e-5)
+    _, reference = pytorch_scores(checkpoint, batch, image_score)
+    np.testing.assert_allclose([r["score"] for r in predicted], reference, rtol=0, atol=1e-6)
+    result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
+                            "--image-score", image_score, "--num-heatmaps", "0"])
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["image_auroc"] == result["image_auroc"] == image_auroc(
+        [i["label"] for i in written["images"]], [i["score"] for i in written["images"]])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models.metrics import aupro, auroc_per_defect, best_f1, pro_curve
+from models.inference.metrics import aupro, auroc_per_defect, best_f1, pro_curve
 
 
 def two_images(scores_a: dict, scores_b: dict, normal: float, shape=(4, 4)):

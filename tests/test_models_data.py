@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import MNIST_IDX_SPLIT, DataWarning, FolderSpec, build_dataset, data_root, load_image, read_idx
-from models.images import BadImageError
+from models.data import BadImageError, DataWarning, build_dataset, data_root, load_image
+from models.data.mnist import MNIST_IDX_SPLIT, read_idx
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -260,10 +260,10 @@ def test_folder_data_set_given_by_its_folders(tmp_path):
     _gray(tmp_path / "bad_b" / "b0.png", 200)
     _gray(tmp_path / "bad_b" / "b0_mask.png", 255)  # mask beside, MVTec's suffix
     _gray(tmp_path / "bad_b" / "b1.png", 200)        # no mask: a warning, left out of pixel AUROC
-    spec = FolderSpec("good", ("bad_a", "bad_b"), None, train_ratio=0.7)
-    train = build_dataset("folder", str(tmp_path), "train", 16, folders=spec)
+    spec = dict(normal_dir="good", abnormal_dirs=("bad_a", "bad_b"), train_ratio=0.7)
+    train = build_dataset("folder", str(tmp_path), "train", 16, **spec)
     with pytest.warns(DataWarning, match="b1.png"):
-        test = build_dataset("folder", str(tmp_path), "test", 16, folders=spec)
+        test = build_dataset("folder", str(tmp_path), "test", 16, **spec)
     names = lambda data: [Path(n).name for n in data.names]
     assert len(train) == 7 and set(names(train)) | set(names(test)[:3]) == {f"n{i}.jpg" for i in range(10)}
     assert names(test)[3:] == ["a0.jpg", "b0.png", "b1.png"] and test.labels == [0, 0, 0, 1, 1, 1]
@@ -271,16 +271,16 @@ def test_folder_data_set_given_by_its_folders(tmp_path):
     assert test[3]["mask"].min() == 1 and test[0]["mask"].max() == 0
     # The split is fixed: the same every time, whatever the run's seed.
     torch.manual_seed(123)
-    assert names(build_dataset("folder", str(tmp_path), "train", 16, folders=spec)) == names(train)
+    assert names(build_dataset("folder", str(tmp_path), "train", 16, **spec)) == names(train)
     # Masks in their own folder, matched by stem.
     _gray(tmp_path / "masks" / "a0_mask.png", 255)
     _gray(tmp_path / "masks" / "b1.png", 255)
     with pytest.warns(DataWarning, match="b0.png"):
         own = build_dataset("folder", str(tmp_path), "test", 16,
-                            folders=FolderSpec("good", ("bad_a", "bad_b"), "masks", 0.7))
+                            **spec, mask_dir="masks")
     assert own.mask_known == [True, True, True, True, False, True]
     with pytest.raises(ValueError, match="leaves no normal image"):
-        build_dataset("folder", str(tmp_path), "train", 16, folders=FolderSpec("good", (), None, 0.01))
+        build_dataset("folder", str(tmp_path), "train", 16, normal_dir="good", train_ratio=0.01)
 
 
 def test_magnetic_tile_as_a_folder_data_set():
@@ -288,11 +288,87 @@ def test_magnetic_tile_as_a_folder_data_set():
     if not root.is_dir():
         pytest.skip(f"real data absent: {root}")
     defects = tuple(f"MT_{k}/Imgs" for k in ("Blowhole", "Break", "Crack", "Fray", "Uneven"))
-    spec = FolderSpec("MT_Free/Imgs", defects, None, train_ratio=0.5)
-    train = build_dataset("folder", str(root), "train", 64, folders=spec)
-    test = build_dataset("folder", str(root), "test", 64, folders=spec)
+    spec = dict(normal_dir="MT_Free/Imgs", abnormal_dirs=defects, train_ratio=0.5)
+    train = build_dataset("folder", str(root), "train", 64, **spec)
+    test = build_dataset("folder", str(root), "test", 64, **spec)
     assert len(train) == 476 and len(test) == 476 + 392 and sum(test.labels) == 392
     assert all(test.mask_known) and not set(train.names) & set(test.names)
     assert all(n.endswith(".jpg") for n in train.names + test.names)
     item = test[len(test) - 1]
     assert item["label"] == 1 and item["mask"].sum() > 0 and item["image"].shape == (3, 64, 64)
+
+
+#: A whole new data layout: this text is all that adding one takes (as models/data/<name>.py,
+#: imported by models/data/__init__.py); the test imports it from a file of its own.
+STRIPES_LAYOUT = '''
+from dataclasses import dataclass
+
+import torch
+
+from models.data import Layout, OneClassDataset, option, register
+
+
+@dataclass(frozen=True)
+class StripesOptions:
+    period: int = option(4, "stripe period in pixels of the normal images")
+
+
+def stripes(root, split, size, options, augment, skip_bad_images):
+    """Normal: vertical stripes; anomalous (test only): the same with a white square."""
+    x = torch.arange(28) % options.period < options.period // 2
+    images = (x.expand(8, 1, 28, 28) * 255).to(torch.uint8).clone()
+    labels = [0] * 8
+    if split == "test":
+        images[4:, :, 10:18, 10:18] = 255
+        labels = [0] * 4 + [1] * 4
+    return OneClassDataset([f"stripes-{split}-{i}" for i in range(8)], labels, 1, size,
+                           arrays=images, augment=augment)
+
+
+register(Layout("stripes", channels=1, options=StripesOptions, build=stripes, summary="synthetic stripes"))
+'''
+
+
+def test_a_new_layout_is_one_module(tmp_path, capsys):
+    import importlib.util
+
+    from models import train
+    from models.data import LAYOUTS
+    from models.training import load_checkpoint
+
+    path = tmp_path / "stripes.py"
+    path.write_text(STRIPES_LAYOUT)
+    spec = importlib.util.spec_from_file_location("stripes_layout", path)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        out = tmp_path / "run"
+        train.main(["--dataset", "stripes", "--period", "6", "--root", str(tmp_path), "--model", "ae",
+                    "--size", "32", "--width", "4", "--batch", "4", "--epochs", "1", "--eval-every", "1",
+                    "--device", "cpu", "--out", str(out)])
+        config = load_checkpoint(out / "checkpoint.pt")["config"]
+        assert config["dataset"] == "stripes" and config["data"] == {"period": 6}
+        assert config["model"]["in_channels"] == 1
+        with pytest.raises(SystemExit):  # another layout's option is refused, by name
+            train.main(["--dataset", "stripes", "--normal-class", "3", "--root", str(tmp_path),
+                        "--out", str(tmp_path / "bad")])
+        assert "--normal-class does not apply to the stripes data layout (its options: --period)" in \
+            capsys.readouterr().err
+    finally:
+        LAYOUTS.pop("stripes", None)
+
+
+def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path, monkeypatch):
+    from models.data import images
+
+    big = tmp_path / "train" / "huge.png"
+    big.parent.mkdir()
+    Image.new("L", (12000, 12000)).save(big)  # a few kilobytes of PNG, 144 megapixels
+    _gray(tmp_path / "train" / "small.png", 10)
+    with pytest.raises(BadImageError, match=r"huge.png: 12000x12000 is 144.0 megapixels, over the limit of 64 "
+                                            r"\(--max-pixels\)"):
+        build_dataset("folder", str(tmp_path), "train", 16)
+    monkeypatch.setattr(images, "PIXEL_LIMIT", images.PIXEL_LIMIT)  # restored after the test
+    images.set_pixel_limit(200_000_000)
+    assert len(build_dataset("folder", str(tmp_path), "train", 16)) == 2  # raised: read (PIL's own limit too)
+    with pytest.raises(ValueError, match="pixel limit must be >= 1"):
+        images.set_pixel_limit(0)

@@ -9,9 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from models import train
-from models.checkpoint import load_checkpoint
-from models.config import TrainConfig
-from models.trainer import Trainer
+from models.training import TrainConfig, Trainer, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
-"""models/: the readings of the DAAD+ losses, the score L(x) that follows them, the
+"""models/networks/losses.py: the losses against hand-computed values, the readings of the DAAD+ losses, the score L(x) that follows them, the
 discriminator's re-initialisation and the training diagnostics (accuracy, gradient shares)."""
 from __future__ import annotations
 
@@ -8,13 +8,27 @@ import pytest
 import torch
 
 from models import train
-from models.config import DEFAULT_READING, LOSS_READINGS, ModelConfig, TrainConfig
-from models.losses import (alignment_loss, discriminator_accuracy, feature_distance, generator_loss,
-                           LossWeights, reconstruction_loss)
-from models.networks import AnomalyDetector
-from models.trainer import Trainer
+from models.networks import AnomalyDetector, ModelConfig
+from models.networks.losses import (LossWeights, alignment_loss, discriminator_accuracy, discriminator_loss,
+                                    entropy_loss, feature_distance, generator_loss, reconstruction_loss)
+from models.training import DEFAULT_READING, LOSS_READINGS, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_losses_against_hand_computed_values():
+    x, x_hat = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.5)
+    f_real, f_fake = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    assert alignment_loss(f_real, f_fake).item() == pytest.approx((1 + 4 + 9) / 2)
+    logit_fake = torch.zeros(2)  # D(x_hat) = 0.5: BCE = log 2
+    total, parts = generator_loss(x, x_hat, LossWeights(), logit_fake=logit_fake,
+                                  feature_real=f_real, feature_fake=f_fake)
+    assert parts["rec"].item() == pytest.approx(0.25) and parts["adv"].item() == pytest.approx(math.log(2))
+    assert total.item() == pytest.approx(50 * 0.25 + 0.5 * math.log(2) + 0.5 * 7)
+    assert discriminator_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() == pytest.approx(0, abs=1e-6)
+    w = torch.tensor([[[0.5, 0.5, 0.0]]])
+    assert entropy_loss([w, w]).item() == pytest.approx(2 * math.log(2))
+
 
 X, X_HAT = torch.zeros(2, 1, 2, 2), torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0]).reshape(2, 1, 2, 2)
 F_REAL, F_FAKE = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 4.0]])

@@ -7,9 +7,8 @@ import importlib
 import pytest
 import torch
 
-from models.config import MODEL_NAMES, ModelConfig, TrainConfig, check_size, parse_model
-from models.networks import AnomalyDetector, Discriminator
-from models.trainer import DivergenceError, Trainer
+from models.networks import MODEL_NAMES, AnomalyDetector, Discriminator, ModelConfig, check_size, parse_model
+from models.training import DivergenceError, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,11 +126,13 @@ def test_valid_sizes():
         ModelConfig(model="daad", backend="fast")
 
 
-@pytest.mark.parametrize("module", ["models", "models.config", "models.networks", "models.trainer",
-                                    "models.losses", "models.scoring", "models.inference",
-                                    "models.checkpoint", "models.distributed", "models.plots",
-                                    "models.images", "models.atomic", "models.study.plan",
-                                    "models.study.baseline"])
+@pytest.mark.parametrize("module", [
+    "models", "models.data", "models.data.images", "models.data.registry", "models.networks.baseline",
+    "models.networks.config", "models.networks.detector", "models.networks.discriminator",
+    "models.networks.generator", "models.networks.losses", "models.training.amp", "models.training.atomic",
+    "models.training.checkpoint", "models.training.config", "models.training.distributed",
+    "models.training.trainer", "models.inference.metrics", "models.inference.plots", "models.inference.scorer",
+    "models.inference.scores", "models.study.plan"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

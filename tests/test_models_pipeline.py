@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models import evaluate, predict, train
-from models.checkpoint import load_checkpoint
 from models.data import DataWarning
+from models.training import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,7 +52,7 @@ def test_train_evaluate_predict(hazelnut, tiny, tmp_path, capsys):
     assert {"score", "rec", "feat", "label", "name"} <= set(metrics["images"][0])
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
     heatmaps = sorted(p.name for p in (tmp_path / "eval" / "heatmaps").iterdir())
-    assert len(heatmaps) == 4 and sum("anomalous" in n for n in heatmaps) == 2
+    assert len(heatmaps) == 4 and sum("_anomalous_colour_" in n for n in heatmaps) == 2  # the defect type
     peak = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval-max"),
                           "--num-heatmaps", "0", "--device", "cpu", "--image-score", "max", "--smooth-maps"])
     assert peak["image_score"] == "max" and peak["sigma"] == 0.5 and peak["pixel_smoothed"]  # 4 * 32 / 256
@@ -135,6 +135,7 @@ def test_bad_images_stop_before_training_or_are_skipped(hazelnut, tiny, tmp_path
     assert not (tmp_path / "run").exists()  # stopped before anything was written
     with pytest.warns(DataWarning) as caught:
         trainer = train.main(flags + ["--eval-every", "1", "--skip-bad-images", "--out", str(tmp_path / "run")])
+    caught = [w for w in caught if issubclass(w.category, DataWarning)]  # not the untrained warning
     assert ["00.jpg" in str(w.message) for w in caught] == [True, False]  # the training set's
     assert ["04.jpg" in str(w.message) for w in caught] == [False, True]  # the test set's, at evaluation
     assert trainer.epoch == 1
@@ -143,3 +144,66 @@ def test_bad_images_stop_before_training_or_are_skipped(hazelnut, tiny, tmp_path
     with pytest.warns(DataWarning, match="04.jpg"):
         result = evaluate.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "eval"), "--skip-bad-images"])
     assert result["num_images"] == 22
+
+
+def test_resume_from_weights_that_cannot_be_used_ends_with_a_message(tiny, tmp_path, capsys):
+    from models.training import save_checkpoint
+
+    out = tmp_path / "run"
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(out)])
+    checkpoint = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    state.pop("format")
+    name = next(iter(state["generator"]))
+    nan = torch.full_like(state["generator"][name], math.nan)
+    capsys.readouterr()
+    cases = {"non-finite (NaN or infinite) generator weights": {**state["generator"], name: nan},
+             "lacks the generator state": {},
+             "do not fit its generator state": {**state["generator"], name: torch.zeros(3)}}
+    for expected, weights in cases.items():
+        save_checkpoint({**state, "generator": weights}, tmp_path / "bad.pt")
+        message = error_of(train, ["--resume", str(tmp_path / "bad.pt"), "--epochs", "2", "--out", str(out)],
+                           capsys, code=1)
+        assert expected in message and str(tmp_path / "bad.pt") in message and "Traceback" not in message
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+    done = train.main(["--resume", "--epochs", "1", "--out", str(out)])  # nothing left to train: said
+    assert done.epoch == 1 and "has trained 1 epochs already and its stopping rule is met (epochs): nothing to " \
+        "train" in capsys.readouterr().out
+    assert "epochs and batch must be >= 1, got 0" in error_of(train, tiny + ["--epochs", "0", "--out", str(out)], capsys)
+
+
+def test_a_save_that_hits_a_file_size_limit_keeps_the_checkpoint_and_says_why(tiny, tmp_path):
+    """A file-size limit (as a full disk) during the save: one message naming the file and the
+    cause, no traceback, and the previous checkpoint intact and resumable."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(out)])
+    checkpoint = out / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    done = subprocess.run([sys.executable, "-m", "models.train", "--resume", "--epochs", "2", "--out", str(out),
+                           "--device", "cpu"], preexec_fn=limited, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr
+    assert f"cannot write {checkpoint}: File too large; the previous file is kept as it was" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert checkpoint.read_bytes() == before and load_checkpoint(checkpoint)["epoch"] == 1
+
+
+def test_commands_name_themselves_as_the_user_runs_them():
+    from models import cli
+
+    assert cli.program("models", "train") == "python -m models.train"
+    assert cli.program("daad_models", "train") == "daad-train"
+    for module in (train, evaluate, predict):
+        installed = cli.command_parser(module.__doc__, "daad_models", module.__name__.rsplit(".", 1)[1])
+        assert installed.prog.startswith("daad-") and "python -m models" not in installed.format_help()
+    assert train.build_parser().prog == "python -m models.train"  # from the checkout

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from models import reproduce
-from models.atomic import write_json
+from models.networks import MeanImage
+from models.training.atomic import write_json
 from models.study.aggregate import defect_type_aurocs, select
-from models.study.baseline import MeanImage
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import defect_types, execute, portable_command, run_config, run_study, save_arrays
-from models.study.tables import build_tables, compare, mnist_claims, mnist_table, near_chance
+from models.study.claims import compare, mnist_claims, near_chance
+from models.study.tables import build_tables, mnist_table
 
 
 def test_plan_covers_every_cell_once():
@@ -199,7 +200,7 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
                 "pixel_auroc", "pixel_auroc_smoothed"):
         assert 0 <= metrics[key] <= 1, key
     assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
-    assert '{"epoch": 1, "rec": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+    assert '{"epoch": 1, "step": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
 
 
 def test_a_study_at_chance_says_so():

@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_READING
-from ..scoring import image_auroc
+from ..inference.metrics import image_auroc
+from ..training import DEFAULT_READING
 from .plan import (ABLATION, BASELINE, Run, Setting, ablation_division, block_divisions, default_division,
                    mnist_cells)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ..plots import plt, save_figure
-from ..scoring import fuse_scores
+from ..inference import Scorer
+from ..inference.plots import plt, save_figure
 from .aggregate import load_arrays, metric
 from .plan import Setting
 
@@ -52,7 +52,7 @@ def draw_score_distributions(s: dict[str, Any], path: str) -> None:
         r = s["ablation"][m][0]
         arrays = load_arrays(r)
         labels = arrays["labels"]
-        score = fuse_scores(arrays["rec"], arrays.get("feat"), r["metrics"]["gamma"])
+        score = Scorer(gamma=r["metrics"]["gamma"]).fuse(arrays["rec"], arrays.get("feat"))
         bins = np.linspace(0, 1, 21)
         ax.hist(score[labels == 0], bins=bins, alpha=0.6, label="normal")
         ax.hist(score[labels == 1], bins=bins, alpha=0.6, label="anomalous")

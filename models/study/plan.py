@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DEFAULT_READING
+from ..training import DEFAULT_READING
 
 ABLATION = ("ae", "memae", "ae+skip", "daad", "daad+")
-#: The detector that learns nothing (:mod:`models.study.baseline`): every model must beat it.
+#: The detector that learns nothing (:class:`models.networks.MeanImage`): every model must beat it.
 BASELINE = "mean-image"
 
 
@@ -33,7 +33,7 @@ class Setting:
 
     ``dataset`` is the data set of the ablation and block-size study: ``mvtec`` (the hazelnut
     subset) or ``tile`` (the magnetic tile, split at ``train_ratio``). ``readings`` are the DAAD+
-    loss readings compared (:data:`models.config.LOSS_READINGS`).
+    loss readings compared (:data:`models.training.LOSS_READINGS`).
     """
 
     size: int
@@ -80,7 +80,7 @@ class Run:
     division: int         # rh = rw; rc = 1
     seed: int
     normal_class: int = 0
-    #: Loss reading of a "+" variant (:data:`models.config.LOSS_READINGS`); "" for the others.
+    #: Loss reading of a "+" variant (:data:`models.training.LOSS_READINGS`); "" for the others.
     reading: str = ""
     #: Adam's learning rate; 0 is the model's default (``TrainConfig.learning_rate``).
     lr: float = 0.0

@@ -25,14 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, write_json
-from ..config import LOSS_READINGS, ModelConfig, TrainConfig
-from ..data import config_dataset, dataset_channels
-from ..distributed import DistContext
-from ..inference import ScoreSet, collect_scores, compute_metrics
-from ..scoring import default_sigma, fuse_scores, image_auroc, image_scores, pixel_auroc, smooth_maps
-from ..train import train
-from .baseline import MeanImage
+from ..data import layout
+from ..inference import RunScoring, Scorer, collect_scores, compute_metrics
+from ..networks import MeanImage, ModelConfig
+from ..training import LOSS_READINGS, TrainConfig, train
+from ..training.atomic import atomic_write, write_json
+from ..training.distributed import DistContext
 from .plan import BASELINE, SETTINGS, Run, Setting, plan
 
 #: The magnetic tile below its root: normal images, and one folder per defect type (masks beside).
@@ -45,30 +43,17 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
     mnist = run.dataset == "mnist"
     dataset = {"mvtec": "mvtec", "mnist": "mnist", "tile": "folder"}[run.dataset]
     name = "ae" if run.model == BASELINE else run.model  # the baseline trains nothing; it reads data as the AE
-    model = ModelConfig(model=name, in_channels=dataset_channels(dataset),
+    model = ModelConfig(model=name, in_channels=layout(dataset).channels,
                         size=setting.mnist_size if mnist else setting.size,
                         width=setting.mnist_width if mnist else setting.width,
                         division=(run.division, run.division, 1), num_items=setting.num_items)
     extra: dict[str, Any] = dict(LOSS_READINGS[run.reading]) if run.reading else {}
+    data: dict[str, Any] = {"normal_class": run.normal_class} if mnist else {}
     if run.dataset == "tile":
-        extra.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
-    return TrainConfig(dataset=dataset, root=roots[run.dataset], normal_class=run.normal_class,
-                       model=model, epochs=setting.mnist_epochs if mnist else setting.epochs,
-                       seed=run.seed, lr=run.lr or None, **extra)
-
-
-def score_metrics(scores: ScoreSet, gamma: float, size: int) -> dict[str, Any]:
-    """Every metric the tables use: the fused score with R as the mean (the paper) and as the
-    smoothed maximum (anomalib), each score alone, pixel AUROC of raw and smoothed maps."""
-    sigma = default_sigma(size)
-    metrics = compute_metrics(scores, gamma, "mean", sigma)
-    if scores.feat is not None:
-        peak = image_scores(scores.maps, "max", sigma)
-        metrics["image_auroc_fused_max"] = image_auroc(scores.labels, fuse_scores(peak, scores.feat, gamma))
-    known = scores.mask_known
-    if metrics["pixel_auroc"] is not None:
-        metrics["pixel_auroc_smoothed"] = pixel_auroc(scores.masks[known], smooth_maps(scores.maps[known], sigma))
-    return metrics
+        data.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
+    return TrainConfig(dataset=dataset, root=roots[run.dataset], data=data, model=model,
+                       epochs=setting.mnist_epochs if mnist else setting.epochs, seed=run.seed, lr=run.lr or None,
+                       **extra)
 
 
 def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[list[str], np.ndarray]:
@@ -95,28 +80,29 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             tempfile.TemporaryDirectory() as tmp:
-        train_set = config_dataset(config, "train", augment=True)
+        train_set = config.dataset_split("train", augment=True)
         trained = run.model != BASELINE
         if not trained:
             model, history = MeanImage.fit(train_set.without_augmentation()), []
         else:
-            trainer = train(config, tmp, DistContext(0, 1, torch.device("cpu")), train_set)
+            cpu = DistContext(0, 1, torch.device("cpu"))
+            trainer = train(config, tmp, cpu, train_set, RunScoring(config, train_set, cpu.device))
             model, history = trainer.model, trainer.history
     train_s = time.perf_counter() - start
-    test_set = config_dataset(config, "test")
-    scores = collect_scores(model, test_set, torch.device("cpu"), ali_reduction=config.ali_loss)
-    metrics = score_metrics(scores, config.fusion_gamma, config.model.size)
-    arrays = {"labels": scores.labels.astype(np.int8), "rec": scores.rec.astype(np.float32),
-              "max": image_scores(scores.maps, "max", default_sigma(config.model.size)).astype(np.float32)}
+    test_set = config.dataset_split("test")
+    scorer = Scorer.for_run(config, "mean")  # the paper's reading in image_auroc; both Rs are reported
+    scores = collect_scores(model, test_set, torch.device("cpu"), scorer)
+    metrics, image = compute_metrics(scores, scorer)
+    arrays = {"labels": scores.labels.astype(np.int8), "rec": image.mean.astype(np.float32),
+              "max": image.max.astype(np.float32)}
     if scores.feat is not None:
         arrays["feat"] = scores.feat.astype(np.float32)
     types: dict[str, Any] = {}
     if run.dataset != "mnist":  # for the AUROC of each defect type
         types["defect_types"], arrays["defect_type"] = defect_types(test_set.names, scores.labels, config.root)
     # The training images' scores: what a score rule may learn from without seeing an anomaly.
-    train_scores = collect_scores(model, train_set.without_augmentation(), torch.device("cpu"),
-                                  ali_reduction=config.ali_loss)
-    arrays["train_rec"] = train_scores.rec.astype(np.float32)
+    train_scores = collect_scores(model, train_set.without_augmentation(), torch.device("cpu"), scorer)
+    arrays["train_rec"] = scorer.image_scores(train_scores.maps, None).mean.astype(np.float32)
     if train_scores.feat is not None:
         arrays["train_feat"] = train_scores.feat.astype(np.float32)
     figure = None

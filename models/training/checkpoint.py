@@ -1,8 +1,8 @@
 """Checkpoints: written atomically, verified by a checksum, loaded with ``torch.load(weights_only=True)``.
 
 A checkpoint is a dict of tensors and plain Python values: ``format``, ``config`` (a
-:meth:`~models.config.TrainConfig.to_dict`), ``epoch``, the state of the networks and optimizers,
-the per-epoch ``history``, after the last epoch the ``calibration`` used by :mod:`models.predict`,
+:meth:`~models.training.TrainConfig.to_dict`), ``epoch``, the state of the networks and optimizers,
+the per-epoch ``history``, after the last epoch the ``calibration`` of the scores (:mod:`models.inference.scorer`),
 and ``checksum``: a SHA-256 of everything else, computed when it is saved.
 
 Loading refuses, with a :class:`CheckpointError` naming the file: a file that is not a readable
@@ -11,12 +11,12 @@ settings do not fit its weights or that lacks a network's weights (:func:`load_i
 NaN or infinite weights (:func:`restore_networks`). A checkpoint written before checksums existed
 loads with a :class:`UnverifiedCheckpointWarning`.
 
-Saves go through :func:`~models.atomic.atomic_write`: a crash leaves the old file or the new one,
+Saves go through :func:`~models.training.atomic.atomic_write`: a crash leaves the old file or the new one,
 and the temporary files of killed earlier saves are removed.
 
 Example:
     >>> import os, tempfile, torch
-    >>> from models.checkpoint import load_checkpoint, save_checkpoint
+    >>> from models.training.checkpoint import load_checkpoint, save_checkpoint
     >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.pt")
     >>> save_checkpoint({"config": {}, "epoch": 1, "generator": {"w": torch.ones(2)}}, path)
     >>> load_checkpoint(path)["epoch"]
@@ -27,15 +27,13 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import torch
 
+from ..networks import AnomalyDetector
 from .atomic import PathLike, atomic_write
 from .config import TrainConfig
-
-if TYPE_CHECKING:
-    from .networks import AnomalyDetector
 
 FORMAT = "daad-models/1"
 REQUIRED_KEYS = ("config", "epoch", "generator")
@@ -133,7 +131,7 @@ def load_into(target: Any, state: dict[str, Any], key: str, source: str) -> None
                               "edited or the state comes from another run") from e
 
 
-def restore_networks(model: "AnomalyDetector", state: dict[str, Any], source: str) -> None:
+def restore_networks(model: AnomalyDetector, state: dict[str, Any], source: str) -> None:
     """Loads a checkpoint's generator and (where ``model`` has one) discriminator weights.
 
     Refuses, naming ``source``, weights that are missing, do not fit the model, or hold NaN or
@@ -150,3 +148,12 @@ def restore_networks(model: "AnomalyDetector", state: dict[str, Any], source: st
                                   f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}: the run "
                                   "that wrote it diverged; use an earlier checkpoint or train again "
                                   "with a lower --lr")
+
+
+def load_detector(path: PathLike, device: torch.device) -> tuple[AnomalyDetector, TrainConfig, dict[str, Any]]:
+    """The trained networks of a checkpoint (in eval mode), its settings and the checkpoint itself."""
+    state = load_checkpoint(path, map_location=device)
+    config = stored_config(state, os.fspath(path))
+    model = AnomalyDetector(config.model).to(device)
+    restore_networks(model, state, os.fspath(path))
+    return model.eval(), config, state

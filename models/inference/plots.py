@@ -4,7 +4,7 @@ The study's figures (:mod:`models.study.figures`) draw with the same ``plt`` and
 
 Example:
     >>> import numpy as np, os, tempfile
-    >>> from models.plots import save_roc
+    >>> from models.inference.plots import save_roc
     >>> path = os.path.join(tempfile.mkdtemp(), "roc.png")
     >>> save_roc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), path, "demo")
 """
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .scoring import image_roc  # noqa: E402
+from .metrics import image_roc  # noqa: E402
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
@@ -41,6 +41,32 @@ def save_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> N
     ax.plot(fpr, tpr, label="image ROC")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    save_figure(fig, path)
+
+
+#: The loss terms and metrics a learning-curve figure draws, where the log has them.
+LOSS_KEYS = ("g", "rec", "adv", "ali", "d", "val_error")
+METRIC_KEYS = ("image_auroc", "image_auroc_max", "pixel_auroc", "pixel_auroc_smoothed")
+
+
+def save_learning_curves(history: list[dict], path: str) -> None:
+    """The per-epoch losses and validation error (log scale) and the test AUROCs of a run's log
+    against the optimisation step: how the reader tells whether it has converged."""
+    steps = [r.get("step", r["epoch"]) for r in history]
+    metrics = [k for k in METRIC_KEYS if any(k in r and r[k] is not None for r in history)]
+    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(5 * (1 + bool(metrics)), 3.4), squeeze=False)
+    for key in (k for k in LOSS_KEYS if any(k in r for r in history)):
+        points = [(s, r[key]) for s, r in zip(steps, history) if r.get(key) is not None and r[key] > 0]
+        axes[0, 0].plot(*zip(*points), marker=".", label=key)
+    axes[0, 0].set(yscale="log", xlabel="step", title="losses (epoch means) and validation error")
+    if axes[0, 0].lines:
+        axes[0, 0].legend(fontsize=7)
+    for key in metrics:
+        points = [(s, r[key]) for s, r in zip(steps, history) if r.get(key) is not None]
+        axes[0, 1].plot(*zip(*points), marker="o", label=key)
+    if metrics:
+        axes[0, 1].set(xlabel="step", ylim=(0, 1), title="test AUROC")
+        axes[0, 1].legend(fontsize=7)
     save_figure(fig, path)
 
 

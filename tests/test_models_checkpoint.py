@@ -1,69 +1,23 @@
-"""models/: losses, score fusion and metrics against hand-computed values; checkpoint files,
-including damaged, edited and inconsistent ones."""
+"""models/training/checkpoint.py: checkpoint files, including damaged, edited and inconsistent
+ones, and atomic saves (models/training/atomic.py)."""
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from models import atomic
-from models.checkpoint import CheckpointError, UnverifiedCheckpointWarning, load_checkpoint, save_checkpoint
-from models.config import ModelConfig, TrainConfig
-from models.inference import ScoreSet, compute_metrics, load_detector
-from models.losses import (LossWeights, alignment_loss, discriminator_loss, entropy_loss,
-                           generator_loss)
-from models.scoring import (default_sigma, fuse_scores, image_auroc, image_scores, min_max, pixel_auroc,
-                            smooth_maps)
-from models.trainer import Trainer
+from models.networks import ModelConfig
+from models.training import TrainConfig, Trainer, atomic
+from models.training.checkpoint import (CheckpointError, UnverifiedCheckpointWarning, load_checkpoint,
+                                        load_detector, save_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_fusion_against_hand_computed_values():
-    rec = np.array([2.0, 4.0, 3.0, 6.0])  # scaled: 0, 0.5, 0.25, 1
-    feat = np.array([10.0, 30.0, 50.0, 20.0])  # scaled: 0, 0.5, 1, 0.25
-    expected = [0.0, 0.9 * 0.5 + 0.1 * 0.5, 0.9 * 0.25 + 0.1 * 1.0, 0.9 * 1.0 + 0.1 * 0.25]
-    np.testing.assert_allclose(fuse_scores(rec, feat, 0.9), expected)
-    np.testing.assert_allclose(fuse_scores(rec, None, 0.9), [0, 0.5, 0.25, 1])  # no discriminator: R only
-    np.testing.assert_allclose(fuse_scores(rec, feat, 0.0), [0, 0.5, 1, 0.25])
-    # Fixed ranges (models.predict): values outside the range go outside [0, 1].
-    np.testing.assert_allclose(fuse_scores(np.array([8.0]), np.array([0.0]), 0.5, (2, 6), (10, 50)),
-                               [0.5 * 1.5 + 0.5 * -0.25])
-
-
-def test_min_max_of_a_constant_set_is_zero():
-    np.testing.assert_array_equal(min_max(np.array([3.0, 3.0])), [0.0, 0.0])
-
-
-def test_auroc():
-    assert image_auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
-    with pytest.raises(ValueError, match="both normal and anomalous"):
-        image_auroc(np.array([0, 0]), np.array([0.1, 0.2]))
-    masks = np.zeros((2, 2, 2))
-    assert pixel_auroc(masks, np.random.rand(2, 2, 2)) is None
-    masks[1, 0, 0] = 1
-    maps = np.zeros((2, 2, 2))
-    maps[1, 0, 0] = 5
-    assert pixel_auroc(masks, maps) == 1.0
-
-
-def test_losses_against_hand_computed_values():
-    x, x_hat = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 0.5)
-    f_real, f_fake = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 0.0]])
-    assert alignment_loss(f_real, f_fake).item() == pytest.approx((1 + 4 + 9) / 2)
-    logit_fake = torch.zeros(2)  # D(x_hat) = 0.5: BCE = log 2
-    total, parts = generator_loss(x, x_hat, LossWeights(), logit_fake=logit_fake,
-                                  feature_real=f_real, feature_fake=f_fake)
-    assert parts["rec"].item() == pytest.approx(0.25) and parts["adv"].item() == pytest.approx(math.log(2))
-    assert total.item() == pytest.approx(50 * 0.25 + 0.5 * math.log(2) + 0.5 * 7)
-    assert discriminator_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() == pytest.approx(0, abs=1e-6)
-    w = torch.tensor([[[0.5, 0.5, 0.0]]])
-    assert entropy_loss([w, w]).item() == pytest.approx(2 * math.log(2))
+SMALL = ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1), num_items=16)
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
@@ -95,25 +49,6 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
         save_checkpoint({"config": {}, "epoch": 2, "generator": {}, "bad": lambda: None}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
-
-
-def test_pixel_auroc_leaves_out_images_whose_mask_is_unknown():
-    maps = np.zeros((3, 2, 2))
-    maps[0, 0, 0] = maps[2, 1, 1] = 1.0  # image 2's hot pixel would be a false positive ...
-    masks = np.zeros((3, 2, 2))
-    masks[0, 0, 0] = 1
-    scores = ScoreSet(labels=np.array([1, 0, 1]), rec=np.array([3.0, 1.0, 2.0]), feat=None, maps=maps,
-                      masks=masks, mask_known=np.array([True, True, False]), indices=np.arange(3))
-    metrics = compute_metrics(scores, 1.0)
-    assert metrics["image_auroc"] == 1.0
-    assert metrics["pixel_auroc"] == 1.0  # ... but its mask is unknown, so it does not count
-    assert compute_metrics(scores._replace(mask_known=np.ones(3, bool)), 1.0)["pixel_auroc"] < 1.0
-    assert compute_metrics(scores._replace(mask_known=np.zeros(3, bool)), 1.0)["pixel_auroc"] is None
-
-
-# ----------------------------------------------------------------------------- checkpoints that lie
-
-SMALL = ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1), num_items=16)
 
 
 @pytest.fixture
@@ -203,49 +138,3 @@ def test_a_save_removes_the_temporary_files_of_killed_writers(tmp_path):
     save_checkpoint({"config": {}, "epoch": 1, "generator": {}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["ck.pt", live.name, elsewhere.name, other.name])
-
-
-def test_gaussian_smoothing_against_a_direct_sum():
-    maps = np.zeros((1, 21, 21))
-    maps[0, 10, 10] = 1.0
-    sigma = 1.5
-    smoothed = smooth_maps(maps, sigma)[0]
-    offsets = np.arange(-6, 7)  # the kernel reaches 4 sigma = 6 pixels: all of it fits the map
-    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel /= kernel.sum()
-    expected = np.zeros((21, 21))
-    expected[4:17, 4:17] = np.outer(kernel, kernel)
-    np.testing.assert_allclose(smoothed, expected, atol=1e-12)
-    assert np.array_equal(smooth_maps(maps, 0.0), maps)
-    assert default_sigma(256) == 4.0 and default_sigma(64) == 1.0
-
-
-def test_the_max_score_finds_a_small_defect_that_the_mean_misses():
-    """Textures with small defects: a normal image with background error everywhere has the
-    larger mean; the defective one a small bright spot, which the smoothed maximum sees."""
-    normal = np.full((16, 16), 0.2)
-    defect = np.full((16, 16), 0.1)
-    defect[7:9, 7:9] = 1.0
-    maps = np.stack([normal, defect])
-    assert image_scores(maps, "mean").argmax() == 0
-    assert image_scores(maps, "max", sigma=1.0).argmax() == 1
-    with pytest.raises(ValueError, match="unknown image score"):
-        image_scores(maps, "median")
-
-
-def test_metrics_with_the_max_score_and_smoothed_maps():
-    rng = np.random.default_rng(0)
-    maps = rng.random((4, 16, 16)) * 0.1
-    masks = np.zeros((4, 16, 16))
-    maps[2:, 5:7, 5:7] += 1.0
-    masks[2:, 5:7, 5:7] = 1
-    labels = np.array([0, 0, 1, 1])
-    maps[:2] += 0.2  # normal images: more background error, a larger mean
-    scores = ScoreSet(labels, maps.reshape(4, -1).mean(1), None, maps, masks, np.ones(4, bool), np.arange(4))
-    by_mean = compute_metrics(scores, 1.0)
-    by_max = compute_metrics(scores, 1.0, image_score="max", sigma=1.0, smooth=True)
-    assert by_mean["image_auroc"] == by_mean["image_auroc_rec"] == 0.0
-    assert by_max["image_auroc"] == by_max["image_auroc_max"] == by_mean["image_auroc_max"] == 1.0
-    assert by_max["pixel_smoothed"] and not by_mean["pixel_smoothed"]
-    assert by_max["pixel_auroc"] == pytest.approx(
-        pixel_auroc(masks, smooth_maps(maps, 1.0)))

@@ -1,4 +1,4 @@
-"""The study's no-learning baseline: every image "reconstructed" as the mean training image.
+"""The detector that learns nothing: every image "reconstructed" as the mean training image.
 
 A detector has learned something about the normal images beyond their average only where it
 beats this one. It is scored exactly as the models are (:meth:`AnomalyDetector.score`): the pixel
@@ -7,7 +7,7 @@ channels, and R(x) its mean.
 
 Example:
     >>> import torch
-    >>> from models.study.baseline import MeanImage
+    >>> from models.networks import MeanImage
     >>> train = [{"image": torch.zeros(3, 8, 8)}, {"image": torch.ones(3, 8, 8)}]
     >>> MeanImage.fit(train).score(torch.ones(1, 3, 8, 8)).rec
     tensor([0.2500])
@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..networks import AnomalyDetector, GeneratorOutput
+from .detector import AnomalyDetector
+from .generator import GeneratorOutput
 
 
 class MeanImageGenerator(nn.Module):

@@ -6,7 +6,7 @@ first deletes those of the same target, written on this host, whose process is d
 
 Example:
     >>> import os, tempfile
-    >>> from models.atomic import write_json
+    >>> from models.training.atomic import write_json
     >>> path = os.path.join(tempfile.mkdtemp(), "result.json")
     >>> write_json(path, {"auroc": 0.9})
     >>> open(path).read()
@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -59,13 +60,39 @@ def remove_stale_temporaries(path: PathLike) -> list[str]:
     return removed
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a file-size limit, no permission); the file it
+    was to replace is left as it was. The message names the file and the cause."""
+
+
+class _WatchedWriter(io.BufferedWriter):
+    """A binary file that keeps its first failed write: writers such as ``torch.save`` swallow the
+    ``OSError`` of a full disk into a message that names neither the file nor the cause."""
+
+    error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
     """Writes a file through ``write(f)`` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same folder (so that ``os.replace`` is a rename
     within one file system), named ``.<name>.<pid>-<host>.<random>.tmp``, is flushed to disk,
     given the permissions a plain ``open`` would give, then replaces ``path``. Temporary files of
-    killed earlier writers are removed first.
+    killed earlier writers are removed first. A failed write raises :class:`WriteError`.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -73,17 +100,22 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
                                suffix=".tmp", dir=folder)
+    watched = _WatchedWriter(io.FileIO(fd, "w"))
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        with watched if binary else io.TextIOWrapper(watched, encoding="utf-8") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(watched.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        cause = watched.error or e
+        if isinstance(cause, OSError) and not isinstance(cause, WriteError):
+            kept = "the previous file is kept as it was" if os.path.exists(path) else "nothing was written"
+            raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}; {kept}") from e
         raise
 
 

@@ -7,13 +7,16 @@ Real folders hold more than clean 8-bit RGB files, so:
 * grayscale, RGBA (the alpha channel is dropped, the stored colours kept), palette, bilevel and
   16-bit images are all read as 8-bit: 16-bit values are scaled by 255/65535, never clipped;
 * a file that cannot be decoded (a truncated JPEG, a text file named ``.jpg``) raises
-  :class:`BadImageError` naming the file and the reason. PIL's ``verify()`` misses truncated
+  :class:`BadImageError` naming the file and the reason;
+* an image of more than :data:`PIXEL_LIMIT` pixels (64 megapixels, 8000 x 8000: a few kilobytes of
+  PNG can hold a decompression bomb) is refused the same way before it is decoded; the commands'
+  ``--max-pixels`` sets the limit for the process (:func:`set_pixel_limit`), replacing PIL's own. PIL's ``verify()`` misses truncated
   JPEGs, so :func:`decoded_size` decodes every pixel.
 
 Example:
     >>> import numpy as np, os, tempfile
     >>> from PIL import Image
-    >>> from models.images import read_pixels
+    >>> from models.data.images import read_pixels
     >>> path = os.path.join(tempfile.mkdtemp(), "deep.png")
     >>> Image.fromarray(np.full((2, 3), 65535, np.uint16)).save(path)
     >>> read_pixels(path, channels=3).shape, int(read_pixels(path, channels=1).max())
@@ -21,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -33,6 +37,25 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 PathLike = Union[str, os.PathLike]
+
+#: The most pixels an image may have (see the module docstring).
+PIXEL_LIMIT = 64_000_000
+
+
+def add_pixel_limit_option(parser: argparse.ArgumentParser) -> None:
+    """The commands' ``--max-pixels``; :func:`set_pixel_limit` applies it."""
+    parser.add_argument("--max-pixels", type=int, help=f"refuse images of more pixels than this, naming them "
+                        f"(default: {PIXEL_LIMIT:,}, 8000 x 8000)")
+
+
+def set_pixel_limit(pixels: Optional[int]) -> None:
+    """Sets :data:`PIXEL_LIMIT` for this process (``--max-pixels`` of the commands; None: unchanged)."""
+    global PIXEL_LIMIT
+    if pixels is None:
+        return
+    if pixels < 1:
+        raise ValueError(f"the pixel limit must be >= 1, got {pixels}")
+    PIXEL_LIMIT = int(pixels)
 
 
 class BadImageError(ValueError):
@@ -73,11 +96,27 @@ def _decode(path: PathLike, channels: Optional[int]) -> Union[np.ndarray, tuple[
     pixels (see :func:`read_pixels`), or its (width, height) when ``channels`` is None. Any
     failure becomes a :class:`BadImageError`."""
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
+            width, height = img.size
+            if width * height > PIXEL_LIMIT:
+                raise BadImageError([(os.fspath(path), f"{width}x{height} is {width * height / 1e6:.1f} megapixels, "
+                                                       f"over the limit of {PIXEL_LIMIT / 1e6:g} (--max-pixels)")])
             img.load()
             return img.size if channels is None else _to_uint8(img, channels)
+    except BadImageError:
+        raise
     except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
         raise BadImageError([(os.fspath(path), _describe(e))]) from e
+
+
+def _open(path: PathLike) -> Image.Image:
+    """``Image.open`` with :data:`PIXEL_LIMIT` in place of PIL's own decompression-bomb limit
+    (which only warns up to twice its size)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def _to_uint8(img: Image.Image, channels: int) -> np.ndarray:

@@ -8,7 +8,7 @@ bfloat16 has float32's range and needs no scaling.
 
 Example:
     >>> import torch
-    >>> from models.amp import MixedPrecision
+    >>> from models.training.amp import MixedPrecision
     >>> amp = MixedPrecision(torch.device("cpu"), torch.bfloat16)
     >>> with amp.autocast():
     ...     torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype

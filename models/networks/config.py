@@ -1,10 +1,10 @@
-"""Configurations: the model variants of the paper's ablations and the training settings.
+"""The model variants of the paper's ablations and the network settings (:class:`ModelConfig`).
 
 Every variant is one :class:`~models.networks.AnomalyDetector` built from a :class:`ModelConfig`;
 the variant name only switches skip connections, memories and the discriminator on or off.
 
 Example:
-    >>> from models.config import ModelConfig
+    >>> from models.networks import ModelConfig
     >>> cfg = ModelConfig(model="daad+", size=64, width=8, division=(2, 2, 1))
     >>> cfg.variant
     Variant(skip=True, memory='block', adversarial=True)
@@ -15,12 +15,10 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from daad_ext.functional import check_backend_name
-
-from .losses import check_reductions
 
 
 class Variant(NamedTuple):
@@ -49,20 +47,6 @@ MEMAE_MEMORY = {"similarity": "dot", "shrink": "memae", "threshold": 0.0025}
 MEMAE_ENTROPY_WEIGHT = 0.0002
 #: DAAD's block-wise memory (paper Sec. 3.2): cosine similarity, hard shrinkage at 1/N.
 DAAD_MEMORY = {"similarity": "cosine", "shrink": "hard", "threshold": None}
-
-#: Named readings of the DAAD+ losses (``--losses``): the settings each one fixes.
-#: ``old``: this project's first reading (squared distances; L_ali summed over the 100 features).
-#: ``paper``: the paper's words, Eq. 4 and 6: both terms are L2 norms.
-#: ``ganomaly``: GANomaly / Skip-GANomaly's code: L1 pixel term (weight 50), mean squared feature
-#: difference (weight 1), discriminator re-initialised when its loss falls below 1e-5.
-LOSS_READINGS: dict[str, dict[str, Any]] = {
-    "old": {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
-    "paper": {"rec_loss": "norm", "ali_loss": "norm", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
-    "ganomaly": {"rec_loss": "l1", "ali_loss": "mean_sq", "d_reset": 1e-5, "loss_weights": (50.0, 0.5, 1.0)},
-}
-#: The reading a "+" variant trains with unless told otherwise (chosen by measurement: docs/MODELS.md).
-DEFAULT_READING = "paper"
-
 
 #: Downsampling factor of the generator: four 2x2 max-pools.
 DEPTH = 4
@@ -146,105 +130,3 @@ def check_size(size: int, division: tuple[int, int, int]) -> None:
             f"input size {size} does not fit division {tuple(division)}: the size must be a multiple "
             f"of 16 whose quotient by 16 (the H/16 memory map) rh={rh} and rw={rw} divide; valid "
             f"sizes are the multiples of {step}: {valid}, ...")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the output folder; stored in every checkpoint.
-
-    ``lr`` None means the paper's: 1e-4, or 2e-4 with the adversarial losses. ``gamma`` None means
-    0.9 with a discriminator and 1 without. ``entropy_weight`` None means MemAE's 0.0002 for the
-    MemAE variants and 0 otherwise. ``rec_loss`` and ``ali_loss`` are the readings of L_rec and
-    L_ali (:mod:`models.losses`); ``d_reset`` re-initialises the discriminator after a step whose
-    loss fell below it (GANomaly's 1e-5; 0: never); these and ``loss_weights`` default to
-    :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator, to ``"old"`` without.
-    ``normal_dir``, ``abnormal_dirs``, ``mask_dir`` and ``train_ratio`` describe a ``folder`` data
-    set given by its folders (:mod:`models.data`).
-    """
-
-    dataset: str = "mvtec"
-    root: str = ""
-    category: Optional[str] = None
-    normal_class: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 100
-    batch: int = 8
-    lr: Optional[float] = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    loss_weights: Optional[tuple[float, float, float]] = None
-    entropy_weight: Optional[float] = None
-    gamma: Optional[float] = None
-    rec_loss: Optional[str] = None
-    ali_loss: Optional[str] = None
-    d_reset: Optional[float] = None
-    seed: int = 0
-    workers: int = 0
-    eval_every: int = 0
-    normal_dir: Optional[str] = None
-    abnormal_dirs: tuple[str, ...] = ()
-    mask_dir: Optional[str] = None
-    train_ratio: float = 0.8
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        self.betas = tuple(self.betas)
-        # Unset loss settings come from the default reading; without a discriminator only L_rec
-        # exists, and it keeps the first reading (mse) so that the baselines' results stand.
-        reading = LOSS_READINGS[DEFAULT_READING if self.model.variant.adversarial else "old"]
-        for key, value in reading.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        self.loss_weights = tuple(self.loss_weights)
-        self.abnormal_dirs = tuple(self.abnormal_dirs)
-        check_reductions(self.rec_loss, self.ali_loss)
-        if self.d_reset < 0:
-            raise ValueError(f"d_reset must be >= 0 (0: never), got {self.d_reset}")
-        if not 0 < self.train_ratio < 1:
-            raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
-        if self.epochs < 0 or self.batch < 1:
-            raise ValueError(f"epochs must be >= 0 and batch >= 1, got {self.epochs}, {self.batch}")
-        if self.gamma is not None and not 0 <= self.gamma <= 1:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 2e-4 if self.model.variant.adversarial else 1e-4
-
-    @property
-    def fusion_gamma(self) -> float:
-        if self.gamma is not None:
-            return self.gamma
-        return 0.9 if self.model.variant.adversarial else 1.0
-
-    @property
-    def memae_entropy_weight(self) -> float:
-        if self.entropy_weight is not None:
-            return self.entropy_weight
-        return MEMAE_ENTROPY_WEIGHT if self.model.variant.memory == "pixel" else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python values only (lists for tuples), loadable with ``weights_only=True``."""
-        def plain(value):
-            if isinstance(value, (tuple, list)):
-                return [plain(v) for v in value]
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            return value
-        return plain(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        # A checkpoint written before the loss readings were options was trained with these.
-        return cls(**{**LEGACY_LOSSES, **data})
-
-
-#: The loss readings of checkpoints that do not name theirs (written before they were options).
-LEGACY_LOSSES = {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0}

@@ -1,4 +1,5 @@
-"""The metrics anomalib and the MVTec AD papers report besides AUROC.
+"""The metrics of anomaly detection: image and pixel AUROC, and what anomalib and the MVTec AD
+papers report besides them.
 
 * :func:`aupro`: the area under the per-region-overlap curve up to a false-positive rate of 0.3,
   divided by 0.3 (Bergmann et al., IJCV 2021; anomalib's ``AUPRO``). Each connected region of
@@ -9,7 +10,7 @@
 
 Example:
     >>> import numpy as np
-    >>> from models.metrics import aupro
+    >>> from models.inference.metrics import aupro
     >>> masks = np.zeros((1, 4, 4)); masks[0, :2, :2] = 1     # one 4-pixel defect
     >>> maps = np.where(masks > 0, 0.9, 0.1)                   # found above every normal pixel
     >>> aupro(masks, maps)
@@ -22,14 +23,34 @@ from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve
-
-from .scoring import image_auroc
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 #: The false-positive rate AUPRO integrates up to (the MVTec AD protocol).
 PRO_FPR_LIMIT = 0.3
 #: 8-connectivity, as MVTec AD's evaluation code and anomalib's connected components.
 CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Image-level AUROC (label 1 = anomalous); raises if only one class is present."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("AUROC needs both normal and anomalous images in the evaluated set")
+    return float(roc_auc_score(labels, scores))
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> Optional[float]:
+    """Pixel-level AUROC over all pixels of all images; None if no pixel is anomalous."""
+    truth = np.asarray(masks).reshape(-1) > 0.5
+    if not truth.any():
+        return None
+    return float(roc_auc_score(truth, np.asarray(maps).reshape(-1)))
+
+
+def image_roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates of the image-level ROC curve."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:

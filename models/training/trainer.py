@@ -2,8 +2,8 @@
 
 Example:
     >>> import torch
-    >>> from models.config import ModelConfig, TrainConfig
-    >>> from models.trainer import Trainer
+    >>> from models.networks import ModelConfig
+    >>> from models.training import TrainConfig, Trainer
     >>> config = TrainConfig(model=ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1)))
     >>> trainer = Trainer(config, torch.device("cpu"))
     >>> sorted(trainer.train_step(torch.rand(2, 3, 32, 32) * 2 - 1))
@@ -21,12 +21,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
+from ..networks import AnomalyDetector
+from ..networks.losses import (LossWeights, discriminator_accuracy, discriminator_loss, generator_loss,
+                               generator_terms, weight_of)
 from .amp import MixedPrecision
 from .checkpoint import load_into, restore_networks
 from .config import TrainConfig
-from .losses import (LossWeights, discriminator_accuracy, discriminator_loss, generator_loss,
-                     generator_terms, weight_of)
-from .networks import AnomalyDetector
 
 
 class DivergenceError(RuntimeError):
@@ -41,7 +41,7 @@ def largest_gradient(module: torch.nn.Module) -> torch.Tensor:
 def generator_pass(generator: torch.nn.Module, discriminator: Optional[torch.nn.Module],
                    x: torch.Tensor) -> tuple[Any, Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """The generator's output on ``x``, D's logit of ``x`` (None without a discriminator) and the
-    adversarial arguments of :func:`models.losses.generator_loss` (empty without one)."""
+    adversarial arguments of :func:`models.networks.losses.generator_loss` (empty without one)."""
     out = generator(x)
     if discriminator is None:
         return out, None, {}
@@ -172,7 +172,7 @@ class Trainer:
 
     def end_epoch(self, record: dict[str, Any], calibration: Optional[dict[str, float]] = None) -> None:
         """Counts a finished epoch and keeps its log ``record``; after the last epoch, also the
-        ``calibration`` (:func:`~models.inference.calibration`) that single-image scoring needs."""
+        ``calibration`` (:meth:`~models.inference.Scorer.calibrate`) that single-image scoring needs."""
         self.epoch += 1
         self.history.append(record)
         if calibration is not None:

@@ -1,0 +1,68 @@
+"""Evaluating a detector on a labelled test set: ``metrics.json``, the ROC curve and heat maps.
+
+The Python API behind ``daad-evaluate`` (:mod:`models.evaluate`): give it a loaded detector,
+its test set and a :class:`~models.inference.Scorer`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import OneClassDataset
+from ..training.atomic import write_json
+from .metrics import defect_type
+from .plots import save_heatmap, save_roc
+from .scorer import Scorer
+from .scores import ScoreSet, collect_scores, compute_metrics
+
+
+def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` positions, half normal and half anomalous where there are enough, spread evenly."""
+    groups = [np.flatnonzero(labels == label) for label in (0, 1)]
+    normal = min(len(groups[0]), max(count // 2, count - len(groups[1])))
+    takes = (normal, min(len(groups[1]), count - normal))
+    return sorted(int(i) for group, take in zip(groups, takes) if take
+                  for i in group[np.linspace(0, len(group) - 1, take).round().astype(int)])
+
+
+def evaluate_detector(model: nn.Module, test_set: OneClassDataset, scorer: Scorer, out: str,
+                      device: torch.device, batch: int = 16, num_heatmaps: int = 8, smooth: bool = False,
+                      about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores ``test_set``, writes ``metrics.json`` (``about``, the metrics of
+    :func:`~models.inference.compute_metrics` and every image's scores), ``roc.png`` and
+    ``heatmaps/*.png`` to ``out``; returns what ``metrics.json`` holds."""
+    scores = collect_scores(model, test_set, device, scorer, batch)
+    metrics, image = compute_metrics(scores, scorer, smooth, names=[test_set.names[i] for i in scores.indices])
+    os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
+    result = {**(about or {}), "num_images": len(test_set), **metrics,
+              "images": [{"name": test_set.names[i], "label": int(label), "score": float(a), "rec": float(r),
+                          **({"feat": float(scores.feat[j])} if scores.feat is not None else {})}
+                         for j, (i, label, a, r) in enumerate(zip(scores.indices, scores.labels, image.fused,
+                                                                 image.mean))]}
+    write_json(os.path.join(out, "metrics.json"), result, indent=2)
+    name = (about or {}).get("model", "detector")
+    save_roc(scores.labels, image.fused, os.path.join(out, "roc.png"), f"{name}: image AUROC {metrics['image_auroc']:.3f}")
+    draw_heatmaps(model, test_set, scores, image.fused, heatmap_sample(scores.labels, num_heatmaps),
+                  os.path.join(out, "heatmaps"), device)
+    return result
+
+
+@torch.no_grad()
+def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet, fused: np.ndarray,
+                  positions: Sequence[int], folder: str, device: torch.device) -> None:
+    # One colour scale for all maps (the largest error in the set) so that they compare.
+    vmax = float(scores.maps.max())
+    for j in positions:
+        item = test_set[int(scores.indices[j])]
+        x_hat = model.score(item["image"][None].to(device)).reconstruction[0]
+        kind = "anomalous" if scores.labels[j] else "normal"
+        source = test_set.names[item["index"]]
+        defect = defect_type(source) if scores.labels[j] else ""  # the folder: crack, colour, ...
+        name = f"{j:04d}_{kind}{'_' + defect if defect else ''}_{Path(source).stem}.png"
+        save_heatmap(item["image"], x_hat, scores.maps[j], vmax, os.path.join(folder, name),
+                     f"{kind}, score {fused[j]:.3f}", item["mask"][0].numpy() if item["mask_known"] else None)

@@ -1,0 +1,106 @@
+"""Which of the paper's claims held: verdicts of mean and spread over seeds, rebuilt from the raw
+run records alone (:mod:`.aggregate`)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..training import DEFAULT_READING
+from .aggregate import metric
+
+
+def plus_label(reading: str, lr: float = 0.0) -> str:
+    """DAAD+ trained under ``reading`` at learning rate ``lr`` (0: the default), in the claims."""
+    return f"DAAD+ (fused, `{reading}` losses" + (f", lr {lr:g}" if lr else "") + ")"
+
+
+def compare(better: list[dict[str, Any]], worse: list[dict[str, Any]], key: str) -> tuple[str, str]:
+    """Verdict on "``better`` scores above ``worse``" by ``key``, and the numbers behind it.
+
+    Inconclusive when either side is missing, or the means differ by no more than the larger
+    standard deviation over seeds (equal means included, as when both are at the ceiling of 1).
+    """
+    a, b = metric(better, key), metric(worse, key)
+    if a is None or b is None:
+        return "not tested (runs missing)", ""
+    numbers = f"{a[0]:.3f} vs {b[0]:.3f}"
+    if abs(a[0] - b[0]) <= max(a[1], b[1]) or a[0] == b[0]:
+        return "inconclusive", numbers + ", within the seed spread"
+    return ("held" if a[0] > b[0] else "did not hold"), numbers
+
+
+def claim(title: str, pairs: list[tuple[str, list, list]]) -> str:
+    parts = []
+    for label, better, worse in pairs:
+        for key, what in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+            verdict, numbers = compare(better, worse, key)
+            parts.append(f"{label}, {what} AUROC: **{verdict}**" + (f" ({numbers})" if numbers else ""))
+    return f"{title}: " + "; ".join(parts) + "."
+
+
+def claims(s: dict[str, Any]) -> list[str]:
+    """Plain statements of which of the paper's claims held, by image and by pixel AUROC."""
+    ab = s["ablation"]
+    blocks = {r: rs for r, rs in s["blocks"].items() if rs}
+    lines = [claim("1. DAAD beats AE and MemAE", [("DAAD vs AE", ab["daad"], ab["ae"]),
+                                                  ("DAAD vs MemAE", ab["daad"], ab["memae"])]),
+             claim("2. Skip connections alone hurt", [("AE vs AE+Skip", ab["ae"], ab["ae+skip"])])]
+    if len(blocks) >= 3:
+        means = {r: metric(rs, "image_auroc")[0] for r, rs in blocks.items()}
+        extremes = (min(blocks), max(blocks))
+        # On a tie, prefer an intermediate size: the comparison below then calls it inconclusive.
+        best = max(means, key=lambda r: (means[r], r not in extremes))
+        if best in extremes:
+            lines.append(f"3. An intermediate block size is best: **did not hold** by image AUROC "
+                         f"(best: division {best}).")
+        else:
+            lines.append(claim(f"3. An intermediate block size is best (division {best} has the "
+                               "highest mean image AUROC)",
+                               [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes]))
+    else:
+        lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
+    pairs = [(f"{plus_label(DEFAULT_READING)} vs DAAD", ab["daad+"], ab["daad"])]
+    pairs += [(f"{plus_label(DEFAULT_READING, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
+    pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"])
+              for r, rs in s["readings"].items() if r != DEFAULT_READING]
+    lines.append(claim("4. The adversarial representation adds to DAAD", pairs))
+    if s.get("baseline"):  # not a claim of the paper: whether the data set can show any of the above
+        lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
+                           [("DAAD vs the baseline", ab["daad"], s["baseline"]),
+                            (f"{plus_label(DEFAULT_READING)} vs the baseline", ab["daad+"], s["baseline"])]))
+    return lines
+
+
+def mnist_claims(s: dict[str, Any]) -> list[str]:
+    """The paper's claims on MNIST, digit by digit (the seed spread of each digit decides)."""
+    columns = s["mnist"]
+    ae, memae, skip, daad = (("ae", "", 0.0), ("memae", "", 0.0), ("ae+skip", "", 0.0), ("daad", "", 0.0))
+    pairs = [("DAAD vs AE", daad, ae), ("DAAD vs MemAE", daad, memae), ("AE vs AE+Skip", ae, skip),
+             ("DAAD vs AE+Skip (the memories on the skip connections)", daad, skip)]
+    pairs += [(f"{plus_label(c[1], c[2])} vs DAAD", c, daad) for c in columns if c[0] == "daad+"]
+    lines = []
+    for label, better, worse in pairs:
+        if better not in columns or worse not in columns:
+            continue
+        verdicts: dict[str, list[int]] = {}
+        for d, rs in columns[better].items():
+            if rs and columns[worse][d]:
+                verdicts.setdefault(compare(rs, columns[worse][d], "image_auroc")[0], []).append(d)
+        if verdicts:
+            lines.append(f"- {label}, image AUROC by digit: "
+                         + "; ".join(f"**{v}** for {digits}" for v, digits in sorted(verdicts.items())) + ".")
+    return lines
+
+
+def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
+    """A warning when every model's image and pixel AUROC is close to chance: the data set then
+    cannot tell the models apart at this scale, whatever the verdicts below say."""
+    means = [m[0] for rs in [*s["ablation"].values(), *s["readings"].values()] for key in ("image_auroc", "pixel_auroc")
+             if (m := metric(rs, key))]
+    if not means or max(means) >= ceiling:
+        return []
+    base = [m[0] for key in ("image_auroc", "pixel_auroc") if (m := metric(s.get("baseline", []), key))]
+    return [f"Every model is close to chance here (every mean image and pixel AUROC in {min(means):.2f}-"
+            f"{max(means):.2f}" + (f"; the mean training image, which learns nothing, scores "
+                                   f"image {base[0]:.3f} and pixel {base[1]:.3f}" if len(base) == 2 else "")
+            + "): at this input size and training budget the magnetic tile does not tell "
+            "the models apart, so the verdicts below compare noise.", ""]
