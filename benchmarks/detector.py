@@ -44,17 +44,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from models import AnomalyDetector, ModelConfig, Scorer, TrainConfig, Trainer, build_dataset  # noqa: E402
 from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
-                                 inference_context, inference_model, rebuilt_adam, training_networks)
-from models.config import ModelConfig, TrainConfig  # noqa: E402
-from models.data import build_dataset  # noqa: E402
-from models.export import OPSET, ScoringGraph, export_program  # noqa: E402
-from models.networks import AnomalyDetector  # noqa: E402
-from models.trainer import Trainer  # noqa: E402
+                                 inference_model, inference_context, rebuilt_adam, training_networks)
+from models.inference.graph import OPSET, ScoringGraph, export_program  # noqa: E402
 
 import daad_ext  # noqa: E402,F401  (registers torch.ops.daad_ext)
 
-CALIBRATION = {"rec_min": 0.0, "rec_max": 1.0, "feat_min": 0.0, "feat_max": 1.0, "map_max": 1.0}
+CALIBRATION = {"rec_min": 0.0, "rec_max": 1.0, "max_min": 0.0, "max_max": 1.0, "feat_min": 0.0, "feat_max": 1.0,
+               "map_max": 1.0}
 SIZES = {"paper": dict(size=256, width=64, division=(8, 8, 1)),
          "study": dict(size=64, width=16, division=(2, 2, 1))}
 #: Interleaved rounds at each size (--repeats overrides): a paper-size eager batch takes ~20 s.
@@ -144,19 +142,19 @@ def detector(config: TrainConfig, backend: str, state: dict) -> AnomalyDetector:
 def inference_variants(config: TrainConfig, state: dict, x: torch.Tensor, skip: set[str]
                        ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """The inference callables and their dtypes."""
+    scorer = Scorer.for_run(config, calibration=CALIBRATION)  # predict's default image score
     variants, dtypes = {}, {}
     for name, (backend, options) in INFERENCE.items():
         if name in skip:
             continue
-        graph = ScoringGraph(inference_model(detector(config, backend, state), options),
-                             config.fusion_gamma, CALIBRATION, config.ali_loss)
+        graph = ScoringGraph(inference_model(detector(config, backend, state), options), scorer)
 
         def run(graph=graph, options=options):
             with inference_context(options, x.device):
                 return graph(x)
         variants[name], dtypes[name] = run, "bf16" if autocast_dtype(options, x.device) else "fp32"
     if x.device.type == "cpu" and "onnxruntime" not in skip:
-        graph = ScoringGraph(detector(config, "auto", state), config.fusion_gamma, CALIBRATION, config.ali_loss)
+        graph = ScoringGraph(detector(config, "auto", state), scorer)
         variants["onnxruntime"], dtypes["onnxruntime"] = onnx_session(graph, x), "fp32"
     return variants, dtypes
 
