@@ -6,7 +6,7 @@
 Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and
 ``study`` (64x64, width 16, division 2x2x1, the reproduction study's). Inference is the graph
 ``models.export`` writes (generator, discriminator features, anomaly map and calibrated score), in
-eval mode, for each :class:`models.acceleration.SpeedOptions` variant, on the reference memories,
+eval mode, for each :class:`models.networks.acceleration.SpeedOptions` variant, on the reference memories,
 and in ONNX Runtime (the exported float32 graph). One training step is ``Trainer.train_step``
 (generator step and discriminator step, Adam), each variant with its own trainer.
 
@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from models import AnomalyDetector, ModelConfig, Scorer, TrainConfig, Trainer, build_dataset  # noqa: E402
-from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
-                                 inference_model, inference_context, rebuilt_adam, training_networks)
+from models.networks.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
+                                 inference_model, inference_context)
 from models.inference.graph import OPSET, ScoringGraph, export_program  # noqa: E402
 
 import daad_ext  # noqa: E402,F401  (registers torch.ops.daad_ext)
@@ -183,10 +183,8 @@ def training_variants(config: TrainConfig, x: torch.Tensor, skip: set[str]
         if name in skip:
             continue
         amp = autocast_dtype(options, x.device)
-        trainer = Trainer(replace(config, model=replace(config.model, backend=backend)), x.device, amp=amp)
-        trainer.generator, trainer.discriminator = training_networks(trainer.model, options)
-        trainer.opt_g, trainer.opt_d = (rebuilt_adam(opt, options) if opt else None
-                                            for opt in (trainer.opt_g, trainer.opt_d))
+        trainer = Trainer(replace(config, model=replace(config.model, backend=backend)), x.device, amp=amp,
+                          speed=options)
         variants[name], dtypes[name] = (lambda trainer=trainer: trainer.train_step(x)), "bf16" if amp else "fp32"
     return variants, dtypes
 

@@ -58,6 +58,14 @@ def add_image_score_option(parser: argparse.ArgumentParser) -> None:
                              f"small defects) or its mean (the paper's) (default: {DEFAULT_IMAGE_SCORE})")
 
 
+def add_speed_option(parser: argparse.ArgumentParser, fast: str) -> None:
+    """The commands' ``--no-fast``: the plain eager float32 model instead of ``fast``
+    (models/networks/acceleration.py)."""
+    parser.add_argument("--no-fast", action="store_true",
+                        help=f"run the plain eager float32 model (default: {fast}, measured the fastest by "
+                             "benchmarks/detector.py)")
+
+
 def reproduce() -> None:
     from .reproduce import main
     main()

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .cli import add_image_score_option, command_parser, program
+from .cli import add_image_score_option, add_speed_option, command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import DEFAULT_IMAGE_SCORE, Scorer
 from .inference.prediction import predict_images
+from .networks.acceleration import FAST_INFERENCE, PLAIN, inference_model
 from .training import load_detector
 from .training.distributed import resolve_device
 
@@ -30,18 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     add_pixel_limit_option(p)
     add_image_score_option(p)
+    add_speed_option(p, "channels_last, BatchNorm folded, bfloat16 autocast where the CPU has it")
     return p
 
 
 def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "auto",
-            image_score: str = DEFAULT_IMAGE_SCORE) -> list[dict]:
+            image_score: str = DEFAULT_IMAGE_SCORE, fast: bool = True) -> list[dict]:
     """Scores of ``images``; writes ``<out>/<stem>_heatmap.png`` for each. With ``image_score``
     "max", R is the maximum of the map smoothed by the default sigma (scaled by its range on
-    the training images too)."""
+    the training images too). ``fast``: :data:`~models.networks.acceleration.FAST_INFERENCE`."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
     scorer = Scorer.calibrated(config, state, checkpoint, image_score)
-    return predict_images(model, scorer, images, out, dev, config.model.in_channels, config.model.size)
+    speed = FAST_INFERENCE if fast else PLAIN
+    return predict_images(inference_model(model, speed), scorer, images, out, dev, config.model.in_channels,
+                          config.model.size, speed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
@@ -49,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     args = parser.parse_args(argv)
     set_pixel_limit(getattr(args, "max_pixels", None))
     try:
-        results = predict(args.checkpoint, args.images, args.out, args.device, args.image_score)
+        results = predict(args.checkpoint, args.images, args.out, args.device, args.image_score, not args.no_fast)
     except (ValueError, OSError) as e:  # OSError: missing or unreadable images
         parser.error(str(e))
     for r in results:

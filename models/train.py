@@ -22,11 +22,12 @@ import os
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from .cli import command_parser
+from .cli import add_speed_option, command_parser
 from .data import add_options, layout, option_fields
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import RunScoring
 from .networks import MODEL_NAMES, ModelConfig
+from .networks.acceleration import FAST_INFERENCE, FAST_TRAINING, PLAIN
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
 from .networks.maps import ANOMALY_MAPS
 from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, CheckpointError, DivergenceError, Resume,
@@ -42,7 +43,7 @@ MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "workers",
              "eval_every", "eval_subset", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
-INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp")
+INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", nargs="?", const="bf16", choices=AMP_DTYPES,
                      help="mixed precision: bf16 (CPU, CUDA; the default with a bare --amp) or fp16 "
                           "(CUDA, with gradient scaling); not stored, give it again with --resume")
+    add_speed_option(run, "channels_last and Adam's fused kernel, within float32 rounding; its test metrics and "
+                          "calibration as daad-predict computes them")
     run.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help=f"continue from CHECKPOINT (default: OUT/{CHECKPOINT}) with its settings")
@@ -146,8 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
         parser.error(str(e))
     ctx = setup_distributed(args.device)
     try:
-        hooks = RunScoring(config, train_set, ctx.device, skip_bad_images)
-        return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None), parser.prog)
+        fast = not getattr(args, "no_fast", False)
+        hooks = RunScoring(config, train_set, ctx.device, skip_bad_images, FAST_INFERENCE if fast else PLAIN)
+        return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None), parser.prog,
+                     FAST_TRAINING if fast else PLAIN)
     except (DivergenceError, CheckpointError, WriteError) as e:  # a resumed checkpoint's weights, a full disk
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:

@@ -1,4 +1,4 @@
-"""models.acceleration: every speed option computes what the plain model does, within the rounding
+"""models/networks/acceleration.py: every speed option computes what the plain model does, within the rounding
 of the dtype it runs in.
 
 The memories' hard threshold is discontinuous, so a comparison is only meaningful where no query's
@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 
-from models.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype, fast_score,
+from models.networks.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype, fast_score,
                                  fold_batchnorm, has_native_bf16, inference_context, inference_model,
-                                 networks, rebuilt_adam, training_networks)
+                                 networks, training_networks)
 from models.networks import AnomalyDetector, ModelConfig
 
 from helpers import near_tie_rows
@@ -126,7 +126,7 @@ def test_bf16_autocast_is_within_bfloat16_rounding():
 
 
 def test_bf16_is_off_without_native_support(monkeypatch):
-    from models import acceleration
+    from models.networks import acceleration
 
     monkeypatch.setattr(acceleration, "has_native_bf16", lambda device: False)
     assert acceleration.autocast_dtype(SpeedOptions(bf16=True), "cpu") is None
@@ -172,18 +172,19 @@ def test_channels_last_training_keeps_the_parameters_and_the_gradients():
         assert error <= 4 * plain_error + 1e-6 * r.norm()
 
 
-def test_rebuilt_adam_is_fused_and_steps_as_adam_does():
-    net, x = tie_free_detector(training=True)
-    fast = copy.deepcopy(net)
-    plain_opt = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    fused_opt = rebuilt_adam(torch.optim.Adam(fast.parameters(), lr=2e-4, betas=(0.5, 0.999)), FAST_TRAINING)
-    assert fused_opt.defaults["fused"] and fused_opt.param_groups[0]["betas"] == (0.5, 0.999)
+def test_the_fast_trainer_steps_as_the_plain_one():
+    """FAST_TRAINING in the Trainer (channels_last, fused Adam): the same steps within float32
+    rounding (a model without memories: no threshold to be on either side of)."""
+    from models.training import TrainConfig, Trainer
+
+    config = TrainConfig(model=ModelConfig(model="ae+skip+", size=32, width=4))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain, fast = (Trainer(config, torch.device("cpu"), speed=speed) for speed in (SpeedOptions(), FAST_TRAINING))
+    assert fast.opt_g.defaults["fused"] and not plain.opt_g.defaults.get("fused")
+    conv = next(m for m in fast.model.generator.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     for _ in range(2):
-        for model, opt in ((net, plain_opt), (fast, fused_opt)):
-            opt.zero_grad()
-            one_training_backward(model, networks(model), x)
-            opt.step()
-    for a, b in zip(fast.parameters(), net.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # two steps of at most 2e-4 each
-    with pytest.raises(ValueError, match="before its first step"):
-        rebuilt_adam(fused_opt, FAST_TRAINING)
+        plain.train_step(x)
+        fast.train_step(x)
+    for a, b in zip(fast.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # two Adam steps of at most 2e-4 each

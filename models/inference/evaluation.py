@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..data import OneClassDataset
+from ..networks.acceleration import PLAIN, SpeedOptions, fast_score
 from ..training.atomic import write_json
 from .metrics import defect_type
 from .plots import save_heatmap, save_roc
@@ -32,11 +33,12 @@ def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
 
 def evaluate_detector(model: nn.Module, test_set: OneClassDataset, scorer: Scorer, out: str,
                       device: torch.device, batch: int = 16, num_heatmaps: int = 8, smooth: bool = False,
-                      about: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Scores ``test_set``, writes ``metrics.json`` (``about``, the metrics of
-    :func:`~models.inference.compute_metrics` and every image's scores), ``roc.png`` and
-    ``heatmaps/*.png`` to ``out``; returns what ``metrics.json`` holds."""
-    scores = collect_scores(model, test_set, device, scorer, batch)
+                      about: dict[str, Any] | None = None, speed: SpeedOptions = PLAIN) -> dict[str, Any]:
+    """Scores ``test_set`` (``model`` run under ``speed``: :func:`~models.inference.collect_scores`),
+    writes ``metrics.json`` (``about``, the metrics of :func:`~models.inference.compute_metrics`
+    and every image's scores), ``roc.png`` and ``heatmaps/*.png`` to ``out``; returns what
+    ``metrics.json`` holds."""
+    scores = collect_scores(model, test_set, device, scorer, batch, speed)
     metrics, image = compute_metrics(scores, scorer, smooth, names=[test_set.names[i] for i in scores.indices])
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {**(about or {}), "num_images": len(test_set), **metrics,
@@ -48,18 +50,18 @@ def evaluate_detector(model: nn.Module, test_set: OneClassDataset, scorer: Score
     name = (about or {}).get("model", "detector")
     save_roc(scores.labels, image.fused, os.path.join(out, "roc.png"), f"{name}: image AUROC {metrics['image_auroc']:.3f}")
     draw_heatmaps(model, test_set, scores, image.fused, heatmap_sample(scores.labels, num_heatmaps),
-                  os.path.join(out, "heatmaps"), device)
+                  os.path.join(out, "heatmaps"), device, speed)
     return result
 
 
 @torch.no_grad()
 def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet, fused: np.ndarray,
-                  positions: Sequence[int], folder: str, device: torch.device) -> None:
+                  positions: Sequence[int], folder: str, device: torch.device, speed: SpeedOptions) -> None:
     # One colour scale for all maps (the largest error in the set) so that they compare.
     vmax = float(scores.maps.max())
     for j in positions:
         item = test_set[int(scores.indices[j])]
-        x_hat = model.score(item["image"][None].to(device)).reconstruction[0]
+        x_hat = fast_score(model, item["image"][None].to(device), speed).reconstruction[0]
         kind = "anomalous" if scores.labels[j] else "normal"
         source = test_set.names[item["index"]]
         defect = defect_type(source) if scores.labels[j] else ""  # the folder: crack, colour, ...

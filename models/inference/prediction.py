@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from ..data import load_image
+from ..networks.acceleration import PLAIN, SpeedOptions, fast_score
 from .plots import save_heatmap
 from .scorer import Scorer
 
 
 @torch.no_grad()
 def predict_images(model: nn.Module, scorer: Scorer, images: Sequence[str], out: str, device: torch.device,
-                   channels: int, size: int) -> list[dict[str, Any]]:
+                   channels: int, size: int, speed: SpeedOptions = PLAIN) -> list[dict[str, Any]]:
     """The score of each image file (``scorer`` must hold a calibration), its raw R and L, and its
-    heat map written to ``<out>/<stem>_heatmap.png``."""
+    heat map written to ``<out>/<stem>_heatmap.png``; ``model`` runs under ``speed``
+    (:func:`~models.networks.acceleration.fast_score`)."""
     if scorer.calibration is None:
         raise ValueError("scoring single images needs the calibration of a finished training run")
     os.makedirs(out, exist_ok=True)
@@ -32,7 +34,8 @@ def predict_images(model: nn.Module, scorer: Scorer, images: Sequence[str], out:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
         x = load_image(path, channels, size)
-        s = model.score(x[None].to(device), scorer.ali_reduction, scorer.anomaly_map)
+        s = fast_score(model, x[None].to(device), speed, ali_reduction=scorer.ali_reduction,
+                       anomaly_map=scorer.anomaly_map)
         maps = s.error_map.cpu().numpy()
         feat = s.feat.cpu().numpy() if s.feat is not None else None
         score = float(scorer.score(maps, feat)[0])

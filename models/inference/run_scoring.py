@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..data import OneClassDataset
 from ..networks import AnomalyDetector
+from ..networks.acceleration import PLAIN, SpeedOptions, inference_model
 from ..training import TrainConfig
 from .plots import save_learning_curves
 from .scorer import Scorer
@@ -63,12 +64,13 @@ def reconstruction_statistics(model: AnomalyDetector, dataset: OneClassDataset, 
 
 class RunScoring:
     """The :class:`~models.training.RunHooks` of a run. Its validation and test sets are built (and
-    their files checked) when first needed; the calibration scores the training images unflipped."""
+    their files checked) when first needed; the calibration scores the training images unflipped.
+    Test metrics and calibration run the model as ``speed`` says (as prediction will)."""
 
     def __init__(self, config: TrainConfig, train_set: OneClassDataset, device: torch.device,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, speed: SpeedOptions = PLAIN) -> None:
         self.config, self.train_set, self.device = config, train_set, device
-        self.skip_bad_images = skip_bad_images
+        self.skip_bad_images, self.speed = skip_bad_images, speed
         self.scorer = Scorer.for_run(config)
         self._sets: dict[str, OneClassDataset] = {}
 
@@ -81,7 +83,8 @@ class RunScoring:
         return self._sets[split]
 
     def evaluate(self, model: AnomalyDetector) -> dict[str, Any]:
-        scores = collect_scores(model, self._set("test"), self.device, self.scorer, self.config.batch)
+        scores = collect_scores(inference_model(model, self.speed), self._set("test"), self.device, self.scorer,
+                                self.config.batch, self.speed)
         metrics, _ = compute_metrics(scores, self.scorer)
         keys = ("image_auroc", "image_auroc_max", "pixel_auroc", "pixel_auroc_smoothed")
         return {key: metrics[key] for key in keys}
@@ -90,8 +93,8 @@ class RunScoring:
         return {"val_error": reconstruction_statistics(model, self._set("val"), self.device, self.config.batch)["error"]}
 
     def calibrate(self, model: AnomalyDetector) -> dict[str, float]:
-        scores = collect_scores(model, self.train_set.without_augmentation(), self.device, self.scorer,
-                                self.config.batch)
+        scores = collect_scores(inference_model(model, self.speed), self.train_set.without_augmentation(),
+                                self.device, self.scorer, self.config.batch, self.speed)
         return self.scorer.calibrate(scores.maps, scores.feat)
 
     def finish(self, model: AnomalyDetector, history: list[dict[str, Any]], out: str) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..networks.acceleration import PLAIN, SpeedOptions, fast_score
 from .metrics import aupro, auroc_per_defect, best_f1, image_auroc, pixel_auroc
 from .scorer import ImageScores, Scorer
 
@@ -39,14 +40,17 @@ class ScoreSet(NamedTuple):
 
 @torch.no_grad()
 def collect_scores(model: nn.Module, dataset: Dataset, device: torch.device, scorer: Scorer,
-                   batch: int = 16) -> ScoreSet:
-    """Raw scores of every item of ``dataset`` (in order), with the model in eval mode; ``model``
-    is an :class:`~models.networks.AnomalyDetector` or anything with its ``score``."""
+                   batch: int = 16, speed: SpeedOptions = PLAIN) -> ScoreSet:
+    """Raw scores of every item of ``dataset`` (in order), with the model in eval mode, run under
+    ``speed``'s context (:func:`~models.networks.acceleration.fast_score`; the model prepared by
+    :func:`~models.networks.acceleration.inference_model`); ``model`` is an
+    :class:`~models.networks.AnomalyDetector` or anything with its ``score``."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ScoreSet._fields}
     for item in DataLoader(dataset, batch_size=batch, shuffle=False):
-        s = model.score(item["image"].to(device), scorer.ali_reduction, scorer.anomaly_map)
+        s = fast_score(model, item["image"].to(device), speed, ali_reduction=scorer.ali_reduction,
+                       anomaly_map=scorer.anomaly_map)
         parts["labels"].append(item["label"].numpy())
         parts["maps"].append(s.error_map.cpu().numpy())
         parts["masks"].append(item["mask"][:, 0].numpy())

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..data import OneClassDataset
 from ..networks import AnomalyDetector
+from ..networks.acceleration import FAST_TRAINING, SpeedOptions
 from .amp import AMP_DTYPES
 from .atomic import write_json
 from .checkpoint import save_checkpoint
@@ -79,15 +80,16 @@ def write_log(out: str, record: dict) -> None:
 
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset, hooks: RunHooks,
           resume: Optional[Resume] = None, amp: Optional[str] = None,
-          program: str = "python -m models.train") -> Trainer:
+          program: str = "python -m models.train", speed: SpeedOptions = FAST_TRAINING) -> Trainer:
     """Trains on ``train_set`` (augmented) until the run's stopping rule (``epochs``, ``steps``,
     ``until_plateau``: see :class:`~models.training.TrainConfig`); rank 0 writes to ``out``.
 
     Raises :class:`~models.training.trainer.DivergenceError` naming the epoch and step where a loss
     or gradient became NaN or infinite, and the ``program`` command that continues with a lower
-    learning rate; that epoch is never saved.
+    learning rate; that epoch is never saved. ``speed``: the trainer's (plain with
+    :data:`~models.networks.acceleration.PLAIN`).
     """
-    trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(amp))
+    trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(amp), speed=speed)
     if resume is not None:
         trainer.load_state_dict(resume.state, resume.path)
     # DistributedSampler also in one process: shuffling then depends only on (seed, epoch).

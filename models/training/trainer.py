@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
 from ..networks import AnomalyDetector
+from ..networks.acceleration import PLAIN, SpeedOptions, adam_options, training_networks
 from ..networks.losses import (LossWeights, discriminator_accuracy, discriminator_loss, generator_loss,
                                generator_terms, weight_of)
 from .amp import MixedPrecision
@@ -65,11 +66,13 @@ class Trainer:
 
     With ``ddp=True`` (a process group must exist) the generator and discriminator are wrapped
     separately in DistributedDataParallel, so each optimizer step sees gradients averaged over
-    all processes. ``self.model`` always holds the unwrapped networks.
+    all processes. ``self.model`` always holds the unwrapped networks. ``speed`` runs them faster
+    within float32 rounding (:data:`~models.networks.acceleration.FAST_TRAINING`: channels_last,
+    Adam's fused kernel); ``amp`` is the mixed precision.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device, ddp: bool = False,
-                 amp: Optional[torch.dtype] = None) -> None:
+                 amp: Optional[torch.dtype] = None, speed: SpeedOptions = PLAIN) -> None:
         if ddp and config.d_reset and config.model.variant.adversarial:
             # Each process would decide on its own loss and draw its own fresh weights.
             raise ValueError("--d-reset is not supported with DistributedDataParallel (processes would "
@@ -79,10 +82,12 @@ class Trainer:
         # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
         self.model = AnomalyDetector(config.model).to(device)
+        training_networks(self.model, speed)  # layout and compilation in place, before DDP wraps them
         self.generator = self._wrap(self.model.generator, ddp)
         self.discriminator = (self._wrap(self.model.discriminator, ddp)
                               if self.model.discriminator is not None else None)
-        adam = dict(lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay)
+        adam = dict(lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay,
+                    **adam_options(speed, device))
         self.opt_g = torch.optim.Adam(self.model.generator.parameters(), **adam)
         self.opt_d = (torch.optim.Adam(self.model.discriminator.parameters(), **adam)
                       if self.discriminator is not None else None)

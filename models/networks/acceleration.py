@@ -18,7 +18,7 @@ Nothing here changes what the networks compute beyond the rounding of the dtype 
 
 Example:
     >>> import torch
-    >>> from models.acceleration import SpeedOptions, fast_score, inference_model
+    >>> from models.networks.acceleration import SpeedOptions, fast_score, inference_model
     >>> from models.networks import AnomalyDetector, ModelConfig
     >>> net = AnomalyDetector(ModelConfig(model="daad+", size=32, width=4, division=(2, 2, 1))).eval()
     >>> options = SpeedOptions(channels_last=True, fold_batchnorm=True)
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .networks import AnomalyDetector, Scores
+from .detector import AnomalyDetector, Scores
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class SpeedOptions:
     fused_adam: bool = False
 
 
+#: The plain model: eager float32, what the exported graph computes.
+PLAIN = SpeedOptions()
 #: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 2.2x the
 #: plain float32 model at 256x256, 1.6x at 64x64. Compilation is left out: at 256x256 it repays
 #: its ~100 s only after about 900 images, at 64x64 never.
@@ -147,14 +149,3 @@ def adam_options(options: SpeedOptions, device: Union[str, torch.device]) -> dic
     """Keyword arguments for ``torch.optim.Adam``: its fused kernel where ``options.fused_adam``
     asks for it (CPU and CUDA have one), else the default."""
     return {"fused": True} if options.fused_adam and torch.device(device).type in ("cpu", "cuda") else {}
-
-
-def rebuilt_adam(existing: torch.optim.Optimizer, options: SpeedOptions) -> torch.optim.Optimizer:
-    """A fresh optimizer of ``existing``'s class over its parameter groups (learning rate, betas,
-    ...) with :func:`adam_options`; ``existing`` must not have stepped (its state is not copied)."""
-    if existing.state:
-        raise ValueError("rebuilt_adam() replaces an optimizer before its first step; this one has state")
-    device = existing.param_groups[0]["params"][0].device
-    groups = [{key: value for key, value in group.items() if key not in ("foreach", "fused")}
-              for group in existing.param_groups]
-    return type(existing)(groups, **adam_options(options, device))
