@@ -416,7 +416,7 @@ class Backward {
     colsum_.assign(cosine_ ? g_.N : 0, 0.0);
     item_corr_.assign(cosine_ ? g_.N : 0, T(0));
     const T* nm = a.item_norms.const_data_ptr<T>();
-    for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(T(1) / clamp_norm(nm[i]));
+    for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(grad_inv_norm(nm[i]));
   }
 
   void run() {
@@ -466,9 +466,9 @@ class Backward {
         const T rowdot = row_backward(gr, w_data + row * N, memae ? p_data + row * N : nullptr,
                                       int(N), a_.o.shrink, lam, temperature, lse,
                                       cosine_ ? prod_data + r * N : nullptr);
-        if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
+        if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (|q| |m_i|), 0 where a norm is below eps
           row_corr_[r] = norm_correction(nq, rowdot);
-          const T scale = T(1) / clamp_norm(nq);
+          const T scale = grad_inv_norm(nq);
           for (int64_t i = 0; i < N; ++i) gr[i] = gr[i] * scale * inv_nm_[i];
         }
       }

@@ -1,0 +1,117 @@
+"""All-zero blocks and an all-zero memory item under cosine similarity, in every backend.
+
+Below the norm floor (1e-12) a vector carries no direction, so no gradient flows through the
+similarity to it (daad_ext/reference.py): an all-zero block gets a zero gradient and an all-zero
+item only its gradient through y. Every backend is compared with the float64 reference on inputs
+with two zero blocks and a zero item (tests/helpers.py), forward and backward, and must give
+finite gradients that are exactly zero on the zero blocks:
+
+* the C++ CPU kernel, in each dtype it supports;
+* the Triton kernels in Triton's interpreter (float32, on both paths: a subprocess with
+  ``TRITON_INTERPRET=1``, since the interpreter must be on before daad_ext is imported), and on a
+  GPU in float32, float16 and bfloat16 (skipped without one);
+* the CUDA kernels on the host execution layer (``cuda_host``, tests/test_cuda.py) and on a GPU,
+  in float32, float16 and bfloat16.
+
+The reference's own gradient of zero rows, in every dtype, is tested in tests/test_reference.py.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from daad_ext import available_backends
+from daad_ext.triton.config import HAS_TRITON
+from helpers import (ZERO_ITEM, assert_matches_reference, tie_free_inputs, zero_block_grads,
+                     zero_rows)
+from test_cuda import Target, target  # noqa: F401  (target: the cuda / cuda_host fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE, ITEMS, DIVISION = (2, 4, 4, 4), 11, (2, 2, 1)
+TEMPERATURE = 0.2  # spreads the softmax, so that few weights sit near the threshold
+#: (shrink, threshold): thresholds below 1/N, so that a zero block's uniform weights (1/N each)
+#: keep a margin from them.
+SHRINKS = (("hard", 0.5 / ITEMS), ("memae", 0.5 / ITEMS), ("none", None))
+#: Tolerances against the float64 reference (as tests/test_cuda.py's): half types store w, y and
+#: the gradients in 16 bits. Half-type inputs keep a 5% margin from the threshold.
+TOLERANCES = {torch.float64: dict(atol=1e-9, rtol=1e-7),
+              torch.float32: dict(atol=5e-5, rtol=5e-4),
+              torch.float16: dict(atol=1e-2, rtol=1e-2),
+              torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+HALF_TYPES = (torch.float16, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HAS_GPU = torch.cuda.is_available()
+
+
+def check_zero_rows(backend: str, dtype: torch.dtype, shrink: str, threshold, device: str = "cpu",
+                    seed: int = 0) -> None:
+    """``backend`` against the reference on inputs with zero blocks and a zero item."""
+    x, memory = tie_free_inputs(SHAPE, ITEMS, DIVISION, "cosine", shrink, threshold, TEMPERATURE,
+                                dtype=dtype, device=device, seed=seed,
+                                margin=0.05 if dtype in HALF_TYPES else 1e-3,
+                                transform=zero_rows(DIVISION))
+    assert (memory[ZERO_ITEM] == 0).all()
+    got = assert_matches_reference(backend, x, memory, DIVISION, "cosine", shrink, threshold,
+                                   TEMPERATURE, seed=seed, **TOLERANCES[dtype])
+    for name, value in zip(("y", "w", "grad x", "grad memory"), got):
+        assert torch.isfinite(value).all(), f"{backend} {dtype} {shrink}: {name} not finite"
+    for block in zero_block_grads(got[2], DIVISION):
+        assert (block == 0).all(), f"{backend} {dtype} {shrink}: a zero block's gradient {block}"
+
+
+CPU_DTYPES = [d for d in (torch.float32, torch.float64) + HALF_TYPES
+              if "cpu" in available_backends("cpu", d)]
+
+
+@pytest.mark.parametrize("shrink,threshold", SHRINKS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_cpu(dtype, shrink, threshold):
+    check_zero_rows("cpu", dtype, shrink, threshold)
+
+
+@pytest.mark.parametrize("shrink,threshold", SHRINKS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_kernels(target: Target, dtype, shrink, threshold):
+    check_zero_rows(target.backend, dtype, shrink, threshold, device=target.device)
+
+
+def run_triton_interpreter_checks() -> None:
+    """The Triton checks of this process's path (DAAD_TRITON_PATH), interpreted, in float32."""
+    for shrink, threshold in SHRINKS:
+        check_zero_rows("triton", torch.float32, shrink, threshold)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("path", ("fused", "tiled"))
+def test_triton_interpreter(path):
+    # PYTHONPATH: this checkout's daad_ext, not an installed one (a script's sys.path[0] is its
+    # own folder, and the modules import daad_ext before any code of the script runs).
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", DAAD_TRITON_PATH=path,
+               PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--triton-interpreter"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.mark.skipif(not (HAS_GPU and "triton" in available_backends("cuda")),
+                    reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("shrink,threshold", SHRINKS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_triton_gpu(dtype, shrink, threshold):
+    check_zero_rows("triton", dtype, shrink, threshold, device="cuda")
+
+
+if __name__ == "__main__":
+    # TRITON_INTERPRET=1 DAAD_TRITON_PATH=fused PYTHONPATH=. python tests/test_zero_blocks.py \
+    #     --triton-interpreter
+    if sys.argv[1:] != ["--triton-interpreter"] or os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("usage: TRITON_INTERPRET=1 python tests/test_zero_blocks.py --triton-interpreter")
+    import daad_ext.triton
+    assert daad_ext.triton.INTERPRETED and daad_ext.__file__.startswith(ROOT), daad_ext.__file__
+    run_triton_interpreter_checks()
+    print("ok")
