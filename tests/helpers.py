@@ -99,7 +99,7 @@ def assert_matches_reference(backend: str, x: torch.Tensor, memory: torch.Tensor
 
     got = forward_backward(backend, x, memory, cast(grad_y, x), cast(grad_w, x), options)
     want = forward_backward("reference", x.double(), memory.double(), cast(grad_y, x.double()),
-                             cast(grad_w, x.double()), options)
+                            cast(grad_w, x.double()), options)
     for name, g, r in zip(("y", "w", "grad x", "grad memory"), got, want):
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
         torch.testing.assert_close(g.double().cpu(), r.cpu(), atol=atol, rtol=rtol,
