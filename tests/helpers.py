@@ -107,22 +107,25 @@ def assert_matches_reference(backend: str, x: torch.Tensor, memory: torch.Tensor
     return got
 
 
-# Inputs with all-zero blocks and an all-zero memory item (cosine: no gradient flows through the
-# similarity to them; daad_ext/reference.py).
+# Inputs with all-zero blocks and an all-zero memory item, or blocks and an item whose norms are
+# below the floor 1e-12 (cosine: no gradient flows through the similarity to them;
+# daad_ext/reference.py).
 #: (image, query) of the zero blocks, and the zero item.
 ZERO_BLOCKS = ((0, 0), (-1, -1))
 ZERO_ITEM = 1
 
 
-def zero_rows(division: Sequence[int]) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """A ``transform`` for :func:`tie_free_inputs` that zeroes ZERO_BLOCKS and ZERO_ITEM."""
+def zero_rows(division: Sequence[int],
+              scale: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A ``transform`` for :func:`tie_free_inputs` that multiplies ZERO_BLOCKS and ZERO_ITEM by
+    ``scale``: 0 makes them all zero, 1e-14 leaves them nonzero with norms below the floor."""
     def transform(x: torch.Tensor, memory: torch.Tensor) -> None:
         geometry = make_division(*x.shape[1:], division)
         blocks = divide_blocks(x, geometry)
         for b, k in ZERO_BLOCKS:
-            blocks[b, k] = 0
+            blocks[b, k] *= scale
         x.copy_(assemble_blocks(blocks, geometry))
-        memory[ZERO_ITEM] = 0
+        memory[ZERO_ITEM] *= scale
     return transform
 
 

@@ -3,8 +3,9 @@
 Below the norm floor (1e-12) a vector carries no direction, so no gradient flows through the
 similarity to it (daad_ext/reference.py): an all-zero block gets a zero gradient and an all-zero
 item only its gradient through y. Every backend is compared with the float64 reference on inputs
-with two zero blocks and a zero item (tests/helpers.py), forward and backward, and must give
-finite gradients that are exactly zero on the zero blocks:
+with two zero blocks and a zero item (tests/helpers.py), and with two blocks and an item scaled
+below the floor but not zero, forward and backward, and must give finite gradients that are
+exactly zero on those blocks:
 
 * the C++ CPU kernel, in each dtype it supports;
 * the Triton kernels in Triton's interpreter (float32, on both paths: a subprocess with
@@ -36,6 +37,9 @@ TEMPERATURE = 0.2  # spreads the softmax, so that few weights sit near the thres
 #: (shrink, threshold): thresholds below 1/N, so that a zero block's uniform weights (1/N each)
 #: keep a margin from them.
 SHRINKS = (("hard", 0.5 / ITEMS), ("memae", 0.5 / ITEMS), ("none", None))
+#: Multipliers of the blocks and the item: all zero, or nonzero below the floor (1e-14 * randn;
+#: float16 rounds it to zero).
+SCALES = {"zero": 0.0, "tiny": 1e-14}
 #: Tolerances against the float64 reference (as tests/test_cuda.py's): half types store w, y and
 #: the gradients in 16 bits. Half-type inputs keep a 5% margin from the threshold.
 TOLERANCES = {torch.float64: dict(atol=1e-9, rtol=1e-7),
@@ -47,42 +51,46 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_GPU = torch.cuda.is_available()
 
 
-def check_zero_rows(backend: str, dtype: torch.dtype, shrink: str, threshold, device: str = "cpu",
-                    seed: int = 0) -> None:
-    """``backend`` against the reference on inputs with zero blocks and a zero item."""
+def check_zero_rows(backend: str, dtype: torch.dtype, shrink: str, threshold, scale: str,
+                    device: str = "cpu", seed: int = 0) -> None:
+    """``backend`` against the reference on inputs with zero (or below-floor) blocks and item."""
     x, memory = tie_free_inputs(SHAPE, ITEMS, DIVISION, "cosine", shrink, threshold, TEMPERATURE,
                                 dtype=dtype, device=device, seed=seed,
                                 margin=0.05 if dtype in HALF_TYPES else 1e-3,
-                                transform=zero_rows(DIVISION))
-    assert (memory[ZERO_ITEM] == 0).all()
+                                transform=zero_rows(DIVISION, SCALES[scale]))
+    assert memory[ZERO_ITEM].double().norm() < 1e-12
     got = assert_matches_reference(backend, x, memory, DIVISION, "cosine", shrink, threshold,
                                    TEMPERATURE, seed=seed, **TOLERANCES[dtype])
+    what = f"{backend} {dtype} {shrink} {scale}"
     for name, value in zip(("y", "w", "grad x", "grad memory"), got):
-        assert torch.isfinite(value).all(), f"{backend} {dtype} {shrink}: {name} not finite"
+        assert torch.isfinite(value).all(), f"{what}: {name} not finite"
     for block in zero_block_grads(got[2], DIVISION):
-        assert (block == 0).all(), f"{backend} {dtype} {shrink}: a zero block's gradient {block}"
+        assert (block == 0).all(), f"{what}: the gradient of a block below the floor {block}"
 
 
 CPU_DTYPES = [d for d in (torch.float32, torch.float64) + HALF_TYPES
               if "cpu" in available_backends("cpu", d)]
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("shrink,threshold", SHRINKS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_cpu(dtype, shrink, threshold):
-    check_zero_rows("cpu", dtype, shrink, threshold)
+def test_cpu(dtype, shrink, threshold, scale):
+    check_zero_rows("cpu", dtype, shrink, threshold, scale)
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("shrink,threshold", SHRINKS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-def test_cuda_kernels(target: Target, dtype, shrink, threshold):
-    check_zero_rows(target.backend, dtype, shrink, threshold, device=target.device)
+def test_cuda_kernels(target: Target, dtype, shrink, threshold, scale):
+    check_zero_rows(target.backend, dtype, shrink, threshold, scale, device=target.device)
 
 
 def run_triton_interpreter_checks() -> None:
     """The Triton checks of this process's path (DAAD_TRITON_PATH), interpreted, in float32."""
     for shrink, threshold in SHRINKS:
-        check_zero_rows("triton", torch.float32, shrink, threshold)
+        for scale in SCALES:
+            check_zero_rows("triton", torch.float32, shrink, threshold, scale)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -100,10 +108,11 @@ def test_triton_interpreter(path):
 
 @pytest.mark.skipif(not (HAS_GPU and "triton" in available_backends("cuda")),
                     reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("shrink,threshold", SHRINKS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-def test_triton_gpu(dtype, shrink, threshold):
-    check_zero_rows("triton", dtype, shrink, threshold, device="cuda")
+def test_triton_gpu(dtype, shrink, threshold, scale):
+    check_zero_rows("triton", dtype, shrink, threshold, scale, device="cuda")
 
 
 if __name__ == "__main__":
