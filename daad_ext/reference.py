@@ -6,9 +6,9 @@ values; query ``k = (ic*rh + ih)*rw + iw`` is the block
 query addresses the memory ``M`` (N, D):
 
 * ``s_i = <q, m_i> / (max(|q|, eps) * max(|m_i|, eps))`` (cosine, eps = 1e-12) or ``<q, m_i>``
-  (dot); below the floor a vector carries no direction, so for the gradient ``<q, m_i>`` is a
-  constant where ``|q|`` or ``|m_i|`` is below eps (the forward is unchanged): an all-zero block
-  gets a zero gradient, an all-zero item only its gradient through ``y``, in every dtype;
+  (dot); in the cosine a vector below the floor carries no direction, so for the gradient
+  ``<q, m_i>`` is a constant where ``|q|`` or ``|m_i|`` is below eps (the forward is unchanged):
+  an all-zero block gets a zero gradient, an all-zero item only its gradient through ``y``;
 * ``p = softmax(s / temperature)``;
 * shrinkage with threshold ``lam`` (default ``1/N``): ``hard`` keeps ``p_i >= lam`` and the row
   maximum and re-normalises (the mask is a constant for the gradient); ``memae`` is MemAE's
