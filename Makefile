@@ -35,7 +35,7 @@ test: setup
 # it). The runtimes must be preloaded into Python; ASan also needs libstdc++ loaded before it.
 CXX ?= c++
 CUDA_HOST_TESTS := -q -s -p no:cacheprovider tests/test_cuda.py \
-	-k "cuda_host and (shapes or tensor_core or skipped or nan or empty)"
+	-k "cuda_host and (shapes or tensor_core or skipped or nan or empty or small_norms)"
 test-cuda-host: setup
 	DAAD_CUDA_HOST=tsan TSAN_OPTIONS=halt_on_error=1 \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" $(PY) -m pytest $(CUDA_HOST_TESTS)

@@ -88,7 +88,7 @@ find_cuda_home() {
 }
 if CUDA_HOME=$(find_cuda_home); then
   export CUDA_HOME
-  export DAAD_EXT_EXPECT_CUDA=1  # tests/test_cuda.py then fails if the kernels were not built
+  export DAAD_REQUIRE_EXTENSION=1  # the run then fails if the extension or its CUDA kernels are missing
 else
   unset CUDA_HOME
   log "WARNING no CUDA toolkit (nvcc) found: the CUDA kernels cannot be built; their tests skip"

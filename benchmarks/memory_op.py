@@ -1,12 +1,18 @@
 """Benchmark of the block-wise memory operator: every backend, the reference under torch.compile, and
 the matrix-multiply floor, at the four feature scales of DAAD (256x256 input, N=500, division 8x8x1).
 
-    python benchmarks/memory_op.py                       # CPU, float32, batch 8, all four scales
+    python benchmarks/memory_op.py                       # CPU, float32 and bfloat16, batch 8, all four scales
     python benchmarks/memory_op.py --device cuda --dtype bfloat16 --json out.json
 
 Each backend also has a "frozen memory" row ("<backend>, frozen M"): the memory does not require
 grad (a frozen memory at fine-tuning, or input gradients at inference), so the backward computes
 grad x only; its forward equals the backend's.
+
+``--also-dtype`` (default: bfloat16 for float32 on CPU) adds rows "<backend> (bfloat16)"
+for the fused backends that run that dtype, and that dtype's floor, "floor (bfloat16)", on the
+same values rounded to it, timed interleaved with the rest. Every row's ratios are to the floor of
+its own dtype; a last table gives each fused backend's speed-up in that dtype over itself in
+``--dtype``.
 
 The floor is what no implementation can beat: the operator's two matrix products on contiguous
 tensors, S = Q @ M^T (BQ x D x N) and Y = S @ M (BQ x N x D), with their backward (four more
@@ -32,7 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -49,6 +55,7 @@ SCALES = {1: (64, 128, 128), 2: (128, 64, 64), 3: (256, 32, 32), 4: (512, 16, 16
 class Cell:
     scale: int
     variant: str
+    dtype: str
     fwd_ms: float
     fwd_spread_ms: float
     fwdbwd_ms: float
@@ -155,6 +162,33 @@ class PeakMemory:
         raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Variant(NamedTuple):
+    """A row of the table: ``name`` (a backend, "<backend>, frozen M", "reference+compile" or
+    "floor") run in ``dtype``; ``label`` names it in the table."""
+    dtype: torch.dtype
+    name: str
+    label: str
+
+
+def variants_of(args) -> list[Variant]:
+    """The table's rows: every variant in ``args.dtype``, then the fused backends and the floor in
+    ``args.also_dtype``."""
+    backends = args.backends or available_backends(args.device, args.dtype)
+    frozen = [] if args.no_frozen else [name + FROZEN for name in backends]
+    names = list(backends) + frozen + ([] if args.no_compile else ["reference+compile"]) + ["floor"]
+    rows = [Variant(args.dtype, name, name) for name in names]
+    if args.also_dtype is not None:
+        also = [name for name in available_backends(args.device, args.also_dtype)
+                if name != "reference" and (args.backends is None or name in args.backends)]
+        rows += [Variant(args.also_dtype, name, f"{name} ({dtype_name(args.also_dtype)})")
+                 for name in also + ["floor"]]
+    return rows
+
+
 def spread(samples: list[float]) -> float:
     """Half the inter-quartile range."""
     if len(samples) < 4:
@@ -163,30 +197,32 @@ def spread(samples: list[float]) -> float:
     return (q3 - q1) / 2
 
 
-def bench_scale(scale: int, args, variants: list[str], clock: Clock,
+def bench_scale(scale: int, args, variants: list[Variant], clock: Clock,
                 peak: Optional[PeakMemory]) -> list[Cell]:
-    problem = Problem(SCALES[scale], args.batch, args.num_items, tuple(args.division),
-                      args.dtype, args.device)
-    closures = {name: problem.variant(name) for name in variants}
+    problems = {dtype: Problem(SCALES[scale], args.batch, args.num_items, tuple(args.division),
+                               dtype, args.device) for dtype in dict.fromkeys(v.dtype for v in variants)}
+    closures = {v.label: problems[v.dtype].variant(v.name) for v in variants}
     for forward, forward_backward in closures.values():  # warm-up: compile, autotune, caches
         for _ in range(2):
             forward()
             forward_backward()
-    times = {name: ([], []) for name in variants}
+    labels = list(closures)
+    times = {label: ([], []) for label in labels}
     for r in range(args.repeats):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for name in order:
-            forward, forward_backward = closures[name]
-            times[name][0].append(clock(forward))
-            times[name][1].append(clock(forward_backward))
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
+        for label in order:
+            forward, forward_backward = closures[label]
+            times[label][0].append(clock(forward))
+            times[label][1].append(clock(forward_backward))
     cells = []
-    for name in variants:
-        fwd, fwdbwd = times[name]
-        mb = peak(closures[name][1]) if peak else float("nan")
-        cells.append(Cell(scale, name, statistics.median(fwd), spread(fwd),
+    for v in variants:
+        fwd, fwdbwd = times[v.label]
+        mb = peak(closures[v.label][1]) if peak else float("nan")
+        cells.append(Cell(scale, v.label, dtype_name(v.dtype), statistics.median(fwd), spread(fwd),
                           statistics.median(fwdbwd), spread(fwdbwd), mb))
-    floor = next(c for c in cells if c.variant == "floor")
-    for c in cells:
+    floors = {v.dtype: c for v, c in zip(variants, cells) if v.name == "floor"}
+    for v, c in zip(variants, cells):
+        floor = floors[v.dtype]
         c.fwd_ratio = c.fwd_ms / floor.fwd_ms
         c.fwdbwd_ratio = c.fwdbwd_ms / floor.fwdbwd_ms
         c.mem_ratio = c.peak_mb / floor.peak_mb
@@ -195,6 +231,25 @@ def bench_scale(scale: int, args, variants: list[str], clock: Clock,
 
 TABLE_HEAD = ("| scale | variant | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor "
               "| peak MB | peak / floor |\n|" + "---|" * 8)
+
+
+SPEEDUP_HEAD = ("| scale | backend | fwd speed-up | fwd+bwd speed-up |\n|" + "---|" * 4)
+
+
+def speedup_rows(variants: list[Variant], cells: list[Cell]) -> str:
+    """For each fused backend with rows in both dtypes: its time in the first dtype over its time
+    in the second, per scale."""
+    main = {v.name: v.label for v in variants if v.dtype == variants[0].dtype}
+    pairs = [(main[v.name], v.label) for v in variants
+             if v.dtype != variants[0].dtype and v.name != "floor" and v.name in main]
+    by_label = {(c.scale, c.variant): c for c in cells}
+    rows = []
+    for scale in dict.fromkeys(c.scale for c in cells):
+        for slow, fast in pairs:
+            a, b = by_label[scale, slow], by_label[scale, fast]
+            rows.append(f"| {scale} | {fast} over {slow} | {a.fwd_ms / b.fwd_ms:.2f}x "
+                        f"| {a.fwdbwd_ms / b.fwdbwd_ms:.2f}x |")
+    return "\n".join(rows)
 
 
 def format_rows(cells: list[Cell]) -> str:
@@ -236,6 +291,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-frozen", action="store_true",
                         help="skip the frozen-memory rows (memory without grad: grad x only)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--also-dtype", default=None, choices=["bfloat16", "float16", "none"],
+                        help="also time the fused backends and the floor in this dtype "
+                             "(default: bfloat16 for float32 on CPU, else none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="default: 7 on CPU, 30 on CUDA")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -243,6 +301,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     args.device = torch.device(args.device)
+    if args.also_dtype is None:
+        cpu_float32 = args.device.type == "cpu" and args.dtype == torch.float32
+        args.also_dtype = "bfloat16" if cpu_float32 else "none"
+    args.also_dtype = None if args.also_dtype == "none" else getattr(torch, args.also_dtype)
     if args.repeats is None:
         args.repeats = 30 if args.device.type == "cuda" else 7
     return args
@@ -250,15 +312,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[Cell]:
     args = parse_args(argv)
-    backends = args.backends or available_backends(args.device, args.dtype)
-    frozen = [] if args.no_frozen else [name + FROZEN for name in backends]
-    variants = (list(backends) + frozen + ([] if args.no_compile else ["reference+compile"])
-                + ["floor"])
+    variants = variants_of(args)
     clock = Clock(args.device)
     peak = None if args.no_memory else PeakMemory(args.device)
     device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"block memory benchmark: {device_name}, {args.dtype}, batch {args.batch}, "
+    also = f" (and {args.also_dtype})" if args.also_dtype else ""
+    print(f"block memory benchmark: {device_name}, {args.dtype}{also}, batch {args.batch}, "
           f"N={args.num_items}, division {tuple(args.division)}, {args.repeats} repeats, torch "
           f"{torch.__version__}", flush=True)
     cells = []
@@ -267,9 +327,12 @@ def main(argv=None) -> list[Cell]:
         scale_cells = bench_scale(scale, args, variants, clock, peak)
         print(format_rows(scale_cells), flush=True)
         cells += scale_cells
+    if any(v.dtype != args.dtype for v in variants):
+        print("\n" + SPEEDUP_HEAD + "\n" + speedup_rows(variants, cells), flush=True)
     if args.json:
         atomic_write_text(args.json, json.dumps({
-            "device": device_name, "dtype": str(args.dtype), "batch": args.batch,
+            "device": device_name, "dtype": str(args.dtype),
+            "also_dtype": str(args.also_dtype) if args.also_dtype else None, "batch": args.batch,
             "num_items": args.num_items, "division": args.division, "repeats": args.repeats,
             "torch": torch.__version__, "cells": [asdict(c) for c in cells]}, indent=2))
     return cells

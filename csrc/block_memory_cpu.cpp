@@ -21,14 +21,32 @@
 // M themselves, w, probs (MemAE only), per-row (|q|, lse) and per-item |m|. grad_memory is
 // written by GEMMs into disjoint column slices (no atomics, no per-thread copies to sum), so
 // repeated runs give identical results.
+//
+// bfloat16: x, M, y, w, probs and the gradients are bfloat16, and the products run on bfloat16
+// operands through at::mm as in float32 (oneDNN, with the CPU's bf16 dot-product instructions
+// where it has them, accumulating in float32). Everything else runs in float32 (``acc_t``): the
+// norms, the statistics (row_stats and item_norms are float32, as on CUDA), the row epilogue and
+// its backward, the norm corrections. at::mm writes a bfloat16 product rounded to bfloat16, so
+//   * S = Q M^T and G = dY M^T are multiplied over whole rows, not summed over column chunks
+//     (one rounding of each similarity, instead of one per chunk), and the epilogue reads them
+//     in float32: softmax, the 1/N threshold (p_i >= lam compared in float32) and the
+//     re-normalisation run in float32 on these similarities, and w is rounded to bfloat16 once;
+//   * y = w M uses that rounded w (as the CUDA kernel does), and the backward recovers the
+//     similarities from the bfloat16 w (or p) and the float32 lse;
+//   * dL/d<q, m> is rounded to bfloat16 for the products dS M and dS^T Q;
+//   * the backward keeps the whole rows of dY that it gathers for G for the product w^T dY
+//     (a row block x D buffer) instead of gathering dY a second time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
@@ -58,8 +76,17 @@ int64_t env_int(const char* name, int64_t fallback) {
   return parsed > 0 ? parsed : fallback;
 }
 
+// The type the kernel computes in for storage type T: float for bfloat16, T itself otherwise.
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// Whether T is narrower than the type it is computed in (bfloat16): at::mm then rounds its
+// products to T, and the row epilogue runs on acc_t<T> copies of the rows.
+template <typename T>
+constexpr bool kNarrow = !std::is_same_v<T, acc_t<T>>;
+
 // ---------------------------------------------------------------------------------------------
-// Argument checks: csrc/op_checks.h, for float32 and float64 CPU tensors.
+// Argument checks: csrc/op_checks.h, for float32, float64 and bfloat16 CPU tensors.
 //
 // Index arithmetic is 64-bit throughout (block and line offsets, row and item offsets, buffer
 // sizes), so any B, C*H*W, D and B*Q*N that memory holds are addressed exactly, whatever the
@@ -72,9 +99,13 @@ void check_cpu_limits(const Geometry& g) {
               std::numeric_limits<int>::max(), " memory items (N < 2^31), got N=", g.N);
 }
 
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble};
-const Backend kBackend{"CPU", c10::DeviceType::CPU, kDtypes, "float32 and float64",
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kDouble, at::kBFloat16};
+const Backend kBackend{"CPU", c10::DeviceType::CPU, kDtypes, "float32, float64 and bfloat16",
                        &check_cpu_limits};
+
+// AT_DISPATCH over the dtypes of kDtypes.
+#define DAAD_DISPATCH_CPU(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, name, __VA_ARGS__)
 
 // ---------------------------------------------------------------------------------------------
 // Addressing blocks inside a strided (B, C, H, W) tensor.
@@ -108,14 +139,37 @@ struct Chunk {
   }
 };
 
+// v in acc_t<T>. A bfloat16 is the upper half of a float's bits: widened by a shift.
+template <typename T>
+inline acc_t<T> widen(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return std::bit_cast<float>(uint32_t(v.x) << 16);
+  } else {
+    return v;
+  }
+}
+
+// v rounded to T (to nearest even; NaN stays NaN), by the same bit operations as c10's
+// conversion, with a select for NaN instead of a branch (no branch per value in the loops).
+template <typename T>
+inline T narrow(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint16_t rounded = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return c10::BFloat16(v == v ? rounded : uint16_t(0x7FC0), c10::BFloat16::from_bits());
+  } else {
+    return v;
+  }
+}
+
 // Sum of squares of n values, in independent lanes so that the loop vectorises.
 template <typename T>
 inline double sumsq(const T* __restrict src, int64_t n) {
   constexpr int kLanes = 16;
-  T acc[kLanes] = {};
+  acc_t<T> acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += src[i + l] * src[i + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += widen(src[i + l]) * widen(src[i + l]);
   double total = 0;
   for (; i < n; ++i) total += double(src[i]) * double(src[i]);
   for (int l = 0; l < kLanes; ++l) total += double(acc[l]);
@@ -132,11 +186,8 @@ template <int BW, typename T>
 inline void gather_lines(const T* __restrict block, const int64_t* offsets, int64_t nlines,
                          int64_t bw, int64_t sw, T* __restrict out) {
   const int64_t n = BW > 0 ? BW : bw;
-  if (sw == 1) {
-    for (int64_t j = 0; j < nlines; ++j, out += n) {
-      const T* __restrict in = block + offsets[j];
-      for (int64_t i = 0; i < n; ++i) out[i] = in[i];
-    }
+  if (sw == 1) {  // memcpy: one or two vector moves for the fixed widths, whatever T is
+    for (int64_t j = 0; j < nlines; ++j, out += n) std::memcpy(out, block + offsets[j], n * sizeof(T));
   } else {
     for (int64_t j = 0; j < nlines; ++j, out += n) {
       const T* in = block + offsets[j];
@@ -145,21 +196,19 @@ inline void gather_lines(const T* __restrict block, const int64_t* offsets, int6
   }
 }
 
-// dst lines = in (- c * minus when ``minus`` is not null); dst is contiguous along W.
+// dst lines = in (- c * minus when ``minus`` is not null, computed in acc_t<T> and rounded once);
+// dst is contiguous along W.
 template <int BW, typename T>
 inline void scatter_lines(T* __restrict block, const int64_t* offsets, int64_t nlines, int64_t bw,
-                          const T* __restrict in, T c, const T* __restrict minus) {
+                          const T* __restrict in, acc_t<T> c, const T* __restrict minus) {
   const int64_t n = BW > 0 ? BW : bw;
   if (minus != nullptr) {
     for (int64_t j = 0; j < nlines; ++j, in += n, minus += n) {
       T* __restrict out = block + offsets[j];
-      for (int64_t i = 0; i < n; ++i) out[i] = in[i] - c * minus[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = narrow<T>(widen(in[i]) - c * widen(minus[i]));
     }
   } else {
-    for (int64_t j = 0; j < nlines; ++j, in += n) {
-      T* __restrict out = block + offsets[j];
-      for (int64_t i = 0; i < n; ++i) out[i] = in[i];
-    }
+    for (int64_t j = 0; j < nlines; ++j, in += n) std::memcpy(block + offsets[j], in, n * sizeof(T));
   }
 }
 
@@ -177,16 +226,16 @@ inline void dispatch_width(int64_t bw, F&& f) {
   }
 }
 
-// buf[r, :] = chunk of query (row0 + r) of ``src``, for r < rows; adds the squared values to
-// ``sq[r]`` when ``sq`` is not null. Serial: the callers run one gather per thread.
+// buf[r * ld, ...] = chunk of query (row0 + r) of ``src``, for r < rows; adds the squared values
+// to ``sq[r]`` when ``sq`` is not null. Serial: the callers run one gather per thread.
 template <typename T>
 void gather_chunk(const Geometry& g, const T* src, const Strides& s, const Chunk& chunk,
-                  int64_t row0, int64_t rows, T* buf, double* sq) {
+                  int64_t row0, int64_t rows, T* buf, int64_t ld, double* sq) {
   const std::vector<int64_t> offsets = chunk.offsets(g, s);
   dispatch_width(g.bw, [&](auto width) {
     constexpr int BW = decltype(width)::value;
     for (int64_t r = 0; r < rows; ++r) {
-      T* out = buf + r * chunk.dc;
+      T* out = buf + r * ld;
       gather_lines<BW>(src + block_offset(g, s, row0 + r), offsets.data(), chunk.nlines, g.bw,
                        s.w, out);
       if (sq != nullptr) sq[r] += sumsq(out, chunk.dc);
@@ -198,14 +247,14 @@ void gather_chunk(const Geometry& g, const T* src, const Strides& s, const Chunk
 // coef[r] * sub[r, :] when ``coef`` is not null. Serial.
 template <typename T>
 void scatter_chunk(const Geometry& g, T* dst, const Strides& s, const Chunk& chunk, int64_t row0,
-                   int64_t rows, const T* buf, const T* coef, const T* sub) {
+                   int64_t rows, const T* buf, const acc_t<T>* coef, const T* sub) {
   TORCH_INTERNAL_ASSERT(s.w == 1, "scatter_chunk writes contiguous outputs only");
   const std::vector<int64_t> offsets = chunk.offsets(g, s);
   dispatch_width(g.bw, [&](auto width) {
     constexpr int BW = decltype(width)::value;
     for (int64_t r = 0; r < rows; ++r) {
       scatter_lines<BW>(dst + block_offset(g, s, row0 + r), offsets.data(), chunk.nlines, g.bw,
-                        buf + r * chunk.dc, coef != nullptr ? coef[r] : T(0),
+                        buf + r * chunk.dc, coef != nullptr ? coef[r] : acc_t<T>(0),
                         coef != nullptr ? sub + r * chunk.dc : nullptr);
     }
   });
@@ -273,17 +322,33 @@ void for_chunk_tasks(const Plan& plan, F&& f) {
   });
 }
 
+// Values per row of the buffer ``times_memory_t`` gathers into: the plan's largest chunk, or
+// whole rows for a narrow T (so that a sum over chunks does not round each partial sum).
+template <typename T>
+int64_t gather_width(const Geometry& g, const Plan& plan) {
+  return kNarrow<T> ? g.D : plan.lines_per_chunk * g.bw;
+}
+
 // out (nr x N) = A M^T, where the rows of A are the queries row0, ..., row0 + nr - 1 of ``src``
-// (strides ``s``): the products with K = D (S = Q M^T, G = dY M^T), accumulated over the column
-// chunks, each gathered into ``buf`` (nr x the plan's largest chunk); adds the rows' squared values
-// to ``sq`` when it is not null. Serial: the callers run one per task.
+// (strides ``s``): the products with K = D (S = Q M^T, G = dY M^T), gathered chunk by chunk into
+// ``buf`` (nr x gather_width) and accumulated over the chunks, or for a narrow T gathered whole
+// and multiplied at once; adds the rows' squared values to ``sq`` when it is not null. Serial:
+// the callers run one per task.
 template <typename T>
 void times_memory_t(const Geometry& g, const Plan& plan, const T* src, const Strides& s,
                     int64_t row0, int64_t nr, const Tensor& memory, const Tensor& buf, double* sq,
                     Tensor& out) {
+  if constexpr (kNarrow<T>) {
+    for (int64_t c = 0; c < plan.nchunks; ++c) {
+      const Chunk chunk = plan.chunk(g, c);
+      gather_chunk(g, src, s, chunk, row0, nr, buf.mutable_data_ptr<T>() + chunk.d0, g.D, sq);
+    }
+    at::mm_out(out, buf.narrow(0, 0, nr * g.D).view({nr, g.D}), memory.t());
+    return;
+  }
   for (int64_t c = 0; c < plan.nchunks; ++c) {
     const Chunk chunk = plan.chunk(g, c);
-    gather_chunk(g, src, s, chunk, row0, nr, buf.mutable_data_ptr<T>(), sq);
+    gather_chunk(g, src, s, chunk, row0, nr, buf.mutable_data_ptr<T>(), chunk.dc, sq);
     const Tensor ac = buf.narrow(0, 0, nr * chunk.dc).view({nr, chunk.dc});
     const Tensor mc_t = memory.narrow(1, chunk.d0, chunk.dc).t();
     if (c == 0) {
@@ -294,38 +359,71 @@ void times_memory_t(const Geometry& g, const Plan& plan, const T* src, const Str
   }
 }
 
+// The row epilogue's rows in acc_t<T>: for T = acc_t<T> the op's own buffers (worked on in
+// place), for a narrow T copies in ``scratch`` (N values per row, empty otherwise).
+template <typename T>
+std::vector<acc_t<T>> row_scratch(int64_t n) {
+  return std::vector<acc_t<T>>(kNarrow<T> ? n : 0);
+}
+
+// The row to work on in place of ``row`` (not yet filled for a narrow T).
+template <typename T>
+acc_t<T>* acc_row(T* row, std::vector<acc_t<T>>& scratch) {
+  if constexpr (kNarrow<T>) {
+    return scratch.data();
+  } else {
+    return row;
+  }
+}
+
+// ``row`` (n values) in acc_t<T>: itself, or converted into ``scratch``.
+template <typename T>
+const acc_t<T>* load_row(const T* row, int64_t n, std::vector<acc_t<T>>& scratch) {
+  if constexpr (kNarrow<T>) {
+    for (int64_t i = 0; i < n; ++i) scratch[i] = widen(row[i]);
+    return scratch.data();
+  } else {
+    return row;
+  }
+}
+
+// Writes a row worked on by acc_row back to ``dst``, rounded to T (nothing to do otherwise).
+template <typename T>
+void store_row(const acc_t<T>* src, int64_t n, T* dst) {
+  if constexpr (kNarrow<T>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = narrow<T>(src[i]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Given item_norms (|m_i|), computes y, w, probs and row_stats.
 template <typename T>
 void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Tensor& memory,
                   const Tensor& y, const Tensor& w, const Tensor& probs, const Tensor& row_stats,
                   const Tensor& item_norms) {
-  const int64_t N = g.N, D = g.D, rows_total = g.rows();
+  using A = acc_t<T>;
+  const int64_t N = g.N, rows_total = g.rows();
   const Strides xs(x), ys(y);
   const Plan plan = make_plan(g, sizeof(T));
   const int64_t max_chunk = plan.lines_per_chunk * g.bw;
   const T* x_data = x.const_data_ptr<T>();
-  const T* m_data = memory.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
   T* w_data = w.mutable_data_ptr<T>();
-  T* stats = row_stats.mutable_data_ptr<T>();
-  T* nm = item_norms.mutable_data_ptr<T>();
+  A* stats = row_stats.mutable_data_ptr<A>();
+  const A* nm = item_norms.const_data_ptr<A>();
   const bool cosine = o.similarity == Similarity::Cosine;
-  const T temperature = T(o.temperature), lam = T(o.lam);
-  // Logits are computed where the softmax will be: in w, or in probs for MemAE (whose w differs).
-  const Tensor logits = (o.shrink == Shrink::MemAE ? probs : w).view({rows_total, N});
+  const bool memae = o.shrink == Shrink::MemAE;
+  const A temperature = A(o.temperature), lam = A(o.lam);
+  // Similarities are computed where the softmax will be: in w, or in probs for MemAE (whose w
+  // differs); for a narrow T they are read from there into a float row.
+  const Tensor logits = (memae ? probs : w).view({rows_total, N});
   T* z_data = logits.mutable_data_ptr<T>();
   const Tensor w2 = w.view({rows_total, N});
 
-  // |m_i| (one pass over M, split over items) and 1 / max(|m_i|, eps).
-  std::vector<T> inv_nm(N);
-  at::parallel_for(0, N, grain(D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      nm[i] = T(std::sqrt(sumsq(m_data + i * D, D)));
-      inv_nm[i] = T(1) / clamp_norm(nm[i]);
-    }
-  });
+  std::vector<A> inv_nm(N);  // 1 / max(|m_i|, eps)
+  for (int64_t i = 0; i < N; ++i) inv_nm[i] = A(1) / clamp_norm(nm[i]);
 
   for (int64_t row0 = 0; row0 < rows_total; row0 += plan.row_block) {
     const int64_t rows = std::min(plan.row_block, rows_total - row0);
@@ -333,24 +431,30 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
     // epilogue of those rows: similarities -> logits -> softmax -> shrinkage.
     for_row_tasks(plan, rows, [&](int64_t begin, int64_t end) {
       const int64_t nr = end - begin, first_row = row0 + begin;
-      Tensor buf = at::empty({nr * max_chunk}, x.options());
+      Tensor buf = at::empty({nr * gather_width<T>(g, plan)}, x.options());
       std::vector<double> sq(nr, 0.0);
       Tensor s_rows = logits.narrow(0, first_row, nr);
       times_memory_t(g, plan, x_data, xs, first_row, nr, memory, buf, sq.data(), s_rows);
+      std::vector<A> z_scratch = row_scratch<T>(N), w_scratch = row_scratch<T>(N);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = first_row + r;
-        T* z = z_data + row * N;
-        const T nq = T(std::sqrt(sq[r]));
+        T* s = z_data + row * N;
+        A* z = acc_row(s, z_scratch);
+        const A nq = A(std::sqrt(sq[r]));
         if (cosine) {  // z = <q, m> / (max(|q|, eps) max(|m|, eps) T), by reciprocals
-          const T scale = T(1) / (clamp_norm(nq) * temperature);
-          for (int64_t i = 0; i < N; ++i) z[i] = z[i] * scale * inv_nm[i];
-        } else if (temperature != T(1)) {
-          const T scale = T(1) / temperature;
-          for (int64_t i = 0; i < N; ++i) z[i] *= scale;
+          const A scale = A(1) / (clamp_norm(nq) * temperature);
+          for (int64_t i = 0; i < N; ++i) z[i] = widen(s[i]) * scale * inv_nm[i];
+        } else if (kNarrow<T> || temperature != A(1)) {
+          const A scale = A(1) / temperature;
+          for (int64_t i = 0; i < N; ++i) z[i] = widen(s[i]) * scale;
         }
+        // For a narrow T, z (then p) and w are float rows, rounded to T once at the end.
+        A* w_row = kNarrow<T> && memae ? w_scratch.data() : acc_row(w_data + row * N, z_scratch);
         stats[2 * row] = nq;
         stats[2 * row + 1] =
-            row_forward(z, int(N), o.shrink, lam, w_data + row * N, static_cast<T*>(nullptr));
+            row_forward(z, int(N), o.shrink, lam, w_row, static_cast<A*>(nullptr));
+        store_row(w_row, N, w_data + row * N);
+        if (memae) store_row(z, N, s);  // p, into probs
       }
     });
     // Y = w M, a range of column chunks per task, scattered into y.
@@ -380,15 +484,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
   Tensor w = at::empty({g.B, g.Q, g.N}, x.options());
   Tensor probs = o.shrink == Shrink::MemAE ? at::empty({g.B, g.Q, g.N}, x.options())
                                            : at::empty({0}, x.options());
-  Tensor row_stats = at::empty({g.B, g.Q, 2}, x.options());
-  Tensor item_norms = at::empty({g.N}, x.options());
+  const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
+  Tensor row_stats = at::empty({g.B, g.Q, 2}, stats_options);
+  // |m_i| in the statistics' dtype: ATen's vectorised reduction, split over items.
+  Tensor item_norms =
+      at::linalg_vector_norm(memory, 2, {1}, false, stats_options.dtype().toScalarType());
   if (g.B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_forward_cpu", [&] {
+    DAAD_DISPATCH_CPU(x.scalar_type(), "block_memory_forward_cpu", [&] {
       forward_impl<scalar_t>(g, o, x, memory, y, w, probs, row_stats, item_norms);
-    });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_item_norms", [&] {
-      item_norms.copy_(at::linalg_vector_norm(memory, 2, {1}, false, std::nullopt));
     });
   }
   return {y, w, probs, row_stats, item_norms};
@@ -402,6 +505,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_memory_forward_cpu(
 
 template <typename T>
 class Backward {
+  using A = acc_t<T>;
+
  public:
   Backward(const BackwardArgs& a, const Tensor& x, const Tensor& grad_x, const Tensor& grad_memory)
       : a_(a), g_(a.g), plan_(make_plan(a.g, sizeof(T))), x_(x), grad_memory_(grad_memory),
@@ -411,11 +516,16 @@ class Backward {
     gy_data_ = a.grad_y.defined() ? a.grad_y.const_data_ptr<T>() : nullptr;
     gx_data_ = a.needs_grad_x ? grad_x.mutable_data_ptr<T>() : nullptr;
     gs_ = at::empty({plan_.row_block, g_.N}, x.options());
-    prod_ = cosine_ ? at::empty({plan_.row_block, g_.N}, x.options()) : Tensor();
-    row_corr_.assign(plan_.row_block, T(0));
+    if (kNarrow<T> && gy_data_ != nullptr && a.needs_grad_memory) {
+      dy_rows_ = at::empty({plan_.row_block, g_.D}, x.options());
+    }
+    prod_ = cosine_ ? at::empty({plan_.row_block, g_.N},
+                                x.options().dtype(c10::CppTypeToScalarType<A>::value))
+                    : Tensor();
+    row_corr_.assign(plan_.row_block, A(0));
     colsum_.assign(cosine_ ? g_.N : 0, 0.0);
-    item_corr_.assign(cosine_ ? g_.N : 0, T(0));
-    const T* nm = a.item_norms.const_data_ptr<T>();
+    item_corr_.assign(cosine_ ? g_.N : 0, A(0));
+    const A* nm = a.item_norms.const_data_ptr<A>();
     for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(grad_inv_norm(nm[i]));
   }
 
@@ -435,53 +545,63 @@ class Backward {
   void row_pass(int64_t row0, int64_t rows) {
     const int64_t N = g_.N;
     const bool memae = a_.o.shrink == Shrink::MemAE, has_gw = a_.grad_w.defined();
-    const T temperature = T(a_.o.temperature), lam = T(a_.o.lam);
+    const A temperature = A(a_.o.temperature), lam = A(a_.o.lam);
     const T* w_data = a_.w.const_data_ptr<T>();
     const T* p_data = memae ? a_.probs.const_data_ptr<T>() : nullptr;
     const T* gw_data = has_gw ? a_.grad_w.const_data_ptr<T>() : nullptr;
-    const T* stats = a_.row_stats.const_data_ptr<T>();
+    const A* stats = a_.row_stats.const_data_ptr<A>();
     Tensor g_block = gs_.narrow(0, 0, rows);
     T* g_data = g_block.mutable_data_ptr<T>();
-    T* prod_data = cosine_ ? prod_.mutable_data_ptr<T>() : nullptr;
+    A* prod_data = cosine_ ? prod_.mutable_data_ptr<A>() : nullptr;
     for_row_tasks(plan_, rows, [&](int64_t begin, int64_t end) {
       const int64_t nr = end - begin;
       if (gy_data_ != nullptr) {
-        Tensor buf = at::empty({nr * max_chunk_}, x_.options());
+        Tensor buf = dy_rows_.defined()
+                         ? dy_rows_.view(-1).narrow(0, begin * g_.D, nr * g_.D)
+                         : at::empty({nr * gather_width<T>(g_, plan_)}, x_.options());
         Tensor g_rows = g_block.narrow(0, begin, nr);
         times_memory_t(g_, plan_, gy_data_, gys_, row0 + begin, nr, a_.memory, buf, nullptr,
                        g_rows);
       }
+      std::vector<A> g_scratch = row_scratch<T>(N), w_scratch = row_scratch<T>(N),
+                     p_scratch = row_scratch<T>(memae ? N : 0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = row0 + r;
         T* gr = g_data + r * N;
+        A* g = acc_row(gr, g_scratch);  // dL/dw, then dL/ds
         if (has_gw) {
           const T* gwr = gw_data + row * N;
           if (gy_data_ != nullptr) {
-            for (int64_t i = 0; i < N; ++i) gr[i] += gwr[i];
+            for (int64_t i = 0; i < N; ++i) g[i] = widen(gr[i]) + widen(gwr[i]);
           } else {
-            std::copy(gwr, gwr + N, gr);
+            for (int64_t i = 0; i < N; ++i) g[i] = widen(gwr[i]);
           }
+        } else if constexpr (kNarrow<T>) {
+          for (int64_t i = 0; i < N; ++i) g[i] = widen(gr[i]);
         }
-        const T nq = stats[2 * row], lse = stats[2 * row + 1];
-        const T rowdot = row_backward(gr, w_data + row * N, memae ? p_data + row * N : nullptr,
-                                      int(N), a_.o.shrink, lam, temperature, lse,
+        const A* w = load_row(w_data + row * N, N, w_scratch);
+        const A* p = memae ? load_row(p_data + row * N, N, p_scratch) : nullptr;
+        const A nq = stats[2 * row], lse = stats[2 * row + 1];
+        const A rowdot = row_backward(g, w, p, int(N), a_.o.shrink, lam, temperature, lse,
                                       cosine_ ? prod_data + r * N : nullptr);
         if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (|q| |m_i|), 0 where a norm is below eps
           row_corr_[r] = norm_correction(nq, rowdot);
-          const T scale = grad_inv_norm(nq);
-          for (int64_t i = 0; i < N; ++i) gr[i] = gr[i] * scale * inv_nm_[i];
+          const A scale = grad_inv_norm(nq);
+          for (int64_t i = 0; i < N; ++i) gr[i] = narrow<T>(g[i] * scale * inv_nm_[i]);
+        } else {
+          store_row(g, N, gr);
         }
       }
     });
     if (cosine_ && a_.needs_grad_memory) {
-      const T* nm = a_.item_norms.const_data_ptr<T>();
+      const A* nm = a_.item_norms.const_data_ptr<A>();
       const bool last_block = row0 + rows == g_.rows();
       at::parallel_for(0, N, grain(rows), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           double total = 0;
           for (int64_t r = 0; r < rows; ++r) total += double(prod_data[r * N + i]);
           colsum_[i] += total;
-          if (last_block) item_corr_[i] = norm_correction(nm[i], T(colsum_[i]));
+          if (last_block) item_corr_[i] = norm_correction(nm[i], A(colsum_[i]));
         }
       });
     }
@@ -502,7 +622,8 @@ class Backward {
         Tensor dyc = buf.narrow(0, 0, size).view({rows, chunk.dc});
         Tensor qc = buf.narrow(0, size, size).view({rows, chunk.dc});
         if (needs_q) {
-          gather_chunk<T>(g_, x_data_, xs_, chunk, row0, rows, qc.mutable_data_ptr<T>(), nullptr);
+          gather_chunk<T>(g_, x_data_, xs_, chunk, row0, rows, qc.mutable_data_ptr<T>(), chunk.dc,
+                          nullptr);
         }
         if (a_.needs_grad_memory) {
           add_memory_grad(chunk, row0, rows, last_block, w_block, g_block, dyc, qc);
@@ -517,20 +638,26 @@ class Backward {
     });
   }
 
-  // dM[:, chunk] (+)= w^T dY + dS^T Q for the rows of one row block (dY gathered into ``dyc``);
-  // after the last one, dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i (cosine), while the chunk of
-  // dM is in cache.
+  // dM[:, chunk] (+)= w^T dY + dS^T Q for the rows of one row block (dY gathered into ``dyc``, or
+  // read from dy_rows_); after the last one, dM_i -= (sum_rows dL/ds * s) / |m_i|^2 * m_i
+  // (cosine), while the chunk of dM is in cache.
   void add_memory_grad(const Chunk& chunk, int64_t row0, int64_t rows, bool last_block,
                        const Tensor& w_block, const Tensor& g_block, Tensor& dyc,
                        const Tensor& qc) {
     Tensor gm_chunk = grad_memory_.narrow(1, chunk.d0, chunk.dc);
     bool written = row0 > 0;
     if (gy_data_ != nullptr) {
-      gather_chunk<T>(g_, gy_data_, gys_, chunk, row0, rows, dyc.mutable_data_ptr<T>(), nullptr);
-      if (written) {
-        gm_chunk.addmm_(w_block.t(), dyc);
+      Tensor dy = dyc;
+      if (dy_rows_.defined()) {
+        dy = dy_rows_.narrow(0, 0, rows).narrow(1, chunk.d0, chunk.dc);
       } else {
-        at::mm_out(gm_chunk, w_block.t(), dyc);
+        gather_chunk<T>(g_, gy_data_, gys_, chunk, row0, rows, dyc.mutable_data_ptr<T>(),
+                        chunk.dc, nullptr);
+      }
+      if (written) {
+        gm_chunk.addmm_(w_block.t(), dy);
+      } else {
+        at::mm_out(gm_chunk, w_block.t(), dy);
       }
       written = true;
     }
@@ -544,11 +671,11 @@ class Backward {
       const T* m_data = a_.memory.const_data_ptr<T>();
       T* gm_data = grad_memory_.mutable_data_ptr<T>();
       for (int64_t i = 0; i < g_.N; ++i) {
-        const T coef = item_corr_[i];
-        if (coef == T(0)) continue;
+        const A coef = item_corr_[i];
+        if (coef == A(0)) continue;
         T* out = gm_data + i * D + chunk.d0;
         const T* m = m_data + i * D + chunk.d0;
-        for (int64_t j = 0; j < chunk.dc; ++j) out[j] -= coef * m[j];
+        for (int64_t j = 0; j < chunk.dc; ++j) out[j] = narrow<T>(widen(out[j]) - coef * widen(m[j]));
       }
     }
   }
@@ -565,10 +692,11 @@ class Backward {
   const T* gy_data_;
   T* gx_data_;
   Tensor gs_;    // row block x N: dL/dw, then dL/d<q, m>
-  Tensor prod_;  // row block x N (cosine): dL/ds_i * s_i
-  std::vector<T> row_corr_;
+  Tensor dy_rows_;  // row block x D (narrow T, for grad M): dY as row_pass gathers it whole
+  Tensor prod_;  // row block x N (cosine, in acc_t<T>): dL/ds_i * s_i
+  std::vector<A> row_corr_;
   std::vector<double> colsum_;
-  std::vector<T> item_corr_, inv_nm_;
+  std::vector<A> item_corr_, inv_nm_;
 };
 
 std::tuple<Tensor, Tensor> block_memory_backward_cpu(
@@ -583,7 +711,7 @@ std::tuple<Tensor, Tensor> block_memory_backward_cpu(
   Tensor grad_x, grad_memory;
   std::tie(grad_x, grad_memory) = backward_outputs(args, x);
   if (!args.trivial()) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_memory_backward_cpu", [&] {
+    DAAD_DISPATCH_CPU(x.scalar_type(), "block_memory_backward_cpu", [&] {
       Backward<scalar_t>(args, x, grad_x, grad_memory).run();
     });
   }

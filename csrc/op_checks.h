@@ -184,13 +184,19 @@ inline Geometry check_inputs(const at::Tensor& x, const at::Tensor& memory, int6
   return g;
 }
 
-// A saved tensor or gradient of the backward: ``shape``, ``dtype``, and x's device.
+// A tensor argument of the backward on x's device (daad_ext/spec.py's message).
+inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " (x's device), got ",
+              t.device());
+}
+
+// A saved tensor or gradient of the backward: x's device, ``shape`` and ``dtype``.
 inline void check_saved(const char* name, const at::Tensor& t, at::IntArrayRef shape,
                         at::ScalarType dtype, const at::Tensor& x) {
+  check_device(name, t, x);
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
 }
 
 // An optional gradient of the backward: the tensor, or an undefined one where it is absent.
@@ -216,7 +222,8 @@ struct BackwardArgs {
 };
 
 // Checks the backward's arguments (those of the forward, then its saved tensors and gradients:
-// probs for MemAE only) and prepares them for ``backend``'s kernel.
+// probs for MemAE only, else only its device; every tensor on x's device) and prepares them for
+// ``backend``'s kernel.
 inline BackwardArgs prepare_backward(
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_w,
     const at::Tensor& x, const at::Tensor& memory, const at::Tensor& w, const at::Tensor& probs,
@@ -232,7 +239,11 @@ inline BackwardArgs prepare_backward(
   const at::ScalarType dtype = x.scalar_type(), stats = stats_dtype(dtype);
   const bool memae = a.o.shrink == Shrink::MemAE;
   check_saved("w", w, {g.B, g.Q, g.N}, dtype, x);
-  if (memae) check_saved("probs", probs, {g.B, g.Q, g.N}, dtype, x);
+  if (memae) {
+    check_saved("probs", probs, {g.B, g.Q, g.N}, dtype, x);
+  } else {
+    check_device("probs", probs, x);
+  }
   check_saved("row_stats", row_stats, {g.B, g.Q, 2}, stats, x);
   check_saved("item_norms", item_norms, {g.N}, stats, x);
   if (a.grad_y.defined()) check_saved("grad_y", a.grad_y, x.sizes(), dtype, x);

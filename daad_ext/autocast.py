@@ -2,8 +2,8 @@
 
 Autocast runs a linear layer in its low-precision dtype (float16 or bfloat16) by casting the
 input and the float32 weight. The block-wise memory does the same with ``x`` and its memory where
-the chosen backend has a kernel for that dtype, and runs in float32 where it has not (the C++ CPU
-kernel is float32/float64 only), as autocast does for the ops on its float32 list. For
+the chosen backend has a kernel for that dtype (the C++ CPU kernel runs bfloat16, not float16), and
+runs in float32 where it has not, as autocast does for the ops on its float32 list. For
 ``backend="auto"`` a fused kernel in float32 is preferred over the reference in the autocast
 dtype. The casts are ordinary ``Tensor.to`` calls: the gradient reaches a float32 parameter in
 float32. The op itself then runs with autocast off, so that the reference's products stay in the
@@ -15,8 +15,8 @@ Example:
     >>> layer = BlockMemory(8, 16, 16, num_items=50, division=(4, 4, 1))
     >>> with torch.autocast("cpu", dtype=torch.bfloat16):
     ...     y = layer(torch.nn.Conv2d(3, 8, 1)(torch.randn(2, 3, 16, 16)))
-    >>> y.dtype  # the fused CPU kernel is float32-only: it runs in float32
-    torch.float32
+    >>> y.dtype  # the fused CPU kernel runs bfloat16
+    torch.bfloat16
 """
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from . import ops
-from .reference import assemble_blocks, divide_blocks, shrink_ref, similarity_ref
-from .spec import NORM_EPS, compute_dtype, make_division
+from .reference import assemble_blocks, read_memory
+from .spec import NORM_EPS, make_division
 
 #: Fused forward ops (C++, Triton) that share the schema of ``daad_ext::block_memory_forward``.
 FORWARD_OPS = ("block_memory_forward", "block_memory_forward_triton")
@@ -33,23 +33,20 @@ def forward_decomposition(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: in
     """The forward op's five outputs from standard operators: ``(y, w, probs, row_stats,
     item_norms)`` as the kernels define them (``row_stats`` = (|q|, lse) per query with
     ``s_i / T = log w_i + lse`` (log p_i for MemAE), ``item_norms`` = |m_i|, ``probs`` = p for
-    MemAE's shrinkage, else empty). Only ``y`` and ``w`` reach an exported inference graph."""
+    MemAE's shrinkage, else empty). The reference's own steps (:func:`~daad_ext.reference.read_memory`,
+    float16/bfloat16 computed in float32) give all of them; only ``y`` and ``w`` reach an exported
+    inference graph."""
     _, c, h, w_ = x.shape
     geometry = make_division(c, h, w_, (rh, rw, rc))
-    queries = divide_blocks(x, geometry)
-    logits = similarity_ref(queries, memory, similarity) / temperature
-    p = torch.softmax(logits, dim=-1)
-    w = shrink_ref(p, shrink, threshold)
-    y = assemble_blocks(w @ memory, geometry)
-    lse = torch.logsumexp(logits, dim=-1)
+    read = read_memory(x, memory, geometry, similarity, shrink, threshold, temperature)
+    lse = torch.logsumexp(read.logits, dim=-1)
     if shrink == "hard":  # log(w_i) + lse = z_i for the kept items (csrc/block_memory.h)
-        lse = lse + torch.log((p * (w > 0)).sum(dim=-1))
-    stats = compute_dtype(x.dtype)
-    row_stats = torch.stack([torch.linalg.vector_norm(queries, dim=-1).clamp_min(NORM_EPS), lse],
-                            dim=-1).to(stats)
-    item_norms = torch.linalg.vector_norm(memory, dim=-1).clamp_min(NORM_EPS).to(stats)
-    probs = p if shrink == "memae" else x.new_empty(0)
-    return y, w, probs, row_stats, item_norms
+        lse = lse + torch.log((read.p * (read.w > 0)).sum(dim=-1))
+    q_norms = torch.linalg.vector_norm(read.queries, dim=-1).clamp_min(NORM_EPS)
+    item_norms = torch.linalg.vector_norm(read.memory, dim=-1).clamp_min(NORM_EPS)
+    probs = read.p.to(x.dtype) if shrink == "memae" else x.new_empty(0)
+    return (assemble_blocks(read.blocks, geometry).to(x.dtype), read.w.to(x.dtype), probs,
+            torch.stack([q_norms, lse], dim=-1), item_norms)
 
 
 def decompositions() -> dict[torch._ops.OpOverload, Callable]:

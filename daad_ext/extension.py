@@ -5,19 +5,29 @@ silently (``python -m daad_ext`` says what is missing). An extension that is the
 (built against another torch: undefined symbols; CUDA libraries missing: a failed ``dlopen``) must
 not break ``import daad_ext`` either: one warning names the cause and the rebuild command, and the
 backends that work remain.
+
+A test run that must check the fused kernels cannot take that leniency: under CI (``CI=true``)
+or with ``DAAD_REQUIRE_EXTENSION=1`` (:func:`required`), tests/conftest.py fails the run, before
+collecting anything, with the reason :func:`shortfall` gives: the extension missing or not
+loading, or built without its CUDA kernels where a CUDA toolkit would have built them.
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import AbstractSet, Optional
 
 import torch
 
 MODULE = "daad_ext._C"
 REBUILD = ("rebuild it against this torch: `pip install --no-build-isolation -e .` in the checkout "
            "(or `pip install --no-build-isolation --force-reinstall --no-deps .`)")
+
+#: Set to 1, makes an incomplete build fail the test run, as CI (``CI=true``) does.
+REQUIRE_ENV = "DAAD_REQUIRE_EXTENSION"
 
 #: Why the extension did not load (None when it loaded, or was never built).
 LOAD_ERROR: Optional[str] = None
@@ -54,4 +64,51 @@ def load_extension() -> Optional[ModuleType]:
     warnings.warn(f"daad_ext: the compiled extension {MODULE} failed to load ({LOAD_ERROR}). The "
                   f"fused C++ kernels are unavailable; the reference and Triton backends still "
                   f"work. To fix, {REBUILD}.", ExtensionWarning, stacklevel=2)
+    return None
+
+
+def required() -> bool:
+    """Whether a test run needs the complete build: under CI (``CI=true``, as CI services set it)
+    or with ``DAAD_REQUIRE_EXTENSION=1``."""
+    return os.environ.get("CI", "").lower() in ("true", "1") or os.environ.get(REQUIRE_ENV) == "1"
+
+
+def is_cuda_toolkit(home: Optional[str]) -> bool:
+    """Whether ``home`` holds a CUDA toolkit that builds the kernels: nvcc, the runtime's headers
+    and its library (a bare ``nvcc`` wrapper on the PATH is not one)."""
+    if not home:
+        return False
+    libraries = [path for lib in ("lib64", "lib") for path in glob.glob(os.path.join(home, lib,
+                                                                                "libcudart.so*"))]
+    return (os.access(os.path.join(home, "bin", "nvcc"), os.X_OK) and bool(libraries)
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")))
+
+
+def cuda_toolkit() -> Optional[str]:
+    """The CUDA toolkit setup.py builds the CUDA kernels with (torch's ``CUDA_HOME``: the
+    variable, else where nvcc is), if it is a real one and ``DAAD_EXT_NO_CUDA=1`` does not turn
+    the kernels off; else None."""
+    if os.environ.get("DAAD_EXT_NO_CUDA", "0") == "1":
+        return None
+    from torch.utils.cpp_extension import CUDA_HOME  # setup.py's lookup (imported only here)
+    return CUDA_HOME if is_cuda_toolkit(CUDA_HOME) else None
+
+
+def shortfall(kernel_devices: Optional[AbstractSet[str]]) -> Optional[str]:
+    """Why this install falls short of the complete build, or None if it does not.
+
+    ``kernel_devices`` is what the loaded extension has kernels for (daad_ext.ops.KERNEL_DEVICES),
+    None when it did not load. Short: not built, built but not loading (:data:`LOAD_ERROR`), or
+    built without the CUDA kernels where :func:`cuda_toolkit` finds a toolkit.
+    """
+    if kernel_devices is None:
+        if LOAD_ERROR is not None:
+            return f"the compiled extension {MODULE} failed to load ({LOAD_ERROR}); {REBUILD}"
+        return (f"the compiled extension {MODULE} is not built: `pip install --no-build-isolation "
+                f"-e .` (or `make setup`)")
+    toolkit = cuda_toolkit()
+    if toolkit is not None and "cuda" not in kernel_devices:
+        return (f"the compiled extension {MODULE} was built without its CUDA kernels, but the "
+                f"CUDA toolkit at {toolkit} would build them: rebuild with CUDA_HOME={toolkit}, "
+                f"or set DAAD_EXT_NO_CUDA=1 to test without them")
     return None

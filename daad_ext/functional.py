@@ -1,4 +1,5 @@
-"""``block_memory``: checks the arguments once, then dispatches to a backend.
+"""``block_memory``: dispatches to a backend, checking the arguments once (before it, or, for a
+backend whose op checks the whole call itself, in the op).
 
 Backends, each with ``supports(device, dtype)`` and a function on checked arguments:
 
@@ -22,25 +23,36 @@ from .spec import check_call
 
 
 class Backend(NamedTuple):
+    """Where a backend runs, and how: ``run`` takes checked arguments (the block geometry and the
+    resolved threshold, as ``BlockMemory`` holds them); ``call``, where the backend's op checks
+    the whole call itself, takes ``block_memory``'s own arguments, which are then checked once,
+    by the op, instead of twice."""
+
     supports: Callable[[torch.device, torch.dtype], bool]
     run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    call: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 BACKENDS: dict[str, Backend] = {
     "reference": Backend(lambda device, dtype: True, block_memory_ref_checked),
+    # The C++ op checks in C++ too, but raises RuntimeError: block_memory checks first, for the
+    # spec's ValueError / TypeError.
     "cpu": Backend(lambda device, dtype: device.type == "cpu" and ops.supports(device, dtype),
                    ops.block_memory_fused),
     "cuda": Backend(lambda device, dtype: device.type == "cuda" and ops.supports(device, dtype),
                     ops.block_memory_fused),
-    "triton": Backend(triton_backend.supports, triton_backend.block_memory_triton),
+    "triton": Backend(triton_backend.supports, triton_backend.block_memory_triton,
+                      triton_backend.call_triton),
 }
-#: ``backend="auto"`` takes the first available of these, fastest first (benchmarks/memory_op.py).
+#: ``backend="auto"`` takes the first available of these. On CPU the fused kernel is the faster
+#: (benchmarks/memory_op.py, README's table); the CUDA order, the CUDA kernel before Triton, is
+#: the intended one, not yet measured: neither GPU backend has run on a GPU.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 def available_backends(device: Union[str, torch.device] = "cpu",
                        dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run on ``device`` with ``dtype``, fastest first."""
+    """Names of the backends that can run on ``device`` with ``dtype``, in ``AUTO_ORDER``."""
     device = torch.device(device)
     order = AUTO_ORDER.get(device.type, ()) + tuple(BACKENDS)
     return [name for name in dict.fromkeys(order) if BACKENDS[name].supports(device, dtype)]
@@ -49,6 +61,16 @@ def available_backends(device: Union[str, torch.device] = "cpu",
 def check_backend_name(backend: str) -> None:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {tuple(BACKENDS)}")
+
+
+def _available_choice(backend: str, x: torch.Tensor, memory: torch.Tensor) -> Optional[str]:
+    """The backend that will run, where it can take tensors ``x`` and ``memory`` as they are;
+    None where the checks must speak first (no tensors, an unknown or unavailable backend)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(memory, torch.Tensor)):
+        return None
+    available = available_backends(x.device, x.dtype)
+    name = available[0] if backend == "auto" else backend
+    return name if name in available else None
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -91,6 +113,9 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     if cast is not None:  # under torch.autocast: see daad_ext/autocast.py
         with torch.autocast(x.device.type, enabled=False):
             return block_memory(*cast, division, similarity, shrink, threshold, temperature, backend)
+    name = _available_choice(backend, x, memory)
+    if name is not None and BACKENDS[name].call is not None:  # its op checks the call
+        return BACKENDS[name].call(x, memory, division, similarity, shrink, threshold, temperature)
     geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
-    name = resolve_backend(backend, x.device, x.dtype)
+    name = name or resolve_backend(backend, x.device, x.dtype)
     return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))

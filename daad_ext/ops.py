@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .spec import Division, check_call, compute_dtype
+from .spec import Division, check_backward_call, check_call, compute_dtype
 from .extension import load_extension
 
 #: Importing the extension registers torch.ops.daad_ext.*; one that fails to load warns
@@ -26,7 +26,7 @@ HAS_EXTENSION = _C is not None
 FORWARD = "daad_ext::block_memory_forward"
 BACKWARD = "daad_ext::block_memory_backward"
 #: dtypes each device's C++ kernel accepts.
-SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64),
+SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 #: Device types the extension was built with a kernel for (it says so itself); a constant, so that
 #: torch.compile traces the backend choice as one.
@@ -44,7 +44,8 @@ def fake_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperatu
 
 def fake_backward(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, rh, rw, rc,
                   similarity, shrink, threshold, temperature, needs_grad_x, needs_grad_memory):
-    check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
+    check_backward_call(grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, (rh, rw, rc),
+                        similarity, shrink, threshold, temperature)
     grad_x = (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_grad_x
               else x.new_empty(0))
     grad_memory = (torch.empty_like(memory, memory_format=torch.contiguous_format)

@@ -29,7 +29,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,16 +89,33 @@ def block_memory_ref(x: torch.Tensor, memory: torch.Tensor, division: Sequence[i
                                     float(temperature))
 
 
+class Read(NamedTuple):
+    """One read of the memory, in the precision it is computed in (:func:`~daad_ext.spec.compute_dtype`)."""
+
+    queries: torch.Tensor  # (B, Q, D)
+    memory: torch.Tensor  # (N, D)
+    logits: torch.Tensor  # s / temperature, (B, Q, N)
+    p: torch.Tensor  # softmax of the logits
+    w: torch.Tensor  # the shrunk, re-normalised weights
+    blocks: torch.Tensor  # w @ M, (B, Q, D): the output's blocks
+
+
+def read_memory(x: torch.Tensor, memory: torch.Tensor, geometry: Division, similarity: str,
+                shrink: str, lam: float, temperature: float) -> Read:
+    """The operator's steps on checked arguments, computed in ``compute_dtype(x.dtype)``: the one
+    place where float16/bfloat16 inputs are cast up (the caller rounds what it returns)."""
+    compute = compute_dtype(x.dtype)
+    x, memory = x.to(compute), memory.to(compute)
+    queries = divide_blocks(x, geometry)
+    logits = similarity_ref(queries, memory, similarity) / temperature
+    p = torch.softmax(logits, dim=-1)
+    w = shrink_ref(p, shrink, lam)
+    return Read(queries, memory, logits, p, w, w @ memory)
+
+
 def block_memory_ref_checked(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
                              similarity: str, shrink: str, lam: float,
                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_memory_ref` on arguments that :mod:`daad_ext.spec` has already checked."""
-    compute = compute_dtype(x.dtype)
-    if x.dtype != compute:  # half types: in float32, rounded once at the end
-        y, w = block_memory_ref_checked(x.to(compute), memory.to(compute), geometry, similarity,
-                                        shrink, lam, temperature)
-        return y.to(x.dtype), w.to(x.dtype)
-    queries = divide_blocks(x, geometry)
-    p = torch.softmax(similarity_ref(queries, memory, similarity) / temperature, dim=-1)
-    w = shrink_ref(p, shrink, lam)
-    return assemble_blocks(w @ memory, geometry), w
+    read = read_memory(x, memory, geometry, similarity, shrink, lam, temperature)
+    return assemble_blocks(read.blocks, geometry).to(x.dtype), read.w.to(x.dtype)

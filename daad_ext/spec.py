@@ -9,6 +9,7 @@ import math
 import numbers
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 SIMILARITIES = ("cosine", "dot")
@@ -67,6 +68,9 @@ def _is_int(value) -> bool:
 
 
 def parse_division(division: Sequence[int]) -> tuple[int, int, int]:
+    """(rh, rw, rc) from three Python or NumPy integers (a sequence or a 1-D NumPy array)."""
+    if isinstance(division, np.ndarray) and division.ndim == 1:
+        division = tuple(division)  # NumPy integers, checked as any others below
     if (not isinstance(division, Sequence) or isinstance(division, str) or len(division) != 3
             or not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
                        for r in division)):
@@ -135,6 +139,20 @@ def check_options(similarity: str, shrink: str, threshold: Optional[float], temp
     return lam
 
 
+def schema_arguments(memory: torch.Tensor, division: Sequence[int], threshold: Optional[float],
+                     temperature: float) -> tuple[int, int, int, float, float]:
+    """``block_memory``'s Python arguments as the ops' schema takes them: (rh, rw, rc, threshold,
+    temperature), the threshold ``1/N`` by default. For an op that runs :func:`check_call` itself,
+    which checks everything else (a memory without items gets the placeholder 1.0, which that
+    check never reaches: it refuses the memory first)."""
+    rh, rw, rc = parse_division(division)
+    if threshold is None:
+        items = int(memory.shape[0]) if memory.dim() == 2 else 0
+        threshold = 1.0 / items if items >= 1 else 1.0
+    return (rh, rw, rc, _check_number("threshold", threshold),
+            _check_number("temperature", temperature))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision the statistics of ``dtype`` inputs are computed in: float32 for the half types
     (and float32), float64 for float64. Also the dtype of the kernels' saved per-row and per-item
@@ -201,4 +219,54 @@ def check_call(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], s
     geometry = check_inputs(x, memory, division)
     lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
     check_temperature(temperature, x.dtype)
+    return geometry, lam
+
+
+def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {_type_name(t)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} (x's device), got {t.device}")
+
+
+def _check_saved(name: str, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+                 x: torch.Tensor) -> None:
+    """A saved tensor or gradient of the backward: x's device, ``shape`` and ``dtype``."""
+    _check_device(name, t, x)
+    shape = tuple(shape)
+
+    def message() -> str:
+        return f"{name} must have shape {shape}, got {tuple(t.shape)}"
+
+    if t.dim() != len(shape):
+        raise ValueError(message())
+    for size, want in zip(t.shape, shape):
+        require(size == want, ValueError, message)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def check_backward_call(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+                        x: torch.Tensor, memory: torch.Tensor, w: torch.Tensor,
+                        probs: torch.Tensor, row_stats: torch.Tensor, item_norms: torch.Tensor,
+                        division: Sequence[int], similarity: str, shrink: str,
+                        threshold: Optional[float], temperature: float) -> tuple[Division, float]:
+    """Every check of one call of the backward op: the forward's (:func:`check_call`), the saved
+    tensors as the forward returned them (``probs`` is MemAE's only, else a placeholder: only its
+    device counts) and the gradients that are given. Every tensor must be on x's device: a meta
+    tensor among CPU ones would send the call to the fake kernel, which computes nothing."""
+    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
+    weights = (x.shape[0], geometry.num_queries, memory.shape[0])
+    stats = compute_dtype(x.dtype)
+    _check_saved("w", w, weights, x.dtype, x)
+    if shrink == "memae":
+        _check_saved("probs", probs, weights, x.dtype, x)
+    else:
+        _check_device("probs", probs, x)
+    _check_saved("row_stats", row_stats, weights[:2] + (2,), stats, x)
+    _check_saved("item_norms", item_norms, weights[2:], stats, x)
+    if grad_y is not None:
+        _check_saved("grad_y", grad_y, tuple(x.shape), x.dtype, x)
+    if grad_w is not None:
+        _check_saved("grad_w", grad_w, weights, x.dtype, x)
     return geometry, lam

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from .inference import DEFAULT_IMAGE_SCORE, IMAGE_SCORES
+
 #: The package's name once installed (setup.py); ``models`` in a checkout.
 INSTALLED_PACKAGE = "daad_models"
 
@@ -47,6 +49,13 @@ def predict() -> None:
 def export() -> None:
     from .export import main
     main()
+
+
+def add_image_score_option(parser: argparse.ArgumentParser) -> None:
+    """The commands' ``--image-score``: which R the score A(x) fuses (models/inference/scorer.py)."""
+    parser.add_argument("--image-score", choices=IMAGE_SCORES, default=DEFAULT_IMAGE_SCORE,
+                        help="R of the image score: max of the anomaly map smoothed by a Gaussian (anomalib's; "
+                             f"small defects) or its mean (the paper's) (default: {DEFAULT_IMAGE_SCORE})")
 
 
 def reproduce() -> None:

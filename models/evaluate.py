@@ -20,10 +20,11 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-from .cli import command_parser, program
+from .cli import add_image_score_option, command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
-from .inference import IMAGE_SCORES, Scorer
+from .inference import DEFAULT_IMAGE_SCORE, Scorer
 from .inference.evaluation import evaluate_detector
+from .networks.maps import ANOMALY_MAPS
 from .training import load_detector
 from .training.distributed import resolve_device
 
@@ -37,9 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pixel_limit_option(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gamma", type=float, help="fusion weight of R (default: the checkpoint's)")
-    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
-                   help="R of the image score: mean of the anomaly map (the paper) or max of the smoothed map "
-                        "(anomalib; for small defects) (default: mean)")
+    add_image_score_option(p)
+    p.add_argument("--anomaly-map", choices=ANOMALY_MAPS, help="pixel map to score by (default: the run's)")
     p.add_argument("--sigma", type=float, help="Gaussian sigma in pixels of --image-score max and --smooth-maps "
                                                "(default: 4 at 256x256, scaled with the input size)")
     p.add_argument("--smooth-maps", action="store_true", help="pixel AUROC of the smoothed anomaly maps")
@@ -51,15 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optional[float] = None,
              num_heatmaps: int = 8, batch: int = 16, device: str = "auto",
-             skip_bad_images: bool = False, image_score: str = "mean", sigma: Optional[float] = None,
-             smooth: bool = False) -> dict[str, Any]:
+             skip_bad_images: bool = False, image_score: str = DEFAULT_IMAGE_SCORE,
+             sigma: Optional[float] = None, smooth: bool = False,
+             anomaly_map: Optional[str] = None) -> dict[str, Any]:
     """Writes metrics.json, roc.png and heat maps to ``out``; returns the metrics. ``image_score``,
     ``sigma`` and ``smooth``: see :class:`models.inference.Scorer` and
     :func:`models.inference.compute_metrics`."""
     dev = resolve_device(device)
     model, config, state = load_detector(checkpoint, dev)
     test_set = config.dataset_split("test", root=root, skip_bad_images=skip_bad_images)
-    scorer = Scorer.for_run(config, image_score, sigma, gamma)
+    scorer = Scorer.for_run(config, image_score, sigma, gamma, anomaly_map=anomaly_map)
     about = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model, "dataset": config.dataset,
              "size": config.model.size, "epoch": state["epoch"]}
     return evaluate_detector(model, test_set, scorer, out, dev, batch, num_heatmaps, smooth, about)
@@ -72,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     try:
         result = evaluate(args.checkpoint, args.out, args.root, args.gamma, args.num_heatmaps,
                           args.batch, args.device, args.skip_bad_images, args.image_score, args.sigma,
-                          args.smooth_maps)
+                          args.smooth_maps, args.anomaly_map)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",

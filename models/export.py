@@ -25,13 +25,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cli import command_parser, program
-from .inference import IMAGE_SCORES, Scorer
+from .cli import add_image_score_option, command_parser, program
+from .inference import DEFAULT_IMAGE_SCORE, Scorer
 from .inference.graph import FORMATS, ScoringGraph, export_graph
 from .training import load_detector
 
 
-def export(checkpoint: str, fmt: str, out: str, image_score: str = "mean") -> str:
+def export(checkpoint: str, fmt: str, out: str, image_score: str = DEFAULT_IMAGE_SCORE) -> str:
     """Writes ``<out>/detector.onnx`` or ``detector.pt2`` and ``detector.json``; returns the graph's path."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {tuple(FORMATS)}")
@@ -47,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime, OpenVINO) or "
                    "pt2 (torch.export.load)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
-                   help="R of the score: mean of the anomaly map (the paper) or max of the smoothed map "
-                        "(anomalib) (default: mean)")
+    add_image_score_option(p)
     return p
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .cli import command_parser, program
+from .cli import add_image_score_option, command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
-from .inference import IMAGE_SCORES, Scorer
+from .inference import DEFAULT_IMAGE_SCORE, Scorer
 from .inference.prediction import predict_images
 from .training import load_detector
 from .training.distributed import resolve_device
@@ -29,13 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="folder for the heat maps (default: predictions)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     add_pixel_limit_option(p)
-    p.add_argument("--image-score", choices=IMAGE_SCORES, default="mean",
-                   help="R: mean of the anomaly map (the paper) or max of the smoothed map (anomalib) (default: mean)")
+    add_image_score_option(p)
     return p
 
 
 def predict(checkpoint: str, images: Sequence[str], out: str, device: str = "auto",
-            image_score: str = "mean") -> list[dict]:
+            image_score: str = DEFAULT_IMAGE_SCORE) -> list[dict]:
     """Scores of ``images``; writes ``<out>/<stem>_heatmap.png`` for each. With ``image_score``
     "max", R is the maximum of the map smoothed by the default sigma (scaled by its range on
     the training images too)."""

@@ -28,6 +28,7 @@ from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import RunScoring
 from .networks import MODEL_NAMES, ModelConfig
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
+from .networks.maps import ANOMALY_MAPS
 from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, CheckpointError, DivergenceError, Resume,
                        TrainConfig, Trainer, load_checkpoint, train)
 from .training.amp import AMP_DTYPES
@@ -36,9 +37,10 @@ from .training.checkpoint import stored_config
 from .training.distributed import setup_distributed, teardown_distributed
 
 MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
-#: Settings a resumed run may change; the others come from the checkpoint. ``lr``: to go on
-#: with a lower rate after a divergence.
-RESUMABLE = ("root", "epochs", "workers", "eval_every", "lr")
+#: Settings a resumed run may change (how long it trains, what it logs); the others come from the
+#: checkpoint. ``lr``: to go on with a lower rate after a divergence.
+RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "workers",
+             "eval_every", "eval_subset", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
 INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp")
 
@@ -64,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--backend", help=f"daad_ext backend of every memory: auto, reference, cpu, cuda, ... (default: {m.backend})")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, help=f"total epochs, also when resuming (default: {t.epochs})")
+    opt.add_argument("--steps", type=int, help="total optimisation steps instead of --epochs (the run ends with the "
+                                               "epoch that reaches them)")
+    opt.add_argument("--val-ratio", type=float, help="share of the training images held out for validation, the "
+                                                     f"same for every seed (default: {t.val_ratio})")
+    opt.add_argument("--until-plateau", action="store_true",
+                     help="stop early once the validation error has not improved by --plateau-tolerance over "
+                          "--plateau-window epochs (needs --val-ratio)")
+    opt.add_argument("--plateau-window", type=int, help=f"epochs (default: {t.plateau_window})")
+    opt.add_argument("--plateau-tolerance", type=float, help=f"relative improvement (default: {t.plateau_tolerance})")
     opt.add_argument("--batch", type=int, help=f"batch size per process (default: {t.batch})")
     opt.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4, 2e-4 for '+' variants)")
     opt.add_argument("--betas", type=float, nargs=2, help=f"Adam betas (default: {' '.join(map(str, t.betas))})")
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "see docs/MODELS.md")
     opt.add_argument("--rec-loss", choices=REC_REDUCTIONS, help="reading of L_rec (default: that of --losses); see models/networks/losses.py")
     opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help="reading of L_ali and of the score L(x) (default: that of --losses)")
+    opt.add_argument("--anomaly-map", choices=ANOMALY_MAPS, help="pixel map the run is scored by: squared error or "
+                                                                "SSIM's (default: l2); see models/networks/maps.py")
     opt.add_argument("--d-reset", type=float,
                      help="re-initialise the discriminator when its loss falls below this (0: never; default: that of --losses)")
     opt.add_argument("--entropy-weight", type=float, help="MemAE entropy loss weight (default: 0.0002 for memae, else 0)")
@@ -84,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, help=f"data loader processes (default: {t.workers})")
     run.add_argument("--eval-every", type=int, help="evaluate on the test split every N epochs (default: 0, never)")
+    run.add_argument("--eval-subset", type=int, help="evaluate on a fixed subset of this many test images "
+                                                     "(default: 0, all)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     run.add_argument("--amp", nargs="?", const="bf16", choices=AMP_DTYPES,
                      help="mixed precision: bf16 (CPU, CUDA; the default with a bare --amp) or fp16 "
@@ -129,9 +144,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
         train_set = config.dataset_split("train", augment=True, skip_bad_images=skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    if resume is not None and resume.state["epoch"] >= config.epochs:
-        parser.exit(0, f"{resume.path} has trained {resume.state['epoch']} epochs already (--epochs "
-                       f"{config.epochs}): nothing to train; give a larger --epochs to go on\n")
     ctx = setup_distributed(args.device)
     try:
         hooks = RunScoring(config, train_set, ctx.device, skip_bad_images)

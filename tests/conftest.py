@@ -1,4 +1,9 @@
-"""Fixtures of the tests of models/ (the other test files use none of them).
+"""The rule of a required run, and the fixtures of the tests of models/ (the other test files use
+none of them).
+
+Under CI (``CI=true``) or with ``DAAD_REQUIRE_EXTENSION=1`` the run fails before collecting
+anything when the compiled extension is missing, does not load, or lacks the CUDA kernels where a
+CUDA toolkit would build them (daad_ext/extension.py); elsewhere the tests of a missing kernel skip.
 
 The real data sets are found through ``models.data.data_root()``: ``$DAAD_DATA_ROOT``, else
 ``../shared/data`` beside the checkout; a test that needs an absent one is skipped, saying where
@@ -10,6 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from daad_ext import extension, ops
+
+    if not extension.required():
+        return
+    problem = extension.shortfall(ops.KERNEL_DEVICES if ops.HAS_EXTENSION else None)
+    if problem is not None:
+        pytest.exit(f"incomplete build ({extension.REQUIRE_ENV}=1 or CI=true requires the "
+                    f"complete one): {problem}", returncode=pytest.ExitCode.TESTS_FAILED)
 
 
 def _real_data(name: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import pytest
 import torch
 
 from daad_ext import block_memory
@@ -141,3 +142,23 @@ def output_path_grad(w: torch.Tensor, grad_y: torch.Tensor,
     y = w M alone (all of it for an item whose similarity path is zero)."""
     blocks = divide_blocks(grad_y.double(), make_division(*grad_y.shape[1:], division))
     return torch.einsum("bqn,bqd->nd", w.double(), blocks)
+
+
+def assert_refuses_tensors_on_another_device(forward: Callable, backward: Callable,
+                                             x: torch.Tensor, memory: torch.Tensor,
+                                             options: tuple) -> None:
+    """Each tensor argument of a raw forward/backward op pair, moved alone to the meta device, is
+    refused with an error that names it (``options``: rh, rw, rc, similarity, shrink, threshold,
+    temperature)."""
+    same_device = "x and memory must be on the same device"
+    for moved in ((x.to("meta"), memory), (x, memory.to("meta"))):
+        with pytest.raises((ValueError, RuntimeError), match=same_device):
+            forward(*moved, *options)
+    y, w, probs, row_stats, item_norms = forward(x, memory, *options)
+    tensors = dict(grad_y=torch.randn_like(y), grad_w=torch.randn_like(w), x=x, memory=memory,
+                   w=w, probs=probs, row_stats=row_stats, item_norms=item_norms)
+    for name, tensor in tensors.items():
+        args = dict(tensors, **{name: tensor.to("meta")})
+        message = same_device if name in ("x", "memory") else f"{name} must be on {x.device}"
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            backward(*args.values(), *options, True, True)

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from daad_ext import BlockMemory, available_backends, block_memory
+from daad_ext import BlockMemory, available_backends, block_memory, ops
 from daad_ext.autocast import run_dtype
 
 from helpers import tie_free_inputs
@@ -111,6 +111,20 @@ def test_choice_of_dtype():
     assert run_dtype("auto", torch.float16, gpu.get) == run_dtype("triton", torch.float16, gpu.get) == torch.float16
     unbuilt = {torch.bfloat16: ["reference"], torch.float32: ["reference"]}
     assert run_dtype("auto", torch.bfloat16, unbuilt.get) == torch.bfloat16
+
+
+@pytest.mark.skipif("cpu" not in ops.KERNEL_DEVICES, reason="daad_ext._C is not built")
+def test_cpu_auto_runs_the_bf16_kernel():
+    """Under bf16 autocast on CPU, "auto" runs the fused CPU kernel in bfloat16."""
+    assert available_backends("cpu", torch.bfloat16)[0] == "cpu"
+    assert run_dtype("auto", torch.bfloat16, lambda d: available_backends("cpu", d)) == torch.bfloat16
+    x, memory = tie_free_inputs((2, 4, 4, 4), 12, DIVISION, margin=MARGIN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, w = block_memory(x, memory, DIVISION)
+    assert y.dtype == w.dtype == torch.bfloat16
+    y_cpu, w_cpu = block_memory(x.bfloat16(), memory.bfloat16(), DIVISION, backend="cpu")
+    torch.testing.assert_close(y, y_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_cpu, rtol=0, atol=0)
 
 
 def test_module_in_a_model_under_autocast():

@@ -1,6 +1,7 @@
 """The fused CPU kernel (csrc/block_memory_cpu.cpp) against the reference: forward and backward on
 randomised shapes and layouts, gradcheck, opcheck, torch.compile, bad input, NaN, zero blocks, the
-chunked paths, determinism, and the CMake build with its ctest."""
+chunked paths, determinism, and the CMake build with its ctest; the bfloat16 path against the
+float64 reference with the GPU kernels' bfloat16 tolerances, and opcheck."""
 import os
 import random
 import shutil
@@ -24,9 +25,18 @@ SIMILARITIES = ("cosine", "dot")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: bfloat16 stores x, M, y, w and the gradients in 8 bits of mantissa (the epilogue runs in float32):
+#: the tolerance of the GPU kernels' bfloat16 tests (tests/test_cuda.py), with their 5% margin of the
+#: float64 weights from the threshold.
+BF16_TOLERANCE = dict(atol=5e-2, rtol=5e-2)
+BF16_MARGIN = 0.05
+
+
 def tolerances(dtype, similarity="cosine"):
     if dtype == torch.float64:
         return dict(atol=1e-9, rtol=1e-8)
+    if dtype == torch.bfloat16:
+        return BF16_TOLERANCE
     # Dot similarities of unnormalised blocks give large logits; the float32 reference itself is
     # off by about 1e-5 there.
     return dict(atol=5e-5 if similarity == "dot" else 1e-5, rtol=1e-4)
@@ -97,6 +107,38 @@ def test_all_options_float32(similarity, shrink):
                              **tolerances(torch.float32, similarity))
 
 
+@pytest.mark.parametrize("through", [("y", "w"), ("y",), ("w",)], ids="+".join)
+@pytest.mark.parametrize("shrink", SHRINKS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_bfloat16_matches_reference(similarity, shrink, through):
+    """As the GPU kernels' bf16 test: a short D spreads the similarities, so that inputs with a 5%
+    margin from the threshold are found."""
+    division, temperature = (2, 2, 1), 0.2 if similarity == "cosine" else 1.0
+    x, memory = tie_free_inputs((2, 4, 4, 4), 11, division, similarity, shrink, None, temperature,
+                                dtype=torch.bfloat16, seed=1, margin=BF16_MARGIN)
+    assert_matches_reference("cpu", x, memory, division, similarity, shrink, None, temperature,
+                             through=through, **BF16_TOLERANCE)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_bfloat16_layouts(layout):
+    division = (2, 2, 1)
+    x, memory = tie_free_inputs((2, 4, 4, 4), 11, division, "cosine", "memae", None, 0.2,
+                                dtype=torch.bfloat16, seed=1, margin=BF16_MARGIN)
+    assert_matches_reference("cpu", with_layout(x, layout), memory, division, "cosine", "memae",
+                             None, 0.2, **BF16_TOLERANCE)
+
+
+def test_bfloat16_daad_scale():
+    """A DAAD-like geometry (8x8 blocks of 2048 values, N=500): the similarities are products over
+    whole rows. No shrinkage: at N = 500, bf16 inputs put some weight near any threshold."""
+    division = (8, 8, 1)
+    x, memory = tie_free_inputs((2, 32, 64, 64), 500, division, "cosine", "none", None, 0.05,
+                                dtype=torch.bfloat16, seed=5)
+    assert_matches_reference("cpu", x, memory, division, "cosine", "none", None, 0.05,
+                             **BF16_TOLERANCE)
+
+
 @pytest.mark.parametrize("chunk_bytes,row_bytes", [("4096", "4096"), ("65536", "1")])
 @pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae"), ("cosine", "none")])
 def test_chunked_paths(monkeypatch, similarity, shrink, chunk_bytes, row_bytes):
@@ -111,6 +153,29 @@ def test_chunked_paths(monkeypatch, similarity, shrink, chunk_bytes, row_bytes):
                                     seed=2)
         assert_matches_reference("cpu", x, memory, division, similarity, shrink, None, temperature,
                                  **tolerances(torch.float32, similarity))
+
+
+#: (shape, N, division, similarity, shrink, temperature, chunk bytes, row-block bytes)
+BF16_CHUNKED = [
+    # D = 2048 in 8 column chunks (y, grad x, grad M per chunk; S and G over whole rows)
+    ((5, 8, 32, 32), 5, (2, 2, 1), "cosine", "hard", 0.02, "4096", "4096"),
+    ((5, 8, 32, 32), 5, (2, 2, 1), "dot", "memae", 2048 ** 0.5 / 4, "4096", "4096"),
+    # 320 rows in two row blocks of 160 (grad M summed over them); at this many rows some weight
+    # is near any threshold in bfloat16, so without shrinkage
+    ((5, 4, 16, 16), 13, (8, 8, 1), "cosine", "none", 0.2, "65536", "1"),
+    ((5, 4, 16, 16), 13, (8, 8, 1), "dot", "none", 4.0, "65536", "1"),
+]
+
+
+@pytest.mark.parametrize("case", BF16_CHUNKED, ids=lambda c: f"{c[3]}-{c[4]}-{c[6]}-{c[7]}")
+def test_bfloat16_chunked_paths(monkeypatch, case):
+    shape, n, division, similarity, shrink, temperature, chunk_bytes, row_bytes = case
+    monkeypatch.setenv("DAAD_EXT_CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setenv("DAAD_EXT_CPU_ROW_BLOCK_BYTES", row_bytes)
+    x, memory = tie_free_inputs(shape, n, division, similarity, shrink, None, temperature,
+                                dtype=torch.bfloat16, seed=2, margin=BF16_MARGIN)
+    assert_matches_reference("cpu", x, memory, division, similarity, shrink, None, temperature,
+                             **BF16_TOLERANCE)
 
 
 def test_daad_scale_float32():
@@ -153,28 +218,36 @@ def test_gradcheck(similarity, shrink, temperature, through):
                                     eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def _op_args(shrink="hard", requires_grad=False, similarity="cosine"):
-    x, memory = tie_free_inputs((2, 4, 8, 8), 9, (2, 2, 1), similarity, shrink, seed=8)
+def _op_args(shrink="hard", requires_grad=False, similarity="cosine", dtype=torch.float32):
+    x, memory = tie_free_inputs((2, 4, 8, 8), 9, (2, 2, 1), similarity, shrink, dtype=dtype,
+                                seed=8)
     return (x.requires_grad_(requires_grad), memory.requires_grad_(requires_grad), 2, 2, 1,
             similarity, shrink, 1.0 / 9, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("shrink,similarity", [("hard", "cosine"), ("memae", "dot"), ("none", "cosine")])
-def test_opcheck_forward(shrink, similarity, requires_grad):
+def test_opcheck_forward(shrink, similarity, requires_grad, dtype):
     torch.library.opcheck(torch.ops.daad_ext.block_memory_forward.default,
-                          _op_args(shrink, requires_grad, similarity))
+                          _op_args(shrink, requires_grad, similarity, dtype))
 
 
-def test_opcheck_backward():
-    args = _op_args("memae")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shrink,similarity", [("memae", "cosine"), ("hard", "dot")])
+def test_opcheck_backward(shrink, similarity, dtype):
+    args = _op_args(shrink, similarity=similarity, dtype=dtype)
     y, w, probs, row_stats, item_norms = torch.ops.daad_ext.block_memory_forward(*args)
+    assert y.dtype == w.dtype == dtype
+    assert row_stats.dtype == item_norms.dtype == (torch.float64 if dtype == torch.float64
+                                                   else torch.float32)
     x, memory, *options = args
     for grad_y, grad_w in ((torch.randn_like(y), None), (None, torch.randn_like(w)),
                            (torch.randn_like(y), torch.randn_like(w))):
-        torch.library.opcheck(torch.ops.daad_ext.block_memory_backward.default,
-                              (grad_y, grad_w, x, memory, w, probs, row_stats, item_norms, *options,
-                               True, True))
+        for needs in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.daad_ext.block_memory_backward.default,
+                                  (grad_y, grad_w, x, memory, w, probs, row_stats, item_norms,
+                                   *options, *needs))
 
 
 class _TinyModel(torch.nn.Module):
@@ -213,7 +286,7 @@ def _bad_op_calls():
         ("memory 1-D", (x, m[0], *ok), "2-D"),
         ("int x", (x.int(), m.int(), *ok), "floating-point"),
         ("dtype mismatch", (x, m.double(), *ok), "same dtype"),
-        ("float16", (x.half(), m.half(), *ok), "float32 and float64"),
+        ("float16", (x.half(), m.half(), *ok), "float32, float64 and bfloat16"),
         ("H not divisible", (x, m, 3, 2, 1, "cosine", "hard", 0.2, 1.0), "not divisible"),
         ("C not divisible", (x, torch.randn(5, 64 // 3), 2, 2, 3, "cosine", "hard", 0.2, 1.0),
          "not divisible"),
@@ -266,10 +339,11 @@ def test_bad_input_through_block_memory():
         block_memory(x.half(), m.half(), (2, 2, 1), backend="cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shrink", SHRINKS)
-def test_nan_rows(shrink):
+def test_nan_rows(shrink, dtype):
     division = (2, 2, 1)
-    x, memory = tie_free_inputs((2, 4, 8, 8), 9, division, shrink=shrink, seed=9)
+    x, memory = tie_free_inputs((2, 4, 8, 8), 9, division, shrink=shrink, dtype=dtype, seed=9)
     x[1, 0, 5, 6] = float("nan")  # image 1, query (ih, iw) = (1, 1) -> k = 3
     x.requires_grad_()
     y, w = block_memory(x, memory, division, shrink=shrink, backend="cpu")
@@ -297,11 +371,30 @@ def test_zero_block(similarity):
     assert torch.isfinite(xg.grad[0, :, 4:]).all() and torch.isfinite(xg.grad[1]).all()
 
 
-def test_deterministic_backward():
+def test_bfloat16_zero_block_and_item_stay_finite():
+    """The 1e-12 floors are applied in float32: an all-zero block, a zero memory item and a MemAE
+    row with nothing kept give finite values and gradients in bfloat16, not NaN."""
+    x, memory = torch.randn(2, 4, 4, 4), torch.randn(6, 16)
+    x[0, :, :2, :2] = 0
+    memory[2] = 0
+    for shrink, threshold in (("hard", None), ("memae", None), ("memae", 1.0), ("none", None)):
+        xb = x.bfloat16().requires_grad_()
+        mb = memory.bfloat16().requires_grad_()
+        y, w = block_memory(xb, mb, (2, 2, 1), shrink=shrink, threshold=threshold, backend="cpu")
+        (y.float().sum() + w.float().sum()).backward()
+        for t in (y, w, xb.grad, mb.grad):
+            assert torch.isfinite(t).all(), (shrink, threshold)
+        if threshold == 1.0:
+            assert (w == 0).all()  # nothing passes a threshold of 1: zero rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_backward(dtype):
     division = (8, 8, 1)
     gen = torch.Generator().manual_seed(11)
     x, memory = torch.randn(4, 8, 32, 32, generator=gen), torch.randn(50, 128, generator=gen)
     gy = torch.randn(x.shape, generator=gen)
+    x, memory, gy = x.to(dtype), memory.to(dtype), gy.to(dtype)
     results = []
     for _ in range(2):
         xg, mg = x.clone().requires_grad_(), memory.clone().requires_grad_()
@@ -312,14 +405,18 @@ def test_deterministic_backward():
 
 def test_auto_backend_is_cpu():
     from daad_ext import available_backends
-    assert available_backends("cpu")[0] == "cpu"
-    assert available_backends("cpu", torch.float64)[0] == "cpu"
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert available_backends("cpu", dtype)[0] == "cpu"
 
 
-def test_empty_batch():
-    x, m = torch.randn(0, 4, 8, 8), torch.randn(5, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_empty_batch(dtype):
+    x, m = torch.randn(0, 4, 8, 8, dtype=dtype), torch.randn(5, 64, dtype=dtype)
     y, w = block_memory(x, m, (2, 2, 1), backend="cpu")
-    assert y.shape == x.shape and w.shape == (0, 4, 5)
+    assert y.shape == x.shape and w.shape == (0, 4, 5) and y.dtype == w.dtype == dtype
+    item_norms = torch.ops.daad_ext.block_memory_forward(x, m, 2, 2, 1, "cosine", "hard", 0.2,
+                                                         1.0)[4]
+    torch.testing.assert_close(item_norms, m.float().norm(dim=1))
 
 
 @pytest.mark.cmake

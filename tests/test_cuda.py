@@ -3,10 +3,15 @@
 Without a GPU (our machines and CI):
 
 * the CUDA kernels are registered whenever the extension was built with them (CI builds them with
-  ``nvcc`` on every run; ``DAAD_EXT_EXPECT_CUDA=1`` makes a build without them a failure);
+  ``nvcc`` on every run; under CI a build without them where a toolkit exists fails the run:
+  tests/conftest.py);
 * the package imports and works on CPU when built with CUDA and no GPU is present;
 * the warp-parallel form of the shared row epilogue against its serial form
   (tests/cpp/team_check.cpp, 32 std::threads as the team);
+* the host execution layer itself (tests/cpp/cuda_host_selftest.cpp), and its sanitizer reports:
+  a race between blocks under ThreadSanitizer, a shared-memory overflow at the faulting access
+  under AddressSanitizer (tests/cpp/cuda_host_sanitizer_check.cpp);
+* the rules of CI's sm_90 resource check (tests/cpp/resource_usage.py) on canned ptxas output;
 * every correctness test below with the ``cuda_host`` target: the same kernel sources and host code
   compiled for the CPU on the host execution layer (tests/cpp/cuda_host/, csrc/cuda/README.md),
   in the build that ``DAAD_CUDA_HOST`` names (plain by default; ``make test-cuda-host`` runs the
@@ -21,6 +26,7 @@ arguments to the op itself. On a GPU only: ``opcheck``, ``torch.compile(fullgrap
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -31,9 +37,9 @@ import pytest
 import torch
 
 import cuda_host_build
-from daad_ext import BlockMemory, available_backends, block_memory, functional, ops
+from daad_ext import BlockMemory, available_backends, block_memory, functional, ops, spec
 from daad_ext.functional import Backend
-from daad_ext.reference import block_memory_ref
+from daad_ext.reference import block_memory_ref, divide_blocks
 from helpers import assert_matches_reference, tie_free_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +64,7 @@ needs_gpu = pytest.mark.skipif(not (HAS_GPU and _extension_has_cuda_code()),
 
 def test_cuda_kernels_registered_when_built_with_cuda():
     built = _extension_has_cuda_code()
-    if os.environ.get("DAAD_EXT_EXPECT_CUDA") == "1":
-        assert built, "DAAD_EXT_EXPECT_CUDA=1 but daad_ext._C was built without csrc/cuda"
-    if not built:
+    if not built:  # a required run (CI) has failed already where a toolkit exists (conftest.py)
         pytest.skip("daad_ext._C was built without its CUDA kernels (no toolkit or DAAD_EXT_NO_CUDA=1)")
     for dtype in DTYPES:
         assert "cuda" in available_backends("cuda", dtype)
@@ -80,36 +84,150 @@ def test_cpu_works_whatever_the_build():
         block_memory(x, memory, (2, 2, 1), backend="cuda")
 
 
-def _run_cpp(name: str, *flags: str) -> subprocess.CompletedProcess:
-    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it."""
+def _cannot_run(reason: str) -> None:
+    """Skips a host-layer test that cannot run here; in CI (cuda_host_build.required()) fails it
+    with the reason instead, since CI is where it must run."""
+    if cuda_host_build.required():
+        pytest.fail(f"{reason} (CI=true / DAAD_REQUIRE_EXTENSION=1: host-layer tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.mark.parametrize("ci", [{"CI": "true"}, {"DAAD_REQUIRE_EXTENSION": "1"}, {}], ids=str)
+def test_host_layer_tests_fail_in_ci_when_they_cannot_run(monkeypatch, ci):
+    """Without the toolkit's headers the host-layer tests skip, except in CI, where they fail."""
+    for name in ("CI", "DAAD_REQUIRE_EXTENSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in ci.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cuda_host_build, "cuda_include_dir", lambda: None)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="toolkit's headers"):
+        _require_toolkit_headers()
+
+
+def _run_cpp(name: str, *flags: str, runs=((),), env=None) -> list[subprocess.CompletedProcess]:
+    """Compiles tests/cpp/<name>.cpp with the host compiler and runs it with each argument list
+    of ``runs``."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
-        pytest.skip("no host C++ compiler")
+        _cannot_run("no host C++ compiler")
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = os.path.join(ROOT, "tests", "cpp", f"{name}.cpp"), os.path.join(tmp, name)
         build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", *flags, src, "-o", exe],
                                capture_output=True, text=True)
         if build.returncode != 0 and "barrier" in build.stderr:
-            pytest.skip(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
+            _cannot_run(f"host compiler lacks C++20 <barrier>: {build.stderr[-300:]}")
         assert build.returncode == 0, build.stderr
-        return subprocess.run([exe], capture_output=True, text=True, timeout=120)
+        return [subprocess.run([exe, *args], capture_output=True, text=True, timeout=120,
+                               env=env) for args in runs]
+
+
+def _host_layer_flags() -> tuple[str, ...]:
+    _require_toolkit_headers()
+    return ("-isystem", cuda_host_build.cuda_include_dir(), "-include",
+            os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
 
 
 def test_team_epilogue_matches_serial_epilogue():
-    run = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
+    (run,) = _run_cpp("team_check", "-I", os.path.join(ROOT, "csrc"))
     assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_host_layer_selftest():
     """The host execution layer computes barriers, shuffles and WMMA right and reports each rule
     it enforces (barrier divergence, deadlock, lanes missing from a shuffle, ldm, alignment,
-    warp-uniform arguments); __float_to_tf32 rounds as cvt.rna."""
-    include = cuda_host_build.cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA toolkit's headers are needed; set CUDA_HOME")
-    run = _run_cpp("cuda_host_selftest", "-isystem", include, "-include",
-                   os.path.join(cuda_host_build.HOST_DIR, "cuda_host.h"))
+    warp-uniform arguments, shared memory per block and its bounds); __float_to_tf32 rounds as
+    cvt.rna."""
+    (run,) = _run_cpp("cuda_host_selftest", *_host_layer_flags())
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _source_line(name: str, marker: str) -> str:
+    """"<name>.cpp:<line>" of the line of tests/cpp/<name>.cpp that contains ``marker``."""
+    with open(os.path.join(ROOT, "tests", "cpp", f"{name}.cpp")) as f:
+        (line,) = [i for i, text in enumerate(f, 1) if marker in text]
+    return f"{name}.cpp:{line}"
+
+
+def test_host_layer_reports_races_between_blocks():
+    """Under ThreadSanitizer, blocks resident at the same time are unordered: a plain += into a
+    counter that every block updates is reported as a race between two blocks; atomicAdd is not."""
+    race, atomic = _run_cpp("cuda_host_sanitizer_check", "-g", "-fsanitize=thread",
+                            *_host_layer_flags(), runs=(("race",), ("atomic",)))
+    assert "WARNING: ThreadSanitizer: data race" in race.stderr, race.stdout + race.stderr
+    assert _source_line("cuda_host_sanitizer_check", "void count_plain") in race.stderr
+    assert atomic.returncode == 0 and "ThreadSanitizer" not in atomic.stderr, atomic.stderr
+
+
+def test_host_layer_reports_shared_memory_overflow_at_the_access():
+    """Under AddressSanitizer, the guard after a block's shared array is poisoned: a write one
+    element past its end is reported at that write."""
+    (run,) = _run_cpp("cuda_host_sanitizer_check", "-g", "-fsanitize=address",
+                      *_host_layer_flags(), runs=(("overflow",),),
+                      env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert "ERROR: AddressSanitizer: use-after-poison" in run.stderr, run.stdout + run.stderr
+    assert _source_line("cuda_host_sanitizer_check", "writes past the end") in run.stderr
+
+
+def _resource_usage():
+    """tests/cpp/resource_usage.py, the sm_90 resource table of CI, as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "resource_usage", os.path.join(ROOT, "tests", "cpp", "resource_usage.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resource_table_fails_on_spills_smem_and_registers():
+    """The resource check of CI reads ptxas -v and the PTX's launch bounds as nvcc 13 writes them
+    and flags a spill, static shared memory over 48 KB and registers below the launch bounds."""
+    ru = _resource_usage()
+    log = """\
+ptxas info    : Compiling entry function '_Z4goodPf' for 'sm_90'
+ptxas info    : Function properties for _Z4goodPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 254 registers, used 1 barriers, 33792 bytes smem
+ptxas info    : Compiling entry function '_Z6spillsPf' for 'sm_90'
+ptxas info    : Function properties for _Z6spillsPf
+    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers
+ptxas info    : Compiling entry function '_Z3bigPf' for 'sm_90'
+ptxas info    : Function properties for _Z3bigPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 50000 bytes smem
+ptxas info    : Compiling entry function '_Z6greedyPf' for 'sm_90'
+ptxas info    : Function properties for _Z6greedyPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 130 registers, used 1 barriers
+"""
+    ptx = """\
+.visible .entry _Z4goodPf(
+\t.param .u64 _Z4goodPf_param_0
+)
+.maxntid 256, 1, 1
+{
+}
+.visible .entry _Z6greedyPf(
+\t.param .u64 _Z6greedyPf_param_0
+)
+.maxntid 128, 2, 1
+.minnctapersm 2
+{
+}
+"""
+    usage = ru.parse_ptxas(log)
+    bounds = ru.parse_launch_bounds(ptx)
+    assert usage["_Z4goodPf"] == dict(registers=254, spill_stores=0, spill_loads=0, smem=33792)
+    assert usage["_Z6spillsPf"] == dict(registers=255, spill_stores=8, spill_loads=4, smem=0)
+    assert bounds == {"_Z4goodPf": (256, 0), "_Z6greedyPf": (256, 2)}
+    rows = {name: ru.Usage(name, **u, max_threads=bounds.get(name, (0, 0))[0],
+                           min_blocks=bounds.get(name, (0, 0))[1]) for name, u in usage.items()}
+    assert ru.blocks_by_registers(rows["_Z4goodPf"]) == 1  # 256 registers a lane, 8 warps
+    assert ru.violations(rows["_Z4goodPf"]) == []
+    assert "spills" in ru.violations(rows["_Z6spillsPf"])[0]
+    assert "more than 48 KB" in ru.violations(rows["_Z3bigPf"])[0]
+    assert "ask for 2" in ru.violations(rows["_Z6greedyPf"])[0]  # 136 x 256 x 2 > 64K
+    assert "_Z6greedyPf" in ru.table(list(rows.values()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,12 +244,17 @@ TOLERANCES = {torch.float32: dict(atol=5e-5, rtol=5e-4),
 _host_ops = None
 
 
+def _require_toolkit_headers() -> None:
+    """The host build needs the CUDA toolkit's headers."""
+    if cuda_host_build.cuda_include_dir() is None:
+        _cannot_run("the CUDA toolkit's headers are needed for the host build; set CUDA_HOME")
+
+
 def _host_backend() -> Backend:
     """The emulated op as a backend on CPU tensors (built once per process, never in "auto")."""
     global _host_ops
     if _host_ops is None:
-        if cuda_host_build.cuda_include_dir() is None:
-            pytest.skip("the CUDA toolkit's headers are needed for the host build; set CUDA_HOME")
+        _require_toolkit_headers()
         _host_ops = cuda_host_build.load(cuda_host_build.variant_from_env())
         ns = cuda_host_build.NAMESPACE
         ops.register_fused_op(f"{ns}::block_memory_forward", f"{ns}::block_memory_backward",
@@ -247,6 +370,42 @@ def test_tensor_core_shapes(target, dtype, no_tf32):
     x, memory, options = _inputs(target, shape, num_items, division, similarity, "none", dtype)
     tol = TOLERANCES[dtype] if dtype != torch.float32 else dict(atol=1e-2, rtol=1e-2)
     assert_matches_reference(target.backend, x, memory, **options, **tol)
+
+
+def test_float16_small_norms(target):
+    """float16 inputs with small norms (|q|, |m_i| ~ 4e-3): the backward's intermediate
+    A = dL/ds / (|q||m_i|) exceeds float16's 65504 while grad x and grad M stay far below it, so
+    the kernels keep A in float32 (kernels.cuh). Both gradients must be finite and match the
+    float64 reference to float16 accuracy relative to their own scale."""
+    scale = 2.0 ** -10  # exact in float16: the cosine similarities and w are those at unit scale
+    x, memory, options = _inputs(target, (2, 4, 4, 4), 11, (2, 2, 1), "cosine", "none",
+                                 torch.float16, seed=1)
+    x, memory = x * scale, memory * scale
+    grad_w = torch.randn(2, 4, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def gradients(backend, dtype):
+        xx = x.detach().to(dtype).requires_grad_()
+        mm = memory.detach().to(dtype).requires_grad_()
+        _, w = block_memory(xx, mm, backend=backend, **options)
+        (w.double() * grad_w.to(w.device)).sum().backward()
+        return xx.grad, mm.grad
+
+    # The premise: A itself, the gradient of the loss with respect to the raw dot products <q, m_i>.
+    geometry = spec.check_call(x, memory, options["division"], "cosine", "none", None,
+                               options["temperature"])[0]
+    queries = divide_blocks(x.detach().double().cpu(), geometry)
+    items = memory.detach().double().cpu()
+    dots = (queries @ items.t()).requires_grad_()
+    norms = queries.norm(dim=-1, keepdim=True) * items.norm(dim=-1)
+    ((dots / norms / options["temperature"]).softmax(-1) * grad_w).sum().backward()
+    assert dots.grad.abs().max() > torch.finfo(torch.float16).max
+
+    for name, got, want in zip(("grad x", "grad M"), gradients(target.backend, torch.float16),
+                               gradients("reference", torch.float64)):
+        assert got.isfinite().all(), f"{name} is not finite"
+        assert want.abs().max() < torch.finfo(torch.float16).max / 10
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-2,
+                                   atol=1e-2 * want.abs().max().item(), msg=name)
 
 
 @needs_gpu

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from daad_ext import BlockMemory, available_backends
+from daad_ext import BlockMemory, available_backends, block_memory_ref
 from daad_ext.export import decompose, forward_decomposition
 from daad_ext.spec import check_options
 
@@ -34,6 +34,22 @@ def test_decomposition_matches_the_fused_op(similarity, shrink):
     for name, e, g in zip(("y", "w", "probs", "row_stats", "item_norms"), expected, got):
         assert e.shape == g.shape and e.dtype == g.dtype, name
         torch.testing.assert_close(g, e, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decomposition_computes_half_inputs_as_the_reference_does(dtype):
+    """float16/bfloat16 through the reference's own upcast: computed in float32 and rounded once,
+    the same bits as the reference (an all-zero block included, which in half precision would
+    turn the norm floors into 0 and the weights into NaN)."""
+    division, n = (2, 2, 1), 16
+    x, memory = tie_free_inputs((2, 4, 8, 8), n, division, "cosine", "memae", dtype=dtype)
+    x[1, :, :4, :4] = 0
+    y, w, probs, row_stats, item_norms = forward_decomposition(
+        x, memory, *division, "cosine", "memae", 1 / n, 1.0)
+    y_ref, w_ref = block_memory_ref(x, memory, division, "cosine", "memae")
+    assert torch.equal(y, y_ref) and torch.equal(w, w_ref)
+    assert y.dtype == w.dtype == probs.dtype == dtype and torch.isfinite(w).all()
+    assert row_stats.dtype == item_norms.dtype == torch.float32
 
 
 @fused
@@ -74,7 +90,7 @@ def trained(tmp_path_factory):
     return out / "checkpoint.pt", images, np.array(test_set.labels)
 
 
-def pytorch_scores(checkpoint, images, image_score="mean"):
+def pytorch_scores(checkpoint, images, image_score="max"):  # export's default image score
     """Maps and scores as models.predict computes them, in eager PyTorch with the fused kernels."""
     from models.inference import Scorer
     from models.training import load_detector

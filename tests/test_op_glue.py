@@ -6,11 +6,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from daad_ext import BlockMemory, block_memory, ops, spec
-from helpers import tie_free_inputs
+from helpers import assert_refuses_tensors_on_another_device, tie_free_inputs
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="daad_ext._C is not built")
 
-FORWARD = torch.ops.daad_ext.block_memory_forward
+FORWARD = torch.ops.daad_ext.block_memory_forward if ops.HAS_EXTENSION else None
 OK = (2, 2, 1, "cosine", "hard", 0.2, 1.0)
 
 
@@ -86,6 +86,15 @@ def test_a_meta_tensor_beside_a_cpu_tensor_raises():
             FORWARD(*args, *OK)
     y, *_ = FORWARD(x.to("meta"), m.to("meta"), *OK)  # both on meta: shapes only
     assert y.device.type == "meta" and y.shape == x.shape
+
+
+@pytest.mark.parametrize("shrink", ["memae", "hard"])  # probs: MemAE's, else a placeholder
+def test_every_tensor_on_another_device_is_refused(shrink):
+    """A meta tensor among CPU ones sends the call to the fake kernel, which must refuse it, not
+    return uninitialised gradients."""
+    x, memory = tie_free_inputs((2, 4, 8, 8), 9, (2, 2, 1), "cosine", shrink)
+    assert_refuses_tensors_on_another_device(FORWARD, torch.ops.daad_ext.block_memory_backward,
+                                             x, memory, (2, 2, 1, "cosine", shrink, 1 / 9, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,17 +169,29 @@ def test_half_reference_gradients_are_finite():
 # Arguments of the wrong kind (the layer's: tests/test_reference.py's BAD_LAYER_ARGS).
 
 
-def test_numpy_numbers_are_accepted():
-    """NumPy scalars are numbers: the same read as with the Python numbers."""
+@pytest.mark.parametrize("division", [np.array([4, 4, 1]), (np.int64(4), np.int32(4), np.uint8(1))],
+                         ids=["array", "numpy-integers"])
+def test_numpy_numbers_are_accepted(division):
+    """NumPy scalars are numbers, and a 1-D NumPy integer array a division: the same read as with
+    the Python numbers."""
     x, memory = torch.randn(2, 4, 8, 8), torch.randn(10, 16)
     want = block_memory(x, memory, (4, 4, 1), threshold=0.125, temperature=0.5)
-    got = block_memory(x, memory, np.array([4, 4, 1]).tolist(), threshold=np.float32(0.125),
+    got = block_memory(x, memory, division, threshold=np.float32(0.125),
                        temperature=np.float64(0.5))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    layer = BlockMemory(np.int64(4), 8, 8, num_items=np.int64(10), division=(4, 4, 1),
+    layer = BlockMemory(np.int64(4), 8, 8, num_items=np.int64(10), division=division,
                         threshold=np.float32(0.125))
     assert layer.num_items == 10 and math.isclose(layer.lam, 0.125)
+    assert layer.division == (4, 4, 1) and all(type(r) is int for r in layer.division)
     layer(x)
+
+
+@pytest.mark.parametrize("division", [np.array([4.0, 4.0, 1.0]), np.array([[4, 4, 1]]),
+                                      np.array([4, 4])], ids=["floats", "2-D", "two"])
+def test_numpy_divisions_that_are_not_three_integers_are_refused(division):
+    x, memory = torch.randn(2, 4, 8, 8), torch.randn(10, 16)
+    with pytest.raises(ValueError, match="division must be three integers"):
+        block_memory(x, memory, division)
 
 
 def test_functional_refuses_a_tensor_threshold():

@@ -200,7 +200,7 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
                 "pixel_auroc", "pixel_auroc_smoothed"):
         assert 0 <= metrics[key] <= 1, key
     assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
-    assert '{"epoch": 1, "rec": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+    assert '{"epoch": 1, "step": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
 
 
 def test_a_study_at_chance_says_so():

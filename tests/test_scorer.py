@@ -30,7 +30,8 @@ def test_fusion_against_hand_computed_values():
     np.testing.assert_allclose(Scorer(gamma=0.9).fuse(rec, None), [0, 0.5, 0.25, 1])  # no discriminator: R only
     np.testing.assert_allclose(Scorer(gamma=0.0).fuse(rec, feat), [0, 0.5, 1, 0.25])
     # A calibration's fixed ranges (single images): values outside the range go outside [0, 1].
-    calibrated = Scorer(gamma=0.5, calibration={"rec_min": 2, "rec_max": 6, "feat_min": 10, "feat_max": 50})
+    calibrated = Scorer(gamma=0.5, image_score="mean",
+                        calibration={"rec_min": 2, "rec_max": 6, "feat_min": 10, "feat_max": 50})
     np.testing.assert_allclose(calibrated.fuse(np.array([8.0]), np.array([0.0])), [0.5 * 1.5 + 0.5 * -0.25])
 
 
@@ -117,7 +118,7 @@ def test_pixel_auroc_leaves_out_images_whose_mask_is_unknown():
     masks = np.zeros((3, 2, 2))
     masks[0, 0, 0] = 1
     scores = score_set([1, 0, 1], maps, masks, known=np.array([True, True, False]))
-    metrics, _ = compute_metrics(scores, Scorer(sigma=0.0))
+    metrics, _ = compute_metrics(scores, Scorer(image_score="mean", sigma=0.0))
     assert metrics["image_auroc"] == 1.0
     assert metrics["pixel_auroc"] == 1.0  # ... but its mask is unknown, so it does not count
     assert compute_metrics(scores._replace(mask_known=np.ones(3, bool)), Scorer(sigma=0.0))[0]["pixel_auroc"] < 1.0
@@ -132,7 +133,7 @@ def test_metrics_with_the_max_score_and_smoothed_maps():
     masks[2:, 5:7, 5:7] = 1
     maps[:2] += 0.2  # normal images: more background error, a larger mean
     scores = score_set([0, 0, 1, 1], maps, masks)
-    by_mean, mean_scores = compute_metrics(scores, Scorer(sigma=1.0))
+    by_mean, mean_scores = compute_metrics(scores, Scorer(image_score="mean", sigma=1.0))
     by_max, max_scores = compute_metrics(scores, Scorer(image_score="max", sigma=1.0), smooth=True)
     assert by_mean["image_auroc"] == by_mean["image_auroc_rec"] == 0.0
     assert by_max["image_auroc"] == by_max["image_auroc_max"] == by_mean["image_auroc_max"] == 1.0
@@ -149,7 +150,7 @@ def test_fused_metrics_of_both_image_scores():
     rng = np.random.default_rng(2)
     maps, feat = rng.random((8, 8, 8)), rng.random(8)
     scores = score_set([0, 0, 0, 0, 1, 1, 1, 1], maps, feat=feat)
-    scorer = Scorer(gamma=0.9, sigma=1.0)
+    scorer = Scorer(gamma=0.9, image_score="mean", sigma=1.0)
     metrics, image = compute_metrics(scores, scorer)
     assert metrics["image_auroc_feat"] == image_auroc(scores.labels, feat)
     by_max = replace(scorer, image_score="max")

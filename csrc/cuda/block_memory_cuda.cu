@@ -208,8 +208,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_cuda(
         mutable_ptr<E>(w), memae ? mutable_ptr<E>(probs) : nullptr,
         mutable_ptr<float>(row_stats));
 
-    launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
-           stream, row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, queries,
+    launch(times_memory_kernel<E, kTC, E>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)),
+           kThreads, stream, row_major<E>(w, g.rows(), g.N), Transposed<RowMajor<E>>{mem}, queries,
            nullptr, y_table, mutable_ptr<E>(y), items);
   });
   return {y, w, probs, row_stats, item_norms};
@@ -284,7 +284,7 @@ std::tuple<Tensor, Tensor> backward_cuda(
     Tensor prod = cosine ? at::empty({g.rows(), g.N}, f32) : Tensor();
     Tensor coef_q = cosine ? at::empty({g.rows()}, f32) : Tensor();
     Tensor coef_m = cosine ? at::empty({g.N}, f32) : Tensor();
-    Tensor a = at::empty({g.rows(), g.N}, x.options());
+    Tensor a = at::empty({g.rows(), g.N}, f32);  // float32 whatever the dtype (kernels.cuh)
     launch(row_backward_kernel<E>, grid2(ceil_div(rows, kWarps), 1), kThreads, stream,
         mutable_ptr<float>(gpart), split.splits,
         has_grad_w ? static_cast<const E*>(grad_w.const_data_ptr()) : nullptr,
@@ -294,7 +294,7 @@ std::tuple<Tensor, Tensor> backward_cuda(
         static_cast<const float*>(item_norms.const_data_ptr()), rows, items, cosine, o.shrink,
         static_cast<float>(threshold), static_cast<float>(temperature), mutable_ptr<float>(wbuf),
         memae ? mutable_ptr<float>(pbuf) : nullptr, cosine ? mutable_ptr<float>(prod) : nullptr,
-        mutable_ptr<E>(a), cosine ? mutable_ptr<float>(coef_q) : nullptr);
+        mutable_ptr<float>(a), cosine ? mutable_ptr<float>(coef_q) : nullptr);
 
     if (cosine && needs_grad_memory) {
       launch(coldot_kernel, grid2(ceil_div(items, kThreads), 1), kThreads, stream,
@@ -302,17 +302,17 @@ std::tuple<Tensor, Tensor> backward_cuda(
              static_cast<const float*>(item_norms.const_data_ptr()), mutable_ptr<float>(coef_m));
     }
 
-    const RowMajor<E> a_rm = row_major<E>(a, g.rows(), g.N);
+    const RowMajor<float> a_rm = row_major<float>(a, g.rows(), g.N);
     if (needs_grad_x) {
-      launch(times_memory_kernel<E, kTC>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)), kThreads,
-             stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
+      launch(times_memory_kernel<float, kTC, E>, grid2(ceil_div(rows, BM), ceil_div(dim, BN)),
+             kThreads, stream, a_rm, Transposed<RowMajor<E>>{mem}, queries,
              cosine ? mutable_ptr<float>(coef_q) : nullptr, gx_table, mutable_ptr<E>(grad_x), items);
     }
     if (!needs_grad_memory) return;
 
     launch(gm_kernel<E, kTC>, grid2(ceil_div(items, BM), ceil_div(dim, BN)), kThreads, stream,
         Transposed<RowMajor<E>>{row_major<E>(w, g.rows(), g.N)},
-        Transposed<BlockLoad<E>>{grads}, has_grad_y, Transposed<RowMajor<E>>{a_rm},
+        Transposed<BlockLoad<E>>{grads}, has_grad_y, Transposed<RowMajor<float>>{a_rm},
         Transposed<BlockLoad<E>>{queries}, cosine ? mutable_ptr<float>(coef_m) : nullptr, mem,
         mutable_ptr<E>(grad_m));
   });

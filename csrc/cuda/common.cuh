@@ -40,6 +40,13 @@ constexpr int BK = 32;
 constexpr int kLdAB = BK + 8;  // leading dimension of the A (BM x BK) and B (BN x BK) tiles
 constexpr int kLdC = BN + 4;   // leading dimension of the float accumulator tile (BM x BN)
 
+// A block's shared array, 128-byte aligned. The host execution layer defines it as an array in
+// the block's own shared memory between guard regions (tests/cpp/cuda_host/cuda_host.h), which a
+// function-static array cannot have.
+#if !defined(DAAD_SHARED_ARRAY)
+#define DAAD_SHARED_ARRAY(T, name, count) __shared__ __align__(128) T name[count]
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Conversions (torch builds CUDA code with the implicit half conversions disabled).
 __device__ __forceinline__ float to_float(float v) { return v; }

@@ -13,11 +13,15 @@
 //   sim_kernel          GW_part[z] = G[:, Dz] @ M[:, Dz]^T, G gathered from NCHW grad_y.
 //   row_backward_kernel one warp per row: dL/dw = sum_z GW_part[z] + grad_w, then
 //                       row_backward_team: dL/ds, rowdot = sum_i dL/ds_i s_i. Stores
-//                       A = dL/ds / (|q||m_i|) (cosine) or dL/ds (dot), in the input dtype, the
-//                       products dL/ds_i s_i (cosine) and coef_q = rowdot / |q|^2.
+//                       A = dL/ds / (|q||m_i|) (cosine) or dL/ds (dot) in float32, the products
+//                       dL/ds_i s_i (cosine) and coef_q = rowdot / |q|^2. A is unbounded where
+//                       the norms are small (fp16 would overflow its 65504 where grad_x itself
+//                       is representable), so the products that read A run on float tiles: TF32
+//                       tensor cores, which hold fp16 and bf16 operands exactly.
 //   coldot_kernel       coef_m[i] = sum_r (dL/ds s)[r, i] / |m_i|^2 (cosine only).
 //   times_memory_kernel grad_x = A @ M - coef_q * q, written straight into NCHW grad_x.
-//   gm_kernel           grad_M = w^T @ G + A^T @ Q - coef_m * M: each CTA owns a tile of items x
+//   gm_kernel           grad_M = w^T @ G + A^T @ Q - coef_m * M (float tiles, as it reads A):
+//                       each CTA owns a tile of items x
 //                       D and reduces over all R rows itself, so grad_M needs no atomics and is
 //                       bitwise reproducible.
 #pragma once
@@ -33,7 +37,7 @@ template <typename E, bool kTC, class LQ>
 __global__ void __launch_bounds__(kThreads)
     sim_kernel(LQ queries, RowMajor<E> memory, int rows, int items, int dim, int k_chunk,
                float* __restrict__ partial, float* __restrict__ qsq) {
-  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<E>()];
+  DAAD_SHARED_ARRAY(unsigned char, smem, tile_smem_bytes<E>());
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int k_begin = blockIdx.z * k_chunk;
   const int k_end = min(dim, k_begin + k_chunk);
@@ -117,7 +121,8 @@ __global__ void __launch_bounds__(kThreads)
 // One warp per query row: dL/dw, the shared row backward, and the per-row terms of the products.
 // ``gpart``: the G @ M^T slices when ``splits`` > 0 (slice 0 is overwritten), else an R x N
 // scratch. ``wbuf``/``pbuf``: R x N float scratch for the saved w / p. ``prod`` (cosine): R x N
-// products dL/ds_i * s_i. ``a_out``: R x N, the left operand of grad_x = A @ M and of A^T @ Q.
+// products dL/ds_i * s_i. ``a_out``: R x N float32, the left operand of grad_x = A @ M and of
+// A^T @ Q.
 template <typename E>
 __global__ void __launch_bounds__(kThreads)
     row_backward_kernel(float* __restrict__ gpart, int splits, const E* __restrict__ grad_w,
@@ -125,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
                         const float* __restrict__ stats, const float* __restrict__ item_norms,
                         int rows, int items, bool cosine, Shrink shrink, float lam,
                         float temperature, float* __restrict__ wbuf, float* __restrict__ pbuf,
-                        float* __restrict__ prod, E* __restrict__ a_out,
+                        float* __restrict__ prod, float* __restrict__ a_out,
                         float* __restrict__ coef_q) {
   const int r = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (r >= rows) return;  // uniform over the warp
@@ -148,8 +153,7 @@ __global__ void __launch_bounds__(kThreads)
                                          temperature, lse, cosine ? prod + row_offset : nullptr);
   const float iq = grad_inv_norm(qn);
   for (int i = lane; i < items; i += 32) {
-    const float a = cosine ? g[i] * iq * grad_inv_norm(item_norms[i]) : g[i];
-    a_out[row_offset + i] = from_float<E>(a);
+    a_out[row_offset + i] = cosine ? g[i] * iq * grad_inv_norm(item_norms[i]) : g[i];
   }
   if (cosine && lane == 0) coef_q[r] = norm_correction(qn, rowdot);
 }
@@ -168,15 +172,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // Output tile (rows m0.., columns d0.. of the block matrix) = L @ M, minus coef_q[r] * q where
 // ``coef_q`` is given, stored straight into NCHW ``out``: y = w @ M in the forward, and
-// grad_x = A @ M - coef_q * q in the backward.
-template <typename E, bool kTC>
+// grad_x = A @ M - coef_q * q in the backward. The tiles hold the type T of L (E for w, float
+// for A).
+template <typename T, bool kTC, typename E>
 __global__ void __launch_bounds__(kThreads)
-    times_memory_kernel(RowMajor<E> a, Transposed<RowMajor<E>> memory_t, BlockLoad<E> queries,
+    times_memory_kernel(RowMajor<T> a, Transposed<RowMajor<E>> memory_t, BlockLoad<E> queries,
                         const float* __restrict__ coef_q, BlockTable out_blocks,
                         E* __restrict__ out, int items) {
-  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<E>()];
+  DAAD_SHARED_ARRAY(unsigned char, smem, tile_smem_bytes<T>());
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  TileGemm<E, kTC> gemm;
+  TileGemm<T, kTC> gemm;
   gemm.zero();
   gemm.accumulate(smem, a, memory_t, m0, n0, 0, items);
   gemm.store(smem);
@@ -187,16 +192,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // grad_M tile (items m0.., columns d0..) = w^T @ G + A^T @ Q - coef_m * M, reduced over all rows
-// by this CTA alone (deterministic).
+// by this CTA alone (deterministic), on float tiles (A is float32).
 template <typename E, bool kTC>
 __global__ void __launch_bounds__(kThreads)
     gm_kernel(Transposed<RowMajor<E>> w_t, Transposed<BlockLoad<E>> grad_y_t, bool has_grad_y,
-              Transposed<RowMajor<E>> a_t, Transposed<BlockLoad<E>> queries_t,
+              Transposed<RowMajor<float>> a_t, Transposed<BlockLoad<E>> queries_t,
               const float* __restrict__ coef_m, RowMajor<E> memory, E* __restrict__ grad_m) {
-  __shared__ __align__(128) unsigned char smem[tile_smem_bytes<E>()];
+  DAAD_SHARED_ARRAY(unsigned char, smem, tile_smem_bytes<float>());
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int rows = a_t.inner.rows;
-  TileGemm<E, kTC> gemm;
+  TileGemm<float, kTC> gemm;
   gemm.zero();
   if (has_grad_y) gemm.accumulate(smem, w_t, grad_y_t, m0, n0, 0, rows);
   gemm.accumulate(smem, a_t, queries_t, m0, n0, 0, rows);

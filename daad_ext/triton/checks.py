@@ -8,7 +8,7 @@ their own (a channel stride of 2**30 elements is fine).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -25,6 +25,14 @@ def _check_backend(x: torch.Tensor) -> None:
                      f"{x.device}")
 
 
+def _check_kernels(x: torch.Tensor, memory: torch.Tensor, g: spec.Division) -> spec.Division:
+    """What the kernels take beyond the spec: x's device and dtype, the limits of their indexing;
+    returns the block geometry."""
+    _check_backend(x)
+    _check_limits(int(x.shape[0]), g, int(memory.shape[0]))
+    return g
+
+
 def _check_limits(batch: int, g: spec.Division, n: int) -> None:
     rows = batch * g.num_queries
     for name, value, limit in (("B*Q (query rows)", rows, MAX_ROWS), ("N (memory items)", n,
@@ -39,21 +47,7 @@ def check_forward(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: i
                   temperature: float) -> spec.Division:
     """Checks the forward op's arguments; returns the block geometry."""
     geometry, _ = spec.check_call(x, memory, (rh, rw, rc), similarity, shrink, threshold, temperature)
-    _check_backend(x)
-    _check_limits(int(x.shape[0]), geometry, int(memory.shape[0]))
-    return geometry
-
-
-def _check_saved(name: str, t: Optional[torch.Tensor], shape: Sequence[int], dtype: torch.dtype,
-                 x: torch.Tensor) -> None:
-    if t is None:
-        raise ValueError(f"{name} is required")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on {x.device}, got {t.device}")
+    return _check_kernels(x, memory, geometry)
 
 
 def check_backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
@@ -61,17 +55,9 @@ def check_backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor
                    row_stats: torch.Tensor, item_norms: torch.Tensor, rh: int, rw: int, rc: int,
                    similarity: str, shrink: str, threshold: float,
                    temperature: float) -> spec.Division:
-    """Checks the backward op's arguments: those of the forward, the saved tensors as the forward
-    returned them (probs for MemAE only) and the gradients that are given."""
-    g = check_forward(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)
-    weights = (int(x.shape[0]), g.num_queries, int(memory.shape[0]))
-    _check_saved("w", w, weights, x.dtype, x)
-    if shrink == "memae":
-        _check_saved("probs", probs, weights, x.dtype, x)
-    _check_saved("row_stats", row_stats, weights[:2] + (2,), torch.float32, x)
-    _check_saved("item_norms", item_norms, weights[2:], torch.float32, x)
-    if grad_y is not None:
-        _check_saved("grad_y", grad_y, tuple(x.shape), x.dtype, x)
-    if grad_w is not None:
-        _check_saved("grad_w", grad_w, weights, x.dtype, x)
-    return g
+    """Checks the backward op's arguments (spec.check_backward_call: those of the forward, the
+    saved tensors and the gradients, every one on x's device); returns the block geometry."""
+    geometry, _ = spec.check_backward_call(grad_y, grad_w, x, memory, w, probs, row_stats,
+                                           item_norms, (rh, rw, rc), similarity, shrink,
+                                           threshold, temperature)
+    return _check_kernels(x, memory, geometry)

@@ -53,8 +53,8 @@ def forward_kernel(
     # Second pass over D: y = w @ M, written straight into the NCHW output.
     yrow = jit.row_offsets(rows, Q, RW, RHW, syb, sybc, sybh, sybw)
     jit.rows_times_items(w.to(m_ptr.dtype.element_ty), m_ptr, mrow, item_mask, y_ptr, yrow,
-                         x_ptr, xrow, qn, row_mask, D, BW, BHW, sxc, sxh, sxw, syc, syh, syw,
-                         smd, False, TF32, BLOCK_R, BLOCK_D)
+                         x_ptr, xrow, None, row_mask, D, BW, BHW, sxc, sxh, sxw, syc, syh, syw,
+                         smd, TF32, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -68,8 +68,7 @@ def backward_kernel(
         smn, smd, lam, temperature, NUM_PARTS,
         HAS_GY: tl.constexpr, HAS_GW: tl.constexpr, COSINE: tl.constexpr,
         SHRINK: tl.constexpr, NEED_GX: tl.constexpr, NEED_GM: tl.constexpr,
-        TF32: tl.constexpr, A_TF32: tl.constexpr, N_PAD: tl.constexpr, ELT: tl.constexpr,
-        F32_DOT: tl.constexpr, PART_ROWS: tl.constexpr,
+        TF32: tl.constexpr, N_PAD: tl.constexpr, ELT: tl.constexpr, PART_ROWS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -108,7 +107,7 @@ def backward_kernel(
         corr = jit.norm_correction(qn, rowdot)
     else:
         a = gs
-        corr = qn  # unused
+        corr = None  # dot similarity: no norm correction
     if NEED_GM:
         tl.store(a_ptr + rn, a, mask=tile_mask)
     if NEED_GX:
@@ -116,4 +115,4 @@ def backward_kernel(
         orow = jit.row_offsets(rows, Q, RW, RHW, sob, sobc, sobh, sobw)
         jit.rows_times_items(a, m_ptr, mrow, item_mask, gx_ptr, orow, x_ptr, xrow, corr,
                              row_mask, D, BW, BHW, sxc, sxh, sxw, soc, soh, sow, smd,
-                             COSINE, A_TF32, BLOCK_R, BLOCK_D)
+                             TF32, BLOCK_R, BLOCK_D)

@@ -35,7 +35,6 @@ def grad_memory_kernel(
         sgb, sgbc, sgbh, sgbw, sgc, sgh, sgw,
         sxb, sxbc, sxbh, sxbw, sxc, sxh, sxw, smn, smd,
         HAS_GY: tl.constexpr, COSINE: tl.constexpr, TF32: tl.constexpr,
-        A_TF32: tl.constexpr, ELT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     items = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     item_mask = items < N
@@ -58,7 +57,7 @@ def grad_memory_kernel(
         at = tl.load(a_ptr + nr, mask=nr_mask, other=0.0)
         xrow = jit.row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
         q = tl.load(x_ptr + xrow[:, None] + xcol[None, :], mask=rd_mask, other=0.0)
-        acc = jit.mma(at, q.to(tl.float32), acc, A_TF32)
+        acc = jit.mma(at, q.to(tl.float32), acc, TF32)
     m = jit.load_items(m_ptr, items.to(tl.int64) * smn, cols, item_mask, col_mask, smd)
     if COSINE:
         coldot = tl.zeros((BLOCK_N,), tl.float32)

@@ -6,6 +6,15 @@ Addressing: row ``r = b*Q + k`` of the (B*Q, D) query matrix is block ``k`` of i
 column ``d = (c*bh + y)*bw + x`` of a block is element (c, y, x) inside it. Indices are int32;
 every offset is formed in int64 (a stride times an index can exceed 2**31 even when each is
 small: a channel stride of 2**30, or an ordinary batch of more than 2**31 elements).
+
+The kernels' parameters, which the launchers (:mod:`daad_ext.triton.launch`) pass by keyword:
+``*_ptr`` tensors; sizes ``R`` (query rows B*Q), ``N`` (items), ``D`` (block length); the block
+geometry ``Q`` (queries per image), ``RW``, ``RHW`` (rh*rw), ``BW``, ``BHW`` (bh*bw); the strides
+of an NCHW operand ``t`` (``x`` input, ``y`` output, ``g`` grad_y, ``o`` grad_x or output):
+``s{t}b`` per image, ``s{t}bc``/``s{t}bh``/``s{t}bw`` from one block to the next along C/H/W,
+``s{t}c``/``s{t}h``/``s{t}w`` inside a block; the memory's ``smn`` (per item) and ``smd`` (per
+column); ``lam`` (the threshold) and ``temperature``; upper-case constexprs select variants
+and tiles.
 """
 from __future__ import annotations
 
@@ -166,9 +175,9 @@ def query_item_dots(acc, qsq, x_ptr, xrow, row_mask, m_ptr, mrow, item_mask, d_s
 
 @triton.jit
 def correct_and_store(acc, out_ptr, orow, x_ptr, xrow, corr, cols, mask,
-                      BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT: tl.constexpr):
-    """out[rows, cols] = acc (- corr * q with CORRECT), q and out in NCHW."""
-    if CORRECT:
+                      BW, BHW, sxc, sxh, sxw, soc, soh, sow):
+    """out[rows, cols] = acc - corr * q (acc where ``corr`` is None), q and out in NCHW."""
+    if corr is not None:
         q = load_nchw(x_ptr, xrow, cols, mask, BW, BHW, sxc, sxh, sxw)
         acc -= corr[:, None] * q.to(tl.float32)
     store_nchw(out_ptr, orow, cols, acc, mask, BW, BHW, soc, soh, sow)
@@ -177,10 +186,9 @@ def correct_and_store(acc, out_ptr, orow, x_ptr, xrow, corr, cols, mask,
 @triton.jit
 def rows_times_items(a, m_ptr, mrow, item_mask, out_ptr, orow, x_ptr, xrow, corr, row_mask,
                      D, BW, BHW, sxc, sxh, sxw, soc, soh, sow, smd,
-                     CORRECT: tl.constexpr, TF32: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    """out = a @ M (- corr * q) over all of D, a (rows x all items) on chip; M's tiles in a's
-    dtype."""
+                     TF32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = a @ M - corr * q over all of D (no correction where ``corr`` is None), a (rows x all
+    items) on chip; M's tiles in a's dtype."""
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
@@ -188,7 +196,7 @@ def rows_times_items(a, m_ptr, mrow, item_mask, out_ptr, orow, x_ptr, xrow, corr
         out = mma(a, m.to(a.dtype), tl.zeros((BLOCK_R, BLOCK_D), tl.float32), TF32)
         correct_and_store(out, out_ptr, orow, x_ptr, xrow, corr, cols,
                           row_mask[:, None] & col_mask[None, :],
-                          BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT)
+                          BW, BHW, sxc, sxh, sxw, soc, soh, sow)
 
 
 # -------------------------------------------------------------------------------------------------

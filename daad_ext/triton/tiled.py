@@ -17,7 +17,7 @@ def products_kernel(
         x_ptr, m_ptr, ws_ptr, sq_ptr,
         R, N, D, Q, RW, RHW, BW, BHW, SPLIT_D,
         sxb, sxbc, sxbh, sxbw, sxc, sxh, sxw, smn, smd,
-        STORE_SQ: tl.constexpr, TF32: tl.constexpr, ELT: tl.constexpr,
+        STORE_SQ: tl.constexpr, TF32: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """1/3: ws[split, r, i] = the split's part of X[r] . M[i], X (x or grad_y) read from NCHW;
     with STORE_SQ the split's part of |X[r]|^2 into sq[split, r]."""
@@ -184,7 +184,7 @@ def rows_times_memory_kernel(
         sxb, sxbc, sxbh, sxbw, sxc, sxh, sxw,
         sob, sobc, sobh, sobw, soc, soh, sow, smn, smd,
         CORRECT: tl.constexpr, F32_DOT: tl.constexpr, TF32: tl.constexpr,
-        ELT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """3/3: out = A @ M (- corr * q), A (R x N) row-major, out written into NCHW. Forward:
     A = w, no correction. Backward: A = dL/ds (scaled), corr = rowdot/|q|^2 (cosine)."""
@@ -207,9 +207,9 @@ def rows_times_memory_kernel(
     if CORRECT:
         corr = tl.load(corr_ptr + rows, mask=row_mask, other=0.0)
     else:
-        corr = tl.zeros((BLOCK_R,), tl.float32)  # unused
+        corr = None  # the forward (w @ M) and the dot similarity's backward: no correction
     xrow = jit.row_offsets(rows, Q, RW, RHW, sxb, sxbc, sxbh, sxbw)
     orow = jit.row_offsets(rows, Q, RW, RHW, sob, sobc, sobh, sobw)
     jit.correct_and_store(acc, out_ptr, orow, x_ptr, xrow, corr, cols,
                           row_mask[:, None] & col_mask[None, :],
-                          BW, BHW, sxc, sxh, sxw, soc, soh, sow, CORRECT)
+                          BW, BHW, sxc, sxh, sxw, soc, soh, sow)

@@ -55,13 +55,13 @@ def _finish(configs, keep, config: TritonConfig):
 
 
 def fused_filter(configs, named_args, config: TritonConfig, **kwargs):
-    """Fused kernels: the M tile (N_PAD x BLOCK_D) and the query tile per pipeline stage must
-    fit shared memory, and the float32 (BLOCK_R x N_PAD) tile at most 64 registers a thread."""
+    """Fused kernels: the M tile (N_PAD x BLOCK_D) and the query tile per pipeline stage, of
+    ``ELT`` bytes an element (a constexpr the kernels take for this filter only), must fit shared
+    memory, and the float32 (BLOCK_R x N_PAD) tile at most 64 registers a thread."""
     if INTERPRETED:
         return _interpreter_pick(configs, config)
     args = {**named_args, **kwargs}
-    n_pad = int(args["N_PAD"])
-    elt = 4 if args.get("F32_DOT", False) else int(args["ELT"])
+    n_pad, elt = int(args["N_PAD"]), int(args["ELT"])
     limit, keep = smem_limit(config), []
     for c in configs:
         br, bd = c.kwargs["BLOCK_R"], c.kwargs["BLOCK_D"]

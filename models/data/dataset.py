@@ -104,6 +104,17 @@ class OneClassDataset(Dataset):
         plain._cache = self._cache
         return plain
 
+    def subset(self, indices: Sequence[int]) -> "OneClassDataset":
+        """The items at ``indices``, in that order, augmented as this set is; the images decoded so
+        far are not decoded again."""
+        indices = [int(i) for i in indices]
+        part = OneClassDataset([self.names[i] for i in indices], [self.labels[i] for i in indices],
+                               self.channels, self.size, [self.mask_paths[i] for i in indices],
+                               None if self.arrays is None else self.arrays[indices], self.augment,
+                               [self.mask_known[i] for i in indices])
+        part._cache = {new: self._cache[old] for new, old in enumerate(indices) if old in self._cache}
+        return part
+
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index in self._cache:
             return self._cache[index]

@@ -36,7 +36,7 @@ class ScoringGraph(nn.Module):
         self.model, self.scorer = model.eval(), scorer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.model.score(x, self.scorer.ali_reduction)
+        s = self.model.score(x, self.scorer.ali_reduction, self.scorer.anomaly_map)
         return s.error_map, self.scorer.score_torch(s.error_map, s.feat)
 
 
@@ -70,5 +70,6 @@ def export_graph(graph: ScoringGraph, fmt: str, out: str, info: dict[str, Any]) 
     write_json(os.path.join(out, "detector.json"),
                {**info, "in_channels": channels, "size": size, "input": "image", "input_range": [-1.0, 1.0],
                 "outputs": list(OUTPUTS), "gamma": s.gamma, "image_score": s.image_score, "sigma": s.sigma,
+                "anomaly_map": s.anomaly_map,
                 "calibration": dict(s.calibration), "format": fmt, "file": FORMATS[fmt]}, indent=2)
     return path

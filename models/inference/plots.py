@@ -44,6 +44,32 @@ def save_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> N
     save_figure(fig, path)
 
 
+#: The loss terms and metrics a learning-curve figure draws, where the log has them.
+LOSS_KEYS = ("g", "rec", "adv", "ali", "d", "val_error")
+METRIC_KEYS = ("image_auroc", "image_auroc_max", "pixel_auroc", "pixel_auroc_smoothed")
+
+
+def save_learning_curves(history: list[dict], path: str) -> None:
+    """The per-epoch losses and validation error (log scale) and the test AUROCs of a run's log
+    against the optimisation step: how the reader tells whether it has converged."""
+    steps = [r.get("step", r["epoch"]) for r in history]
+    metrics = [k for k in METRIC_KEYS if any(k in r and r[k] is not None for r in history)]
+    fig, axes = plt.subplots(1, 1 + bool(metrics), figsize=(5 * (1 + bool(metrics)), 3.4), squeeze=False)
+    for key in (k for k in LOSS_KEYS if any(k in r for r in history)):
+        points = [(s, r[key]) for s, r in zip(steps, history) if r.get(key) is not None and r[key] > 0]
+        axes[0, 0].plot(*zip(*points), marker=".", label=key)
+    axes[0, 0].set(yscale="log", xlabel="step", title="losses (epoch means) and validation error")
+    if axes[0, 0].lines:
+        axes[0, 0].legend(fontsize=7)
+    for key in metrics:
+        points = [(s, r[key]) for s, r in zip(steps, history) if r.get(key) is not None]
+        axes[0, 1].plot(*zip(*points), marker="o", label=key)
+    if metrics:
+        axes[0, 1].set(xlabel="step", ylim=(0, 1), title="test AUROC")
+        axes[0, 1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def save_heatmap(image: torch.Tensor, reconstruction: torch.Tensor, error_map: np.ndarray,
                  vmax: float, path: str, title: str, mask: Optional[np.ndarray] = None) -> None:
     """Input, reconstruction, heat map over the input and, where known, the ground-truth mask.

@@ -32,7 +32,7 @@ def predict_images(model: nn.Module, scorer: Scorer, images: Sequence[str], out:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
         x = load_image(path, channels, size)
-        s = model.score(x[None].to(device), scorer.ali_reduction)
+        s = model.score(x[None].to(device), scorer.ali_reduction, scorer.anomaly_map)
         maps = s.error_map.cpu().numpy()
         feat = s.feat.cpu().numpy() if s.feat is not None else None
         score = float(scorer.score(maps, feat)[0])

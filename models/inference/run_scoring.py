@@ -1,37 +1,111 @@
-"""What a training run measures with its networks (:class:`models.training.RunHooks`): test
-metrics every few epochs, and the calibration of the scores on the training images at the end."""
+"""What a training run measures with its networks (:class:`models.training.RunHooks`): the
+validation error every epoch, test metrics every few epochs, the calibration of the scores on the
+training images at the end, the learning curves, and a warning when the model has not learnt."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+import warnings
+from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from ..data import OneClassDataset
 from ..networks import AnomalyDetector
 from ..training import TrainConfig
+from .plots import save_learning_curves
 from .scorer import Scorer
 from .scores import collect_scores, compute_metrics
 
+#: A reconstruction whose variance is below this share of the input's is flat: the decoder still
+#: outputs (nearly) one grey image, whatever the input.
+FLAT_VARIANCE_RATIO = 0.1
+#: A model whose reconstruction error is above the images' own variance (explained share below
+#: 0) does worse than a flat image of each input's mean brightness: it has learnt nothing yet.
+#: Seed of the fixed test subset of ``eval_subset``.
+SUBSET_SEED = 0
+
+
+class UntrainedWarning(UserWarning):
+    """A run ended with flat reconstructions: the model has not learnt the images yet."""
+
+
+def fixed_test_subset(labels: list[int], count: int) -> list[int]:
+    """``count`` positions of a test set, the same every time, with normal and anomalous images in
+    their proportion (at least one of each where both exist)."""
+    rng = np.random.default_rng(SUBSET_SEED)
+    groups = [np.flatnonzero(np.asarray(labels) == label) for label in (0, 1)]
+    anomalous = min(len(groups[1]), max(1, round(count * len(groups[1]) / len(labels)))) if len(groups[1]) else 0
+    takes = (min(len(groups[0]), count - anomalous), anomalous)
+    return sorted(int(i) for group, take in zip(groups, takes) for i in rng.permutation(group)[:take])
+
+
+@torch.no_grad()
+def reconstruction_statistics(model: AnomalyDetector, dataset: OneClassDataset, device: torch.device,
+                              batch: int) -> dict[str, float]:
+    """Over ``dataset``: the mean squared reconstruction error, the variance of the reconstructions
+    as a share of the inputs' (``variance_ratio``) and the share of the inputs' variance the
+    reconstructions explain, 1 - error / variance (``explained``); per image, then averaged."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"error": [], "variance_ratio": [], "explained": []}
+    for item in DataLoader(dataset, batch_size=batch, shuffle=False):
+        x = item["image"].to(device)
+        s = model.score(x)
+        variance = x.flatten(1).var(dim=1, unbiased=False).clamp_min(1e-12)
+        parts["error"].append(s.rec.cpu())
+        parts["variance_ratio"].append((s.reconstruction.flatten(1).var(dim=1, unbiased=False) / variance).cpu())
+        parts["explained"].append((1 - s.rec / variance).cpu())
+    model.train(was_training)
+    return {key: float(torch.cat(values).mean()) for key, values in parts.items()}
+
 
 class RunScoring:
-    """The :class:`~models.training.RunHooks` of a run: its test set is built (and its files
-    checked) at the first evaluation; the calibration scores the training images unflipped."""
+    """The :class:`~models.training.RunHooks` of a run. Its validation and test sets are built (and
+    their files checked) when first needed; the calibration scores the training images unflipped."""
 
     def __init__(self, config: TrainConfig, train_set: OneClassDataset, device: torch.device,
                  skip_bad_images: bool = False) -> None:
         self.config, self.train_set, self.device = config, train_set, device
         self.skip_bad_images = skip_bad_images
         self.scorer = Scorer.for_run(config)
-        self._test_set: Optional[OneClassDataset] = None
+        self._sets: dict[str, OneClassDataset] = {}
+
+    def _set(self, split: str) -> OneClassDataset:
+        if split not in self._sets:
+            data = self.config.dataset_split(split, skip_bad_images=self.skip_bad_images)
+            if split == "test" and self.config.eval_subset and self.config.eval_subset < len(data):
+                data = data.subset(fixed_test_subset(data.labels, self.config.eval_subset))
+            self._sets[split] = data
+        return self._sets[split]
 
     def evaluate(self, model: AnomalyDetector) -> dict[str, Any]:
-        if self._test_set is None:
-            self._test_set = self.config.dataset_split("test", skip_bad_images=self.skip_bad_images)
-        scores = collect_scores(model, self._test_set, self.device, self.scorer, self.config.batch)
+        scores = collect_scores(model, self._set("test"), self.device, self.scorer, self.config.batch)
         metrics, _ = compute_metrics(scores, self.scorer)
-        return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
+        keys = ("image_auroc", "image_auroc_max", "pixel_auroc", "pixel_auroc_smoothed")
+        return {key: metrics[key] for key in keys}
+
+    def validate(self, model: AnomalyDetector) -> dict[str, float]:
+        return {"val_error": reconstruction_statistics(model, self._set("val"), self.device, self.config.batch)["error"]}
 
     def calibrate(self, model: AnomalyDetector) -> dict[str, float]:
         scores = collect_scores(model, self.train_set.without_augmentation(), self.device, self.scorer,
                                 self.config.batch)
         return self.scorer.calibrate(scores.maps, scores.feat)
+
+    def finish(self, model: AnomalyDetector, history: list[dict[str, Any]], out: str) -> None:
+        images = self._set("val") if self.config.val_ratio else self.train_set.without_augmentation()
+        stats = reconstruction_statistics(model, images, self.device, self.config.batch)
+        why = []
+        if stats["variance_ratio"] < FLAT_VARIANCE_RATIO:
+            why.append(f"its reconstructions are flat (their variance is {stats['variance_ratio']:.0%} of the "
+                       f"images'; a model that has learnt them reaches {FLAT_VARIANCE_RATIO:.0%} or more)")
+        if stats["explained"] < 0:
+            why.append(f"its reconstruction error is {1 - stats['explained']:.1f}x the images' own variance (a flat "
+                       "image of each one's mean brightness would do better)")
+        if why:
+            warnings.warn(f"the run in {out} looks untrained after step {history[-1].get('step')}: "
+                          f"{'; '.join(why)}. Train longer (--steps, --until-plateau) before reading its scores",
+                          UntrainedWarning)
+        save_learning_curves(history, os.path.join(out, "learning_curves.png"))

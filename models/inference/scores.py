@@ -46,7 +46,7 @@ def collect_scores(model: nn.Module, dataset: Dataset, device: torch.device, sco
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ScoreSet._fields}
     for item in DataLoader(dataset, batch_size=batch, shuffle=False):
-        s = model.score(item["image"].to(device), scorer.ali_reduction)
+        s = model.score(item["image"].to(device), scorer.ali_reduction, scorer.anomaly_map)
         parts["labels"].append(item["label"].numpy())
         parts["maps"].append(s.error_map.cpu().numpy())
         parts["masks"].append(item["mask"][:, 0].numpy())
@@ -72,6 +72,7 @@ def compute_metrics(scores: ScoreSet, scorer: Scorer, smooth: bool = False,
     smoothed = scorer.smooth(scores.maps)
     image = scorer.image_scores(scores.maps, scores.feat, smoothed)
     metrics: dict[str, Any] = {"gamma": scorer.gamma, "image_score": scorer.image_score, "sigma": scorer.sigma,
+                               "anomaly_map": scorer.anomaly_map,
                                "image_auroc": image_auroc(scores.labels, image.fused),
                                "image_auroc_rec": image_auroc(scores.labels, image.mean),
                                "image_auroc_max": image_auroc(scores.labels, image.max)}

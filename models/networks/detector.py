@@ -20,14 +20,16 @@ from daad_ext import BlockMemory
 from .config import ModelConfig
 from .discriminator import Discriminator
 from .generator import Generator
+from . import maps
 from .losses import feature_distance
 
 
 class Scores(NamedTuple):
     reconstruction: torch.Tensor
-    #: (B, H, W) squared error per pixel, averaged over channels: the pixel anomaly map.
+    #: (B, H, W) the pixel anomaly map (:mod:`models.networks.maps`: by default the squared error
+    #: per pixel, averaged over channels).
     error_map: torch.Tensor
-    #: R(x): the mean squared pixel error, (B,).
+    #: R(x): the mean of the map, (B,).
     rec: torch.Tensor
     #: L(x): the distance of f_D(x) and f_D(x_hat), reduced as the run's L_ali, (B,); None
     #: without a discriminator.
@@ -48,11 +50,12 @@ class AnomalyDetector(nn.Module):
         return list(self.generator.memories.values())
 
     @torch.no_grad()
-    def score(self, x: torch.Tensor, ali_reduction: str = "sum_sq") -> Scores:
-        """Raw (unscaled) anomaly scores of a batch in [-1, 1]; run in eval mode. L(x) is reduced
-        as L_ali was in training (``TrainConfig.ali_loss``, see :mod:`models.networks.losses`)."""
+    def score(self, x: torch.Tensor, ali_reduction: str = "sum_sq", anomaly_map: str = "l2") -> Scores:
+        """Raw (unscaled) anomaly scores of a batch in [-1, 1]; run in eval mode. The map is
+        ``anomaly_map`` (:mod:`models.networks.maps`); L(x) is reduced as L_ali was in training
+        (``TrainConfig.ali_loss``, see :mod:`models.networks.losses`)."""
         x_hat = self.generator(x).reconstruction
-        error_map = (x - x_hat).pow(2).mean(dim=1)
+        error_map = maps.anomaly_map(x, x_hat, anomaly_map)
         feat = None
         if self.discriminator is not None:
             feat = feature_distance(self.discriminator(x)[1], self.discriminator(x_hat)[1], ali_reduction)

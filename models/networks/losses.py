@@ -10,6 +10,7 @@ How L_rec and L_ali reduce their differences is a *reading* of the paper, chosen
 ``"mse"``       mean squared error over pixels and channels
 ``"norm"``      L2 norm of x - x_hat (the paper's Eq. 4, ``E ||x - x_hat||_2``)
 ``"l1"``        mean absolute error (GANomaly / Skip-GANomaly's contextual loss)
+``"ssim"``      mean of 1 - SSIM (Bergmann et al., VISAPP 2019; :mod:`models.networks.maps`)
 ==============  ==========================================================================
 
 ==============  ==========================================================================
@@ -41,9 +42,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .maps import ssim
+
 #: Floor inside MemAE's entropy log (its code uses 1e-12 as well).
 ENTROPY_EPS = 1e-12
-REC_REDUCTIONS = ("mse", "norm", "l1")
+REC_REDUCTIONS = ("mse", "norm", "l1", "ssim")
 ALI_REDUCTIONS = ("sum_sq", "norm", "mean_sq")
 #: Floor under the square root of a norm: its gradient at 0 would be infinite.
 NORM_EPS = 1e-12
@@ -77,6 +80,8 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = "
         return diff.abs().mean()
     if reduction == "norm":
         return _norm(diff.pow(2).sum(dim=1)).mean()
+    if reduction == "ssim":
+        return (1 - ssim(x, x_hat)).mean()
     raise ValueError(f"unknown reconstruction loss {reduction!r}; choose one of {REC_REDUCTIONS}")
 
 

@@ -90,7 +90,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
             model, history = trainer.model, trainer.history
     train_s = time.perf_counter() - start
     test_set = config.dataset_split("test")
-    scorer = Scorer.for_run(config)
+    scorer = Scorer.for_run(config, "mean")  # the paper's reading in image_auroc; both Rs are reported
     scores = collect_scores(model, test_set, torch.device("cpu"), scorer)
     metrics, image = compute_metrics(scores, scorer)
     arrays = {"labels": scores.labels.astype(np.int8), "rec": image.mean.astype(np.float32),

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -64,22 +65,25 @@ class WriteError(OSError):
     was to replace is left as it was. The message names the file and the cause."""
 
 
-class _WatchedFile:
-    """A file whose first failed write is kept: writers such as ``torch.save`` swallow the
+class _WatchedWriter(io.BufferedWriter):
+    """A binary file that keeps its first failed write: writers such as ``torch.save`` swallow the
     ``OSError`` of a full disk into a message that names neither the file nor the cause."""
 
-    def __init__(self, file: IO) -> None:
-        self.file, self.error = file, None
+    error: Optional[OSError] = None
 
     def write(self, data: Any) -> int:
         try:
-            return self.file.write(data)
+            return super().write(data)
         except OSError as e:
             self.error = self.error or e
             raise
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.file, name)
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
@@ -96,20 +100,19 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}-{_host()}.",
                                suffix=".tmp", dir=folder)
-    watched = None
+    watched = _WatchedWriter(io.FileIO(fd, "w"))
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            watched = _WatchedFile(f)
-            write(watched)
+        with watched if binary else io.TextIOWrapper(watched, encoding="utf-8") as f:
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(watched.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
-        cause = watched.error if watched is not None and watched.error is not None else e
+        cause = watched.error or e
         if isinstance(cause, OSError) and not isinstance(cause, WriteError):
             kept = "the previous file is kept as it was" if os.path.exists(path) else "nothing was written"
             raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}; {kept}") from e

@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+import numpy as np
+
 from ..data import OneClassDataset, build_dataset, layout
 from ..networks.config import MEMAE_ENTROPY_WEIGHT, ModelConfig
 from ..networks.losses import check_reductions
+from ..networks.maps import check_map
 
 #: Named readings of the DAAD+ losses (``--losses``): the settings each one fixes.
 #: ``old``: this project's first reading (squared distances; L_ali summed over the 100 features).
@@ -46,6 +49,14 @@ class TrainConfig:
     L_ali (:mod:`models.networks.losses`); ``d_reset`` re-initialises the discriminator after a
     step whose loss fell below it (GANomaly's 1e-5; 0: never); these and ``loss_weights`` default
     to :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator, to ``"old"`` without.
+    ``anomaly_map`` is the pixel map the run is scored by (:mod:`models.networks.maps`).
+
+    How long a run trains (:mod:`models.training.loop`): ``epochs``, or ``steps`` optimisation steps
+    (the run ends with the epoch in which it reaches them: data sets differ 20x in size), and with
+    ``until_plateau`` earlier, once the validation error has not improved by ``plateau_tolerance``
+    (relative) for ``plateau_window`` epochs. The validation set is a fixed ``val_ratio`` of the
+    training images (the same for every seed), held out of training. ``eval_every`` evaluates on the
+    test split every so many epochs, on a fixed subset of ``eval_subset`` images where that is > 0.
     """
 
     dataset: str = "mvtec"
@@ -64,9 +75,16 @@ class TrainConfig:
     rec_loss: Optional[str] = None
     ali_loss: Optional[str] = None
     d_reset: Optional[float] = None
+    anomaly_map: str = "l2"
     seed: int = 0
     workers: int = 0
     eval_every: int = 0
+    eval_subset: int = 0
+    steps: Optional[int] = None
+    val_ratio: float = 0.0
+    until_plateau: bool = False
+    plateau_window: int = 5
+    plateau_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -81,12 +99,22 @@ class TrainConfig:
                 setattr(self, key, value)
         self.loss_weights = tuple(self.loss_weights)
         check_reductions(self.rec_loss, self.ali_loss)
+        check_map(self.anomaly_map)
         if self.d_reset < 0:
             raise ValueError(f"d_reset must be >= 0 (0: never), got {self.d_reset}")
         if self.epochs < 1 or self.batch < 1:
             raise ValueError(f"epochs and batch must be >= 1, got {self.epochs}, {self.batch}")
         if self.gamma is not None and not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0 <= self.val_ratio < 1:
+            raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.until_plateau and not self.val_ratio:
+            raise ValueError("until_plateau watches the validation error: give a val_ratio > 0 (--val-ratio)")
+        if self.plateau_window < 1 or self.plateau_tolerance < 0 or self.eval_subset < 0:
+            raise ValueError("plateau_window must be >= 1, plateau_tolerance and eval_subset >= 0, got "
+                             f"{self.plateau_window}, {self.plateau_tolerance}, {self.eval_subset}")
 
     @property
     def learning_rate(self) -> float:
@@ -108,9 +136,23 @@ class TrainConfig:
 
     def dataset_split(self, split: str, root: Optional[str] = None, augment: bool = False,
                       skip_bad_images: bool = False) -> OneClassDataset:
-        """The ``split`` of the run's data set, under ``root`` (default: the run's)."""
-        return build_dataset(self.dataset, root or self.root, split, self.model.size, augment=augment,
-                             skip_bad_images=skip_bad_images, category=self.category, **self.data)
+        """The ``split`` of the run's data set under ``root`` (default: the run's): "test", "train"
+        (the training images less the validation ones) or "val" (a fixed ``val_ratio`` of them)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        images = build_dataset(self.dataset, root or self.root, "test" if split == "test" else "train",
+                               self.model.size, augment=augment, skip_bad_images=skip_bad_images,
+                               category=self.category, **self.data)
+        if split == "test" or (split == "train" and not self.val_ratio):
+            return images
+        if not self.val_ratio:
+            raise ValueError("the run has no validation images (val_ratio 0)")
+        order = np.random.default_rng(VAL_SEED).permutation(len(images))
+        cut = int(round(self.val_ratio * len(images)))
+        if not 0 < cut < len(images):
+            raise ValueError(f"val_ratio {self.val_ratio} leaves no image for training or for validation "
+                             f"({len(images)} training images)")
+        return images.subset(sorted(order[cut:] if split == "train" else order[:cut]))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (lists for tuples), loadable with ``weights_only=True``."""
@@ -138,6 +180,9 @@ class TrainConfig:
         return cls(**{**LEGACY_LOSSES, **data})
 
 
+#: Seed of the permutation that holds the validation images out of the training images: the same
+#: for every run, so that runs of different seeds are validated on the same images.
+VAL_SEED = 0
 #: The loss readings of checkpoints that do not name theirs (written before they were options).
 LEGACY_LOSSES = {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0}
 #: Data settings that checkpoints stored beside the others before the layouts had their own.

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,3 +73,12 @@ def mean_over_processes(values: dict[str, float], ctx: DistContext) -> dict[str,
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / ctx.world_size).tolist()))
+
+
+def agree(value: Optional[str], ctx: DistContext) -> Optional[str]:
+    """Rank 0's ``value`` on every process (a decision such as "stop here", which rank 0 makes)."""
+    if not ctx.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -24,7 +24,7 @@ from .amp import AMP_DTYPES
 from .atomic import write_json
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .distributed import DistContext, barrier, mean_over_processes
+from .distributed import DistContext, agree, barrier, mean_over_processes
 from .trainer import DivergenceError, Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -43,8 +43,28 @@ class RunHooks(Protocol):
     def evaluate(self, model: AnomalyDetector) -> dict[str, Any]:
         """Test metrics for the log of an epoch that ``eval_every`` names."""
 
+    def validate(self, model: AnomalyDetector) -> dict[str, float]:
+        """The validation error (``val_error``) for the log of every epoch of a run with ``val_ratio``."""
+
     def calibrate(self, model: AnomalyDetector) -> dict[str, float]:
         """The calibration of the scores, stored in the checkpoint after the last epoch."""
+
+    def finish(self, model: AnomalyDetector, history: list[dict[str, Any]], out: str) -> None:
+        """After the last epoch: the learning curves into ``out``, a warning if the model is untrained."""
+
+
+def plateaued(history: list[dict[str, Any]], window: int, tolerance: float) -> bool:
+    """Whether the validation error of the last ``window`` epochs has not improved on the best
+    before them by more than ``tolerance`` (relative)."""
+    errors = [r["val_error"] for r in history if "val_error" in r]
+    if len(errors) <= window:
+        return False
+    return min(errors[-window:]) > min(errors[:-window]) * (1 - tolerance)
+
+
+def total_epochs(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The epochs a run trains at most: ``epochs``, or those that reach ``steps``."""
+    return config.epochs if config.steps is None else -(-config.steps // max(steps_per_epoch, 1))
 
 
 def epoch_seed(config: TrainConfig, epoch: int, rank: int) -> int:
@@ -60,7 +80,8 @@ def write_log(out: str, record: dict) -> None:
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset, hooks: RunHooks,
           resume: Optional[Resume] = None, amp: Optional[str] = None,
           program: str = "python -m models.train") -> Trainer:
-    """Trains on ``train_set`` (augmented) up to ``config.epochs`` epochs; rank 0 writes to ``out``.
+    """Trains on ``train_set`` (augmented) until the run's stopping rule (``epochs``, ``steps``,
+    ``until_plateau``: see :class:`~models.training.TrainConfig`); rank 0 writes to ``out``.
 
     Raises :class:`~models.training.trainer.DivergenceError` naming the epoch and step where a loss
     or gradient became NaN or infinite, and the ``program`` command that continues with a lower
@@ -80,11 +101,19 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
         os.makedirs(out, exist_ok=True)
         if resume is None:  # a fresh run starts a fresh log
             open(os.path.join(out, "train_log.jsonl"), "w").close()
-    for epoch in range(trainer.epoch + 1, config.epochs + 1):
+    epochs = total_epochs(config, len(loader))
+    ended = trainer.history[-1].get("stopped") if trainer.history else None
+    if resume is not None and (trainer.epoch >= epochs or (ended == "plateau" and config.until_plateau)):
+        if ctx.is_main:
+            print(f"{resume.path} has trained {trainer.epoch} epochs already and its stopping rule is met "
+                  f"({ended or 'epochs'}): nothing to train; give a larger --epochs or --steps to go on", flush=True)
+        return trainer
+    stop = None
+    for epoch in range(trainer.epoch + 1, epochs + 1):
         sampler.set_epoch(epoch - 1)
         torch.manual_seed(epoch_seed(config, epoch - 1, ctx.rank))
         start, sums, steps = time.perf_counter(), {}, 0
-        with tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not ctx.is_main,
+        with tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not ctx.is_main,
                   leave=False, dynamic_ncols=True) as bar:  # closed (cleared) on an error too
             for item in bar:
                 steps += 1
@@ -95,14 +124,26 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                                                              last_saved, trainer.epoch, program)) from e
                 sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
-        record = {"epoch": epoch, **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
+        record = {"epoch": epoch, "step": epoch * len(loader),
+                  **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
                   "time_s": round(time.perf_counter() - start, 3)}
         if ctx.is_main:
-            if epoch in (1, config.epochs) and steps:  # which loss term drives the generator
+            if epoch in (1, epochs) and steps:  # which loss term drives the generator
                 record["grad_share"] = trainer.gradient_shares(item["image"].to(ctx.device))
+            if config.val_ratio:
+                record.update(hooks.validate(trainer.model))
             if config.eval_every and epoch % config.eval_every == 0:
                 record.update(hooks.evaluate(trainer.model))
-            trainer.end_epoch(record, hooks.calibrate(trainer.model) if epoch == config.epochs else None)
+            if config.until_plateau and plateaued(trainer.history + [record], config.plateau_window,
+                                                  config.plateau_tolerance):
+                stop = "plateau"
+        if epoch == epochs and stop is None:
+            stop = "steps" if config.steps else "epochs"
+        stop = agree(stop, ctx)
+        if ctx.is_main:
+            if stop:
+                record["stopped"] = stop  # why the run ended here: plateau, steps or epochs
+            trainer.end_epoch(record, hooks.calibrate(trainer.model) if stop else None)
             save_checkpoint(trainer.state_dict(), checkpoint)
             write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
             write_log(out, record)
@@ -111,6 +152,10 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
             trainer.end_epoch(record)
         barrier(ctx)
         last_saved = checkpoint
+        if stop:
+            break
+    if ctx.is_main and stop:
+        hooks.finish(trainer.model, trainer.history, out)
     return trainer
 
 

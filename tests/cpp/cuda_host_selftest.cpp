@@ -30,7 +30,7 @@ static void expect_error(const char* needle, const std::function<void()>& launch
 
 // A block sum through shared memory, barriers and warp shuffles.
 __global__ void block_sum(const float* in, float* out) {
-  __shared__ float partial[8];
+  DAAD_SHARED_ARRAY(float, partial, 8);
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   float v = in[blockIdx.x * 256 + t];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -42,6 +42,29 @@ __global__ void block_sum(const float* in, float* out) {
     out[blockIdx.x] = s;
   }
 }
+
+// Every block keeps its own shared memory although several are resident at once: each block
+// stores its index, and reads it back after a barrier at which other blocks run.
+__global__ void block_owns_shared(int* out) {
+  DAAD_SHARED_ARRAY(int, id, 1);
+  if (threadIdx.x == 0) id[0] = int(blockIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = id[0];
+}
+
+__global__ void shared_overflow(float* out) {
+  DAAD_SHARED_ARRAY(float, tile, 32);
+  tile[threadIdx.x] = 1.f;  // 33 threads
+  out[threadIdx.x] = 0.f;
+}
+
+__global__ void too_much_shared(float* out) {
+  DAAD_SHARED_ARRAY(float, big, 13 * 1024);  // 52 KB
+  big[threadIdx.x] = 1.f;
+  out[threadIdx.x] = big[threadIdx.x];
+}
+
+__global__ void atomic_count(float* total) { atomicAdd(total, 1.f); }
 
 __global__ void divergent_barrier(int* out) {
   if (threadIdx.x < 64) {
@@ -93,8 +116,24 @@ int main() {
       expect(out[b] == want, "block sum");
     }
   }
+  {  // shared memory per block, atomics across blocks
+    std::vector<int> ids(16 * 64);
+    cuda_host::launch(block_owns_shared, dim3(16), dim3(64), ids.data());
+    bool ok = true;
+    for (size_t i = 0; i < ids.size(); ++i) ok &= ids[i] == int(i / 64);
+    expect(ok, "each block reads its own shared memory");
+    float total = 0.f;
+    cuda_host::launch(atomic_count, dim3(9), dim3(96), &total);
+    expect(total == 9 * 96, "atomicAdd across blocks");
+  }
   std::vector<int> ints(256);
   std::vector<float> floats(256);
+  expect_error("'tile' (128 bytes) was written past its end", [&] {
+    cuda_host::launch(shared_overflow, dim3(1), dim3(33), floats.data());
+  });
+  expect_error("more than the 48 KB", [&] {
+    cuda_host::launch(too_much_shared, dim3(1), dim3(32), floats.data());
+  });
   expect_error("barrier divergence", [&] {
     cuda_host::launch(divergent_barrier, dim3(1), dim3(256), ints.data());
   });

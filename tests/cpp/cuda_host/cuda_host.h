@@ -3,17 +3,24 @@
 // Force-included (-include cuda_host.h) when the test build compiles csrc/cuda/*.cu with the host
 // C++ compiler (tests/cuda_host_build.py). It provides what the kernels use of CUDA:
 //
-// * launches (csrc/cuda/launch.cuh calls cuda_host::launch): every block of the grid runs, one
-//   after the other; the threads of a block run as fibers (ucontext), switched at every barrier
-//   and warp collective, a pseudo-random ready thread at a time; a warp collective completes as
-//   soon as its lanes have arrived, so warps run ahead of each other up to the next barrier and a
-//   missing barrier reads what other warps have not written yet;
-// * __syncthreads(): a barrier that reports, by file and line, threads that wait at different
-//   barriers (divergence) or can never be joined (deadlock: a thread exited, or waits in a warp
-//   collective); a watchdog ends a launch that runs longer than DAAD_CUDA_HOST_TIMEOUT seconds
-//   (default 300: an endless loop);
-// * __shared__: a function-static array, which is the block's own since one block runs at a time;
-//   threadIdx, blockIdx, blockDim, gridDim per thread;
+// * launches (csrc/cuda/launch.cuh calls cuda_host::launch): up to DAAD_CUDA_HOST_RESIDENT
+//   blocks of the grid (default 4) are resident at once, each in its own slot with its own
+//   threads, shared memory and barrier; a finished block's slot takes the next block. The
+//   threads of all resident blocks run as fibers (ucontext), switched at every barrier and warp
+//   collective, a pseudo-random ready thread of any resident block at a time; a warp collective
+//   completes as soon as its lanes have arrived, so warps run ahead of each other up to the next
+//   barrier and a missing barrier reads what other warps have not written yet;
+// * __syncthreads(): a barrier of the block that reports, by file and line, threads that wait at
+//   different barriers (divergence) or can never be joined (deadlock: a thread exited, or waits in
+//   a warp collective); a watchdog ends a launch that runs longer than DAAD_CUDA_HOST_TIMEOUT
+//   seconds (default 300: an endless loop);
+// * shared memory, declared with DAAD_SHARED_ARRAY (csrc/cuda/common.cuh; a plain __shared__ does
+//   not compile here): each array lies in its block's own arena, 128-byte aligned, between guard
+//   regions of kSharedGuard bytes, filled with 0xff (NaN) bytes when the block starts. Under
+//   AddressSanitizer the guards are poisoned, so an overflow is reported at the faulting access;
+//   the other builds check the guards when the block ends. More than 48 KB per block (the static
+//   limit of the GPU) is an error;
+// * threadIdx, blockIdx, blockDim, gridDim per thread; atomicAdd (std::atomic_ref);
 // * warp collectives (__shfl*_sync, __syncwarp): a 32-lane exchange that checks that the calling
 //   lane is in the mask and that every lane of the mask arrives at the same call with the same
 //   mask (a lane that exited or waits elsewhere is reported), and that a lane reads only lanes of
@@ -25,11 +32,13 @@
 //   ties away from zero (cvt.rna.tf32.f32);
 // * half and bf16 from the CUDA toolkit's own headers (host code).
 //
-// Under ThreadSanitizer every fiber is a TSan thread: __syncthreads is the only memory
-// synchronisation between threads of a block (warp collectives exchange values, not memory), so
-// races between the threads of a block are reported; blocks are ordered one after the other (they
-// share the __shared__ arrays). Under AddressSanitizer the fiber stacks are annotated, and the
-// __shared__ arrays are instrumented globals.
+// Under ThreadSanitizer every fiber is a TSan thread, synchronised only by what synchronises
+// CUDA threads: __syncthreads between the threads of a block (warp collectives exchange values,
+// not memory), atomics, and the ends of the launch. Blocks resident at the same time are not
+// ordered at all, so a race on global memory between them (a plain += where an atomicAdd is
+// needed) is reported like a race on shared memory within a block. The blocks that run one after
+// the other in one slot are ordered (they reuse its shared memory); the layer's own bookkeeping is
+// hidden from TSan. Under AddressSanitizer the fiber stacks are annotated.
 // What it cannot prove is listed in csrc/cuda/README.md.
 #pragma once
 
@@ -39,7 +48,8 @@
 #define __host__
 #define __device__
 #define __global__
-#define __shared__ static
+#define __shared__ \
+  _Pragma("GCC error \"cuda_host: declare shared memory with DAAD_SHARED_ARRAY (common.cuh)\"")
 #define __launch_bounds__(...)
 
 #include <cuda_bf16.h>
@@ -87,6 +97,10 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxPayload = 64;  // bytes one lane contributes to a warp collective
 constexpr int kMaxUniform = 3;   // arguments a warp collective requires to be warp-uniform
+constexpr size_t kSharedLimit = 48 << 10;   // static shared memory of one block on the GPU
+constexpr size_t kSharedAlign = 128;        // of every shared array
+constexpr size_t kSharedGuard = 4096;       // before and after every shared array
+constexpr unsigned char kSharedFill = 0xff;  // shared memory at block start; the guards
 
 // An error found by the layer: becomes a RuntimeError in Python.
 struct Error : std::runtime_error {
@@ -127,6 +141,23 @@ inline Site site(const char* what, const std::source_location& loc) {
 
 enum class State { Ready, AtBarrier, AtWarp, Done };
 
+// Under TSan, the layer's own bookkeeping on a lane (not kernel code) is invisible to race
+// detection, so that it orders nothing between the threads it serves.
+struct Bookkeeping {
+#if defined(__SANITIZE_THREAD__)
+  Bookkeeping() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Bookkeeping() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+#endif
+};
+
+struct Slot;
+
 // One CUDA thread: a fiber with its own stack.
 struct Lane {
   ucontext_t context{};
@@ -135,18 +166,121 @@ struct Lane {
   void* tsan_fiber = nullptr;
   void* asan_fake_stack = nullptr;
 
+  Slot* slot = nullptr;  // the block it belongs to
   uint3 thread_idx{};
   int rank = 0;  // linear thread index in the block
   State state = State::Done;
   Site site;
   unsigned mask = 0;
-  int barrier_generation = 0;
   unsigned char payload[kMaxPayload];
   int payload_bytes = 0;
   uint64_t uniform[kMaxUniform] = {};
   int uniform_count = 0;
   const char* uniform_names = "";
+  int shared_declared = 0;  // DAAD_SHARED_ARRAY declarations passed in this block
   std::string error;
+};
+
+// A shared array of the block: where it lies in the arena.
+struct SharedArray {
+  const char* name;
+  size_t offset, bytes;
+};
+
+// The shared memory of one slot: arrays between guards in one mapping, reset for each block.
+class SharedArena {
+ public:
+  static constexpr size_t kCapacity = kSharedLimit + 16 * (kSharedGuard + kSharedAlign);
+
+  SharedArena() {
+    void* mem =
+        mmap(nullptr, kCapacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a shared-memory arena");
+    base_ = static_cast<unsigned char*>(mem);
+  }
+  ~SharedArena() {
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(base_, kCapacity);
+#endif
+    munmap(base_, kCapacity);
+  }
+  SharedArena(const SharedArena&) = delete;
+  SharedArena& operator=(const SharedArena&) = delete;
+
+  // For a new block: no arrays, every byte 0xff and, under ASan, poisoned.
+  void reset() {
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(base_, kCapacity);
+#endif
+    std::memset(base_, kSharedFill, kCapacity);
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_poison_memory_region(base_, kCapacity);
+#endif
+    arrays_.clear();
+  }
+
+  // The k-th array the block declares: made by the first thread that declares it, checked
+  // against it by the others.
+  unsigned char* declare(size_t k, const char* name, size_t bytes) {
+    if (k < arrays_.size()) {
+      const SharedArray& a = arrays_[k];
+      if (a.bytes != bytes || std::strcmp(a.name, name) != 0)
+        throw Error(format("shared array %zu is '%s' (%zu bytes) in this thread but '%s' (%zu "
+                           "bytes) in another thread of the block", k, name, bytes, a.name,
+                           a.bytes));
+      return base_ + a.offset;
+    }
+    const size_t offset =
+        (used_end() + kSharedGuard + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
+    size_t total = bytes;
+    for (const SharedArray& a : arrays_) total += a.bytes;
+    if (total > kSharedLimit || offset + bytes + kSharedGuard > kCapacity)
+      throw Error(format("shared array '%s' (%zu bytes) brings the block's shared memory to %zu "
+                         "bytes, more than the 48 KB a GPU allows statically", name, bytes, total));
+    arrays_.push_back(SharedArray{name, offset, bytes});
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(base_ + offset, bytes);
+#endif
+    return base_ + offset;
+  }
+
+  // The first array whose guard after it was written (outside ASan, which reports the write
+  // itself), as "'name' (N bytes) ... byte +k", or "".
+  std::string overflow() const {
+#if !defined(__SANITIZE_ADDRESS__)
+    for (const SharedArray& a : arrays_) {
+      const unsigned char* end = base_ + a.offset + a.bytes;
+      for (size_t i = 0; i < kSharedGuard; ++i)
+        if (end[i] != kSharedFill)
+          return format("shared array '%s' (%zu bytes) was written past its end (at byte %zu of "
+                        "the %zu guard bytes after it)", a.name, a.bytes, i, kSharedGuard);
+    }
+#endif
+    return "";
+  }
+
+ private:
+  size_t used_end() const {
+    return arrays_.empty() ? 0 : arrays_.back().offset + arrays_.back().bytes + kSharedGuard;
+  }
+
+  unsigned char* base_ = nullptr;
+  std::vector<SharedArray> arrays_;
+};
+
+// A resident block: its threads, its shared memory, its barrier and its warps' exchanges.
+struct Slot {
+  std::vector<Lane> lanes;
+  uint3 block_idx{};
+  bool active = false;
+  int runnable = 0;  // lanes in the ready list
+  int barrier_generation = 0;
+  SharedArena shared;
+  std::vector<std::vector<unsigned char>> exchange;  // per warp: kWarpSize payload slots
+  // TSan sync objects: the barrier (per generation parity) and the order of the blocks that run
+  // one after the other in this slot.
+  char barrier_sync[2] = {};
+  char order_sync = 0;
 };
 
 // Calls a callable through a plain pointer (the kernel body of one launch).
@@ -180,6 +314,14 @@ inline std::string kernel_name(const void* kernel) {
   return name;
 }
 
+inline int resident_blocks() {
+  static const int resident = [] {
+    const char* env = std::getenv("DAAD_CUDA_HOST_RESIDENT");
+    return env ? std::max(1, std::atoi(env)) : 4;
+  }();
+  return resident;
+}
+
 void lane_main();
 
 // The state of the layer: one launch at a time (a mutex serialises launching threads); the
@@ -195,10 +337,8 @@ class Runtime {
     if (current_ == nullptr) throw Error("cuda_host: device code called outside a kernel launch");
     return *current_;
   }
-  uint3 block_idx() const { return block_idx_; }
   dim3 block_dim() const { return block_dim_; }
   dim3 grid_dim() const { return grid_dim_; }
-  const unsigned char* exchange(int warp) const { return exchange_[warp].data(); }
 
   template <typename F>
   void run_grid(const void* kernel, dim3 grid, dim3 block, F& body_fn) {
@@ -212,23 +352,21 @@ class Runtime {
     body_ = Body{&body_fn, [](void* f) { (*static_cast<F*>(f))(); }};
     grid_dim_ = grid;
     block_dim_ = block;
-    if (int(lanes_.size()) != threads) make_lanes(threads);
-    exchange_.assign((threads + kWarpSize - 1) / kWarpSize,
-                     std::vector<unsigned char>(kWarpSize * kMaxPayload));
+    const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+    const int slots = int(std::min<int64_t>(resident_blocks(), blocks));
+    if (slots_.size() < size_t(slots) || int(slots_[0]->lanes.size()) != threads)
+      make_slots(slots, threads);
     watchdog_arm();
 #if defined(__SANITIZE_THREAD__)
-    __tsan_release(block_sync(0));  // the launch's arguments and earlier launches -> block 0
+    __tsan_release(&launch_begin_);  // the launch's arguments and earlier launches -> every block
     AnnotateIgnoreReadsBegin(__FILE__, __LINE__);  // the scheduler's bookkeeping is not kernel code
     AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
 #endif
-    blocks_run_ = 0;
     try {
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) run_block(uint3{x, y, z});
+      run_blocks(blocks, slots);
     } catch (...) {
       finish_launch();
-      destroy_lanes();  // threads of the failed block are stuck mid-kernel
+      destroy_slots();  // threads of the failed block are stuck mid-kernel
       throw;
     }
     finish_launch();
@@ -259,10 +397,12 @@ class Runtime {
   [[noreturn]] void lane_loop() {
     for (;;) {
 #if defined(__SANITIZE_THREAD__)
-      const int block = blocks_run_;
-      __tsan_acquire(block_sync(block));  // before reading any state of the launch
+      __tsan_acquire(&launch_begin_);  // before reading any state of the launch
 #endif
       Lane& me = lane();
+#if defined(__SANITIZE_THREAD__)
+      __tsan_acquire(&me.slot->order_sync);  // after the slot's previous block
+#endif
       try {
         body_();
       } catch (const std::exception& e) {
@@ -272,14 +412,12 @@ class Runtime {
       }
       me.state = State::Done;
 #if defined(__SANITIZE_THREAD__)
-      __tsan_release(block_sync(block + 1));
+      __tsan_release(&me.slot->order_sync);
+      __tsan_release(&launch_end_);
 #endif
       yield(me);
     }
   }
-
-  int barrier_generation() const { return barrier_generation_; }
-  void* barrier_sync(int generation) { return &barrier_sync_[generation & 1]; }
 
  private:
   Runtime() = default;
@@ -288,7 +426,7 @@ class Runtime {
 #if defined(__SANITIZE_THREAD__)
     AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
     AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-    __tsan_acquire(block_sync(blocks_run_));  // every block -> the launching thread, later launches
+    __tsan_acquire(&launch_end_);  // every block -> the launching thread, later launches
 #endif
     watchdog_disarm();
     current_ = nullptr;
@@ -305,40 +443,49 @@ class Runtime {
 #endif
   }
 
-  // The fibers, reused by every block of every launch with this block size.
-  void make_lanes(int threads) {
-    destroy_lanes();
+  // The slots and their fibers, reused by every launch with this block size.
+  void make_slots(int count, int threads) {
+    destroy_slots();
     const size_t bytes = stack_bytes();
-    lanes_ = std::vector<Lane>(threads);
-    for (Lane& lane : lanes_) {
-      void* mem = mmap(nullptr, bytes + kPage, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a fiber stack");
-      mprotect(mem, kPage, PROT_NONE);  // a stack overflow faults instead of corrupting memory
-      lane.stack = static_cast<char*>(mem) + kPage;
-      lane.stack_bytes = bytes;
-      getcontext(&lane.context);
-      lane.context.uc_stack.ss_sp = lane.stack;
-      lane.context.uc_stack.ss_size = bytes;
-      lane.context.uc_link = nullptr;
-      makecontext(&lane.context, lane_main, 0);
+    for (int s = 0; s < count; ++s) {
+      slots_.push_back(std::make_unique<Slot>());
+      Slot& slot = *slots_.back();
+      slot.lanes = std::vector<Lane>(threads);
+      slot.exchange.assign((threads + kWarpSize - 1) / kWarpSize,
+                           std::vector<unsigned char>(kWarpSize * kMaxPayload));
+      for (Lane& lane : slot.lanes) {
+        void* mem = mmap(nullptr, bytes + kPage, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) throw Error("cuda_host: cannot map a fiber stack");
+        mprotect(mem, kPage, PROT_NONE);  // a stack overflow faults instead of corrupting memory
+        lane.slot = &slot;
+        lane.stack = static_cast<char*>(mem) + kPage;
+        lane.stack_bytes = bytes;
+        getcontext(&lane.context);
+        lane.context.uc_stack.ss_sp = lane.stack;
+        lane.context.uc_stack.ss_size = bytes;
+        lane.context.uc_link = nullptr;
+        makecontext(&lane.context, lane_main, 0);
 #if defined(__SANITIZE_THREAD__)
-      lane.tsan_fiber = __tsan_create_fiber(0);
+        lane.tsan_fiber = __tsan_create_fiber(0);
 #endif
+      }
     }
   }
 
-  void destroy_lanes() {
-    for (Lane& lane : lanes_) {
+  void destroy_slots() {
+    for (auto& slot : slots_) {
+      for (Lane& lane : slot->lanes) {
 #if defined(__SANITIZE_ADDRESS__)
-      __asan_unpoison_memory_region(lane.stack, lane.stack_bytes);
+        __asan_unpoison_memory_region(lane.stack, lane.stack_bytes);
 #endif
 #if defined(__SANITIZE_THREAD__)
-      __tsan_destroy_fiber(lane.tsan_fiber);
+        __tsan_destroy_fiber(lane.tsan_fiber);
 #endif
-      munmap(static_cast<char*>(lane.stack) - kPage, lane.stack_bytes + kPage);
+        munmap(static_cast<char*>(lane.stack) - kPage, lane.stack_bytes + kPage);
+      }
     }
-    lanes_.clear();
+    slots_.clear();
   }
 
   void resume(Lane& lane) {
@@ -357,91 +504,117 @@ class Runtime {
     current_ = nullptr;
   }
 
-  // Runs one block: a random ready thread at a time, until it waits or exits. A warp collective
-  // completes as soon as its last lane arrives, so warps run ahead of each other as far as the
-  // barriers let them (a missing barrier reads what other warps have not written yet).
-  void run_block(uint3 block) {
-    block_idx_ = block;
-    const int linear = int(block.x + grid_dim_.x * (block.y + grid_dim_.y * block.z));
-    ready_.clear();
-    for (int t = 0; t < int(lanes_.size()); ++t) {
-      Lane& lane = lanes_[t];
+  // Puts block ``linear`` of the grid into ``slot``: every thread ready, fresh shared memory.
+  void start_block(Slot& slot, int64_t linear) {
+    const unsigned gx = grid_dim_.x, gy = grid_dim_.y;
+    slot.block_idx = uint3{unsigned(linear % gx), unsigned(linear / gx % gy),
+                           unsigned(linear / (int64_t(gx) * gy))};
+    slot.active = true;
+    slot.shared.reset();
+    for (int t = 0; t < int(slot.lanes.size()); ++t) {
+      Lane& lane = slot.lanes[t];
       lane.rank = t;
       lane.thread_idx = uint3{t % block_dim_.x, (t / block_dim_.x) % block_dim_.y,
                               t / (block_dim_.x * block_dim_.y)};
       lane.state = State::Ready;
+      lane.shared_declared = 0;
       lane.error.clear();
       ready_.push_back(&lane);
     }
-    uint64_t seed = 0x9e3779b97f4a7c15ull * (uint64_t(linear) + 1) ^ ++launches_;
-    for (;;) {
-      while (!ready_.empty()) {
-        seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
-        const size_t pick = seed % ready_.size();
-        Lane* lane = ready_[pick];
-        ready_[pick] = ready_.back();
-        ready_.pop_back();
-        resume(*lane);
-        if (!lane->error.empty())
-          throw Error(format("cuda_host: %s, block (%u, %u, %u), thread %d: %s",
-                             kernel_name(kernel_).c_str(), block.x, block.y, block.z, lane->rank,
-                             lane->error.c_str()));
-        if (lane->state == State::AtWarp) release_warp(*lane);
-      }
-      if (std::all_of(lanes_.begin(), lanes_.end(),
+    slot.runnable = int(slot.lanes.size());
+  }
+
+  // Runs the grid's blocks, ``slots`` at a time: a random ready thread of any resident block at
+  // a time, until it waits or exits. A warp collective completes as soon as its last lane
+  // arrives, so warps run ahead of each other as far as the barriers let them (a missing barrier
+  // reads what other warps have not written yet), and so do the blocks.
+  void run_blocks(int64_t blocks, int slots) {
+    ready_.clear();
+    int64_t next = 0;
+    for (int s = 0; s < slots; ++s) start_block(*slots_[s], next++);
+    int active = slots;
+    uint64_t seed = 0x9e3779b97f4a7c15ull * ++launches_;
+    while (active > 0) {
+      seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+      const size_t pick = seed % ready_.size();
+      Lane* lane = ready_[pick];
+      ready_[pick] = ready_.back();
+      ready_.pop_back();
+      resume(*lane);
+      Slot& slot = *lane->slot;
+      if (!lane->error.empty())
+        fail(slot, format("thread %d: %s", lane->rank, lane->error.c_str()));
+      --slot.runnable;
+      if (lane->state == State::AtWarp) release_warp(*lane);
+      if (slot.runnable > 0) continue;
+      if (std::all_of(slot.lanes.begin(), slot.lanes.end(),
                       [](const Lane& l) { return l.state == State::Done; })) {
-        ++blocks_run_;
-        return;
+        const std::string overflow = slot.shared.overflow();
+        if (!overflow.empty()) fail(slot, overflow);
+        if (next < blocks) {
+          start_block(slot, next++);
+        } else {
+          slot.active = false;
+          --active;
+        }
+      } else if (!release_barrier(slot)) {
+        stuck(slot);
       }
-      if (!release_barrier(lanes_)) stuck(lanes_);
     }
+  }
+
+  [[noreturn]] void fail(const Slot& slot, const std::string& message) {
+    throw Error(format("cuda_host: %s, block (%u, %u, %u), %s", kernel_name(kernel_).c_str(),
+                       slot.block_idx.x, slot.block_idx.y, slot.block_idx.z, message.c_str()));
   }
 
   // Completes the warp collective ``lane`` waits in if every lane of its mask has arrived there.
   void release_warp(const Lane& lane) {
+    Slot& slot = *lane.slot;
     const int base = lane.rank / kWarpSize * kWarpSize;
     for (int l = 0; l < kWarpSize; ++l) {
       if (!(lane.mask >> l & 1u)) continue;
-      const Lane& other = lanes_[base + l];
+      const Lane& other = slot.lanes[base + l];
       if (other.state != State::AtWarp || !(other.site == lane.site) || other.mask != lane.mask)
         return;
     }
-    unsigned char* exchange = exchange_[base / kWarpSize].data();
+    unsigned char* exchange = slot.exchange[base / kWarpSize].data();
     for (int l = 0; l < kWarpSize; ++l) {
       if (!(lane.mask >> l & 1u)) continue;
-      Lane& other = lanes_[base + l];
+      Lane& other = slot.lanes[base + l];
       for (int u = 0; u < lane.uniform_count; ++u)
         if (other.uniform[u] != lane.uniform[u])
-          throw Error(format(
-              "cuda_host: %s, block (%u, %u, %u), warp %d: %s needs the same %s on every lane; "
-              "argument %d is 0x%llx on lane %d but 0x%llx on lane %d",
-              kernel_name(kernel_).c_str(), block_idx_.x, block_idx_.y, block_idx_.z,
-              base / kWarpSize, lane.site.str().c_str(), lane.uniform_names, u + 1,
-              (unsigned long long)lane.uniform[u], lane.rank - base,
-              (unsigned long long)other.uniform[u], l));
+          fail(slot, format("warp %d: %s needs the same %s on every lane; argument %d is 0x%llx "
+                            "on lane %d but 0x%llx on lane %d",
+                            base / kWarpSize, lane.site.str().c_str(), lane.uniform_names, u + 1,
+                            (unsigned long long)lane.uniform[u], lane.rank - base,
+                            (unsigned long long)other.uniform[u], l));
       if (other.payload_bytes > 0)
         std::memcpy(exchange + l * kMaxPayload, other.payload, other.payload_bytes);
       other.state = State::Ready;
       ready_.push_back(&other);
+      ++slot.runnable;
     }
   }
 
-  bool release_barrier(std::vector<Lane>& lanes) {
-    for (const Lane& lane : lanes)
-      if (lane.state != State::AtBarrier || !(lane.site == lanes[0].site)) return false;
-    ++barrier_generation_;
-    for (Lane& lane : lanes) {
+  bool release_barrier(Slot& slot) {
+    for (const Lane& lane : slot.lanes)
+      if (lane.state != State::AtBarrier || !(lane.site == slot.lanes[0].site)) return false;
+    ++slot.barrier_generation;
+    for (Lane& lane : slot.lanes) {
       lane.state = State::Ready;
       ready_.push_back(&lane);
     }
+    slot.runnable = int(slot.lanes.size());
     return true;
   }
 
-  // No thread can run and no barrier or collective can complete: report where each thread is.
-  [[noreturn]] void stuck(const std::vector<Lane>& lanes) {
+  // No thread of the block can run and no barrier or collective can complete: report where each
+  // thread is.
+  [[noreturn]] void stuck(const Slot& slot) {
     std::map<std::string, std::vector<int>> where;
     bool exited = false, warp = false;
-    for (const Lane& lane : lanes) {
+    for (const Lane& lane : slot.lanes) {
       std::string key;
       switch (lane.state) {
         case State::Done:
@@ -457,14 +630,11 @@ class Runtime {
       }
       where[key].push_back(lane.rank);
     }
-    std::string kind = warp ? "warp collective that not every lane of its mask reaches"
-                            : exited ? "deadlock: a barrier that exited threads never reach"
-                                     : "barrier divergence: threads wait at different barriers";
-    std::string message = format("cuda_host: %s, block (%u, %u, %u): %s;",
-                                 kernel_name(kernel_).c_str(), block_idx_.x, block_idx_.y,
-                                 block_idx_.z, kind.c_str());
+    std::string message = warp ? "warp collective that not every lane of its mask reaches;"
+                          : exited ? "deadlock: a barrier that exited threads never reach;"
+                                   : "barrier divergence: threads wait at different barriers;";
     for (const auto& [key, ids] : where) message += " threads " + ranges(ids) + " " + key + ";";
-    throw Error(message);
+    fail(slot, message);
   }
 
   // A launch that runs past the timeout (an endless loop) ends the process with a message.
@@ -502,24 +672,16 @@ class Runtime {
   const void* kernel_ = nullptr;
   Body body_;
   dim3 grid_dim_, block_dim_;
-  uint3 block_idx_{};
-  std::vector<Lane> lanes_;
-  std::vector<Lane*> ready_;  // the threads of the block that can run
-  std::vector<std::vector<unsigned char>> exchange_;  // per warp: kWarpSize payload slots
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<Lane*> ready_;  // the threads of the resident blocks that can run
   Lane* current_ = nullptr;
   ucontext_t scheduler_context_{};
   void* scheduler_fiber_ = nullptr;
   void* scheduler_fake_stack_ = nullptr;
   const void* scheduler_stack_ = nullptr;
   size_t scheduler_stack_bytes_ = 0;
-  int barrier_generation_ = 0;
-  char barrier_sync_[2] = {};
-  // TSan: the threads of block k acquire block_sync(k) and release block_sync(k + 1) when they
-  // finish, so blocks are ordered (one __shared__ array serves them all) and the threads of one
-  // block are not (each uses only the barriers).
-  int blocks_run_ = 0;
-  char block_sync_[2] = {};
-  void* block_sync(int block) { return &block_sync_[block & 1]; }
+  // TSan sync objects: the launching thread -> every block, every block -> the launching thread.
+  char launch_begin_ = 0, launch_end_ = 0;
   uint64_t launches_ = 0;
   std::atomic<double> launch_started_{0};
 };
@@ -536,6 +698,18 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
   auto body = [&] { kernel(args...); };
   Runtime::get().run_grid(reinterpret_cast<const void*>(kernel), grid, block, body);
 }
+
+// The block's shared array ``name`` of ``count`` T (DAAD_SHARED_ARRAY).
+template <typename T>
+T* shared_array(size_t count, const char* name) {
+  static_assert(alignof(T) <= kSharedAlign);
+  Lane& me = Runtime::get().lane();
+  [[maybe_unused]] const Bookkeeping quiet;
+  unsigned char* array = me.slot->shared.declare(me.shared_declared++, name, count * sizeof(T));
+  return reinterpret_cast<T*>(array);
+}
+
+#define DAAD_SHARED_ARRAY(T, name, count) T* const name = ::cuda_host::shared_array<T>(count, #name)
 
 // ---------------------------------------------------------------------------------------------
 // Warp collectives.
@@ -567,7 +741,7 @@ inline const unsigned char* warp_collective(const Site& where, unsigned mask, co
   me.uniform_names = uniform_names;
   me.state = State::AtWarp;
   rt.yield(me);
-  return rt.exchange(warp);
+  return me.slot->exchange[warp].data();
 }
 
 template <typename T>
@@ -612,7 +786,7 @@ inline float truncate_tf32(float v) {  // what the tensor cores read of a float 
 // CUDA's names.
 
 #define threadIdx (::cuda_host::Runtime::get().lane().thread_idx)
-#define blockIdx (::cuda_host::Runtime::get().block_idx())
+#define blockIdx (::cuda_host::Runtime::get().lane().slot->block_idx)
 #define blockDim (::cuda_host::Runtime::get().block_dim())
 #define gridDim (::cuda_host::Runtime::get().grid_dim())
 constexpr int warpSize = cuda_host::kWarpSize;
@@ -635,18 +809,25 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
   cuda_host::Runtime& rt = cuda_host::Runtime::get();
   cuda_host::Lane& me = rt.lane();
-  const int generation = rt.barrier_generation();
+  const int generation = me.slot->barrier_generation;
 #if defined(__SANITIZE_THREAD__)
-  __tsan_release(rt.barrier_sync(generation));
+  __tsan_release(&me.slot->barrier_sync[generation & 1]);
 #endif
   me.site = cuda_host::site("__syncthreads()", loc);
   me.state = cuda_host::State::AtBarrier;
   rt.yield(me);
 #if defined(__SANITIZE_THREAD__)
-  __tsan_acquire(rt.barrier_sync(generation));
+  __tsan_acquire(&me.slot->barrier_sync[generation & 1]);
 #else
   (void)generation;
 #endif
+}
+
+// One atomic read-modify-write (std::atomic_ref: TSan sees an atomic, not a race).
+template <typename T>
+T atomicAdd(T* address, T value) {
+  static_assert(std::is_arithmetic_v<T>, "cuda_host: atomicAdd of int, unsigned, float, double");
+  return std::atomic_ref<T>(*address).fetch_add(value);
 }
 
 inline void __syncwarp(unsigned mask = cuda_host::kFullMask,

@@ -1,0 +1,87 @@
+"""models/: how long a run trains and how it knows it has learnt: --steps, a held-out validation
+set, --until-plateau, the test metrics on a fixed subset, learning curves, the untrained warning."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from models import train
+from models.inference.run_scoring import UntrainedWarning, fixed_test_subset
+from models.networks import ModelConfig
+from models.training import TrainConfig
+from models.training.loop import plateaued, total_epochs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_plateau_rule():
+    log = lambda *errors: [{"val_error": e} for e in errors]  # noqa: E731
+    assert not plateaued(log(1.0, 0.9), window=2, tolerance=0.01)  # too short to tell
+    assert not plateaued(log(1.0, 0.9, 0.8), window=2, tolerance=0.01)  # still improving
+    assert plateaued(log(1.0, 0.9, 0.95, 0.9), window=2, tolerance=0.01)  # no better than 0.9
+    assert plateaued(log(1.0, 0.9, 0.895, 0.92), window=2, tolerance=0.01)  # better by under 1%
+    assert not plateaued(log(1.0, 0.9, 0.88, 0.95), window=2, tolerance=0.01)
+    assert not plateaued([{"epoch": 1}, {"epoch": 2}, {"epoch": 3}], window=1, tolerance=0.0)  # no validation
+
+
+def test_steps_decide_the_epochs():
+    config = TrainConfig(steps=10, model=ModelConfig(model="ae", size=32, width=4))
+    assert total_epochs(config, 3) == 4 and total_epochs(config, 10) == 1 and total_epochs(config, 11) == 1
+    assert total_epochs(TrainConfig(epochs=7), 3) == 7
+    with pytest.raises(ValueError, match="until_plateau watches the validation error"):
+        TrainConfig(until_plateau=True)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
+def test_validation_images_are_held_out_the_same_for_every_seed(hazelnut):
+    configs = [TrainConfig(root=str(hazelnut), val_ratio=0.25, seed=seed, model=ModelConfig(model="ae", size=32, width=4))
+               for seed in (0, 1)]
+    train_set, val_set = (configs[0].dataset_split(split) for split in ("train", "val"))
+    assert len(train_set) + len(val_set) == 28 and len(val_set) == 7
+    assert not set(train_set.names) & set(val_set.names)
+    assert configs[1].dataset_split("val").names == val_set.names
+    assert len(TrainConfig(root=str(hazelnut), model=configs[0].model).dataset_split("train")) == 28
+
+
+def test_a_fixed_test_subset_keeps_both_classes():
+    labels = [0] * 6 + [1] * 17
+    picked = fixed_test_subset(labels, 8)
+    assert len(picked) == 8 and picked == fixed_test_subset(labels, 8)
+    assert 0 < sum(labels[i] for i in picked) < 8
+    assert sum(labels[i] for i in fixed_test_subset(labels, 2)) == 1
+
+
+def test_a_run_by_steps_with_validation_curves_and_the_untrained_warning(hazelnut, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4", "--batch", "8",
+             "--device", "cpu", "--model", "ae", "--val-ratio", "0.25", "--eval-every", "1", "--eval-subset", "8",
+             "--out", str(out)]
+    with pytest.warns(UntrainedWarning, match=r"looks untrained after step 6: its reconstruction error is "
+                                              r"[0-9.]+x the images' own variance"):
+        trainer = train.main(flags + ["--steps", "4"])  # 21 training images: 3 steps an epoch
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log] == [(1, 3), (2, 6)] and log[-1]["stopped"] == "steps"
+    assert all("val_error" in r and "image_auroc" in r for r in log)
+    assert (out / "learning_curves.png").stat().st_size > 0 and trainer.calibration is not None
+    resumed = train.main(["--resume", "--steps", "6", "--out", str(out)])  # its rule is met already
+    assert resumed.epoch == 2 and "nothing to train" in capsys.readouterr().out
+
+
+def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
+    import torch
+
+    from models.inference import RunScoring
+    from models.networks import MeanImage
+
+    config = TrainConfig(root=str(hazelnut), model=ModelConfig(model="ae", size=32, width=4))
+    train_set = config.dataset_split("train")
+    flat = MeanImage(torch.zeros(3, 32, 32))  # outputs one grey image, whatever the input
+    with pytest.warns(UntrainedWarning, match=r"its reconstructions are flat \(their variance is 0% of the images'"):
+        RunScoring(config, train_set, torch.device("cpu")).finish(flat, [{"epoch": 1, "step": 3}], str(tmp_path))
+    mean = MeanImage.fit(train_set)  # the mean training image: not flat, and better than flat
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWarning)
+        RunScoring(config, train_set, torch.device("cpu")).finish(mean, [{"epoch": 1, "step": 3}], str(tmp_path))
