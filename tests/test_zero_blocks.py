@@ -8,9 +8,9 @@ below the floor but not zero, forward and backward, and must give finite gradien
 exactly zero on those blocks:
 
 * the C++ CPU kernel, in each dtype it supports;
-* the Triton kernels in Triton's interpreter (float32, on both paths: a subprocess with
-  ``TRITON_INTERPRET=1``, since the interpreter must be on before daad_ext is imported), and on a
-  GPU in float32, float16 and bfloat16 (skipped without one);
+* the Triton kernels on a GPU in float32, float16 and bfloat16 (skipped without one); in
+  Triton's interpreter (float32, both paths) they are the ``zero-rows-*`` cases of
+  tests/triton_cases.py;
 * the CUDA kernels on the host execution layer (``cuda_host``, tests/test_cuda.py) and on a GPU,
   in float32, float16 and bfloat16.
 
@@ -18,20 +18,14 @@ The reference's own gradient of zero rows, in every dtype, is tested in tests/te
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from daad_ext import available_backends
-from daad_ext.triton.config import HAS_TRITON
 from helpers import (ZERO_ITEM, assert_matches_reference, tie_free_inputs, zero_block_grads,
                      zero_rows)
 from test_cuda import Target, target  # noqa: F401  (target: the cuda / cuda_host fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE, ITEMS, DIVISION = (2, 4, 4, 4), 11, (2, 2, 1)
 TEMPERATURE = 0.2  # spreads the softmax, so that few weights sit near the threshold
 #: (shrink, threshold): thresholds below 1/N, so that a zero block's uniform weights (1/N each)
@@ -86,26 +80,6 @@ def test_cuda_kernels(target: Target, dtype, shrink, threshold, scale):
     check_zero_rows(target.backend, dtype, shrink, threshold, scale, device=target.device)
 
 
-def run_triton_interpreter_checks() -> None:
-    """The Triton checks of this process's path (DAAD_TRITON_PATH), interpreted, in float32."""
-    for shrink, threshold in SHRINKS:
-        for scale in SCALES:
-            check_zero_rows("triton", torch.float32, shrink, threshold, scale)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("path", ("fused", "tiled"))
-def test_triton_interpreter(path):
-    # PYTHONPATH: this checkout's daad_ext, not an installed one (a script's sys.path[0] is its
-    # own folder, and the modules import daad_ext before any code of the script runs).
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", DAAD_TRITON_PATH=path,
-               PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--triton-interpreter"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-
-
 @pytest.mark.skipif(not (HAS_GPU and "triton" in available_backends("cuda")),
                     reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("scale", SCALES)
@@ -114,13 +88,3 @@ def test_triton_interpreter(path):
 def test_triton_gpu(dtype, shrink, threshold, scale):
     check_zero_rows("triton", dtype, shrink, threshold, scale, device="cuda")
 
-
-if __name__ == "__main__":
-    # TRITON_INTERPRET=1 DAAD_TRITON_PATH=fused PYTHONPATH=. python tests/test_zero_blocks.py \
-    #     --triton-interpreter
-    if sys.argv[1:] != ["--triton-interpreter"] or os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("usage: TRITON_INTERPRET=1 python tests/test_zero_blocks.py --triton-interpreter")
-    import daad_ext.triton
-    assert daad_ext.triton.INTERPRETED and daad_ext.__file__.startswith(ROOT), daad_ext.__file__
-    run_triton_interpreter_checks()
-    print("ok")
