@@ -46,6 +46,15 @@ DAAD_HD T clamp_norm(T norm) {
   return norm >= T(kNormEps) ? norm : T(kNormEps);
 }
 
+// The backward's inverse norm: 1/|v| at or above the floor and 0 below it, where the normalised
+// vector carries no direction: no gradient flows through the similarity to a query or memory item
+// whose norm is below eps (the forward still divides by max(|v|, eps)). Replaces 1/clamp_norm in
+// A = dL/ds / (|q| |m_i|), so an all-zero block or item gives a finite gradient in every dtype.
+template <typename T>
+DAAD_HD T grad_inv_norm(T norm) {
+  return norm >= T(kNormEps) ? T(1) / norm : T(0);
+}
+
 // d/dq of max(|q|, eps) is zero below the floor, so the norm's correction term vanishes there.
 template <typename T>
 DAAD_HD T norm_correction(T norm, T dot) {

@@ -526,7 +526,7 @@ class Backward {
     colsum_.assign(cosine_ ? g_.N : 0, 0.0);
     item_corr_.assign(cosine_ ? g_.N : 0, A(0));
     const A* nm = a.item_norms.const_data_ptr<A>();
-    for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(A(1) / clamp_norm(nm[i]));
+    for (size_t i = 0; i < item_corr_.size(); ++i) inv_nm_.push_back(grad_inv_norm(nm[i]));
   }
 
   void run() {
@@ -584,9 +584,9 @@ class Backward {
         const A nq = stats[2 * row], lse = stats[2 * row + 1];
         const A rowdot = row_backward(g, w, p, int(N), a_.o.shrink, lam, temperature, lse,
                                       cosine_ ? prod_data + r * N : nullptr);
-        if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (max(|q|, eps) max(|m_i|, eps))
+        if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (|q| |m_i|), 0 where a norm is below eps
           row_corr_[r] = norm_correction(nq, rowdot);
-          const A scale = A(1) / clamp_norm(nq);
+          const A scale = grad_inv_norm(nq);
           for (int64_t i = 0; i < N; ++i) gr[i] = narrow<T>(g[i] * scale * inv_nm_[i]);
         } else {
           store_row(g, N, gr);

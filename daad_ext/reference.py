@@ -5,7 +5,10 @@ values; query ``k = (ic*rh + ih)*rw + iw`` is the block
 ``x[b, ic*bc:(ic+1)*bc, ih*bh:(ih+1)*bh, iw*bw:(iw+1)*bw]`` flattened in (c, y, x) order. Each
 query addresses the memory ``M`` (N, D):
 
-* ``s_i = <q, m_i> / (max(|q|, eps) * max(|m_i|, eps))`` (cosine) or ``<q, m_i>`` (dot);
+* ``s_i = <q, m_i> / (max(|q|, eps) * max(|m_i|, eps))`` (cosine, eps = 1e-12) or ``<q, m_i>``
+  (dot); in the cosine a vector below the floor carries no direction, so for the gradient
+  ``<q, m_i>`` is a constant where ``|q|`` or ``|m_i|`` is below eps (the forward is unchanged):
+  an all-zero block gets a zero gradient, an all-zero item only its gradient through ``y``;
 * ``p = softmax(s / temperature)``;
 * shrinkage with threshold ``lam`` (default ``1/N``): ``hard`` keeps ``p_i >= lam`` and the row
   maximum and re-normalises (the mask is a constant for the gradient); ``memae`` is MemAE's
@@ -54,9 +57,12 @@ def similarity_ref(queries: torch.Tensor, memory: torch.Tensor, similarity: str)
     """(..., D) x (N, D) -> (..., N) similarities."""
     s = queries @ memory.t()
     if similarity == "cosine":
-        q_norm = torch.linalg.vector_norm(queries, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        m_norm = torch.linalg.vector_norm(memory, dim=-1).clamp_min(NORM_EPS)
-        s = s / (q_norm * m_norm)
+        q_norm = torch.linalg.vector_norm(queries, dim=-1, keepdim=True)
+        m_norm = torch.linalg.vector_norm(memory, dim=-1)
+        # Below the floor a vector carries no direction: <q, m_i> is a constant for the gradient
+        # where either norm is (a where, not a mask product, so no inf * 0 = NaN can arise).
+        s = torch.where((q_norm < NORM_EPS) | (m_norm < NORM_EPS), s.detach(), s)
+        s = s / (q_norm.clamp_min(NORM_EPS) * m_norm.clamp_min(NORM_EPS))
     return s
 
 

@@ -19,7 +19,8 @@ SHRINKS = ("hard", "memae", "none")
 SIMILARITY_CODES = {name: code for code, name in enumerate(SIMILARITIES)}
 SHRINK_CODES = {name: code for code, name in enumerate(SHRINKS)}
 
-#: Floor of the norms in the cosine similarity (as ``torch.nn.functional.normalize``).
+#: Floor of the norms in the cosine similarity (as ``torch.nn.functional.normalize``); no gradient
+#: flows through the similarity to a query or memory item whose norm is below it.
 NORM_EPS = 1e-12
 #: Floor of ``|p - lam|`` and of the row sum in MemAE's hard shrinkage.
 MEMAE_EPS = 1e-12

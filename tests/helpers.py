@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from daad_ext import block_memory
-from daad_ext.reference import divide_blocks, similarity_ref
-from daad_ext.spec import check_inputs, check_options
+from daad_ext.reference import assemble_blocks, divide_blocks, similarity_ref
+from daad_ext.spec import check_inputs, check_options, make_division
 
 
 def near_tie_rows(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], similarity: str,
@@ -42,11 +42,12 @@ def tie_free_inputs(shape: Sequence[int], num_items: int, division: Sequence[int
                     similarity: str = "cosine", shrink: str = "hard",
                     threshold: Optional[float] = None, temperature: float = 1.0,
                     dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                    margin: Optional[float] = None,
-                    tries: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+                    margin: Optional[float] = None, tries: int = 50,
+                    transform: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``x`` (B, C, H, W) and ``memory`` (N, D) with no near-tie at the threshold.
 
-    ``margin`` defaults to a relative 1e-4 (1e-3 for MemAE's shrinkage).
+    ``margin`` defaults to a relative 1e-4 (1e-3 for MemAE's shrinkage). ``transform(x, memory)``,
+    when given, changes the drawn inputs (in place) before they are checked for ties.
     """
     if margin is None:
         margin = 1e-3 if shrink == "memae" else 1e-4
@@ -57,14 +58,18 @@ def tie_free_inputs(shape: Sequence[int], num_items: int, division: Sequence[int
         x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
         memory = torch.randn(num_items, d, generator=gen, dtype=torch.float64)
         x, memory = x.to(device=device, dtype=dtype), memory.to(device=device, dtype=dtype)
+        if transform is not None:
+            transform(x, memory)
         if not near_tie_rows(x, memory, division, similarity, shrink, threshold, temperature,
                              margin).any():
             return x, memory
     raise RuntimeError(f"no tie-free inputs in {tries} tries; use a smaller shape or margin")
 
 
-def _forward_backward(backend: str, x: torch.Tensor, memory: torch.Tensor, grad_y, grad_w,
-                      options: dict):
+def forward_backward(backend: str, x: torch.Tensor, memory: torch.Tensor, grad_y, grad_w,
+                     options: dict):
+    """(y, w, grad x, grad memory) of ``backend`` for the loss <y, grad_y> + <w, grad_w> (a None
+    gradient leaves its output out of the loss)."""
     x = x.detach().requires_grad_()
     memory = memory.detach().requires_grad_()
     y, w = block_memory(x, memory, backend=backend, **options)
@@ -93,13 +98,50 @@ def assert_matches_reference(backend: str, x: torch.Tensor, memory: torch.Tensor
     def cast(g, like):
         return None if g is None else g.to(device=like.device, dtype=like.dtype)
 
-    got = _forward_backward(backend, x, memory, cast(grad_y, x), cast(grad_w, x), options)
-    want = _forward_backward("reference", x.double(), memory.double(), cast(grad_y, x.double()),
-                             cast(grad_w, x.double()), options)
+    got = forward_backward(backend, x, memory, cast(grad_y, x), cast(grad_w, x), options)
+    want = forward_backward("reference", x.double(), memory.double(), cast(grad_y, x.double()),
+                            cast(grad_w, x.double()), options)
     for name, g, r in zip(("y", "w", "grad x", "grad memory"), got, want):
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
         torch.testing.assert_close(g.double().cpu(), r.cpu(), atol=atol, rtol=rtol,
                                    msg=lambda m, name=name: f"{backend} {name}: {m}")
+    return got
+
+
+# Inputs with all-zero blocks and an all-zero memory item, or blocks and an item whose norms are
+# below the floor 1e-12 (cosine: no gradient flows through the similarity to them;
+# daad_ext/reference.py).
+#: (image, query) of the zero blocks, and the zero item.
+ZERO_BLOCKS = ((0, 0), (-1, -1))
+ZERO_ITEM = 1
+
+
+def zero_rows(division: Sequence[int],
+              scale: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A ``transform`` for :func:`tie_free_inputs` that multiplies ZERO_BLOCKS and ZERO_ITEM by
+    ``scale``: 0 makes them all zero, 1e-14 leaves them nonzero with norms below the floor."""
+    def transform(x: torch.Tensor, memory: torch.Tensor) -> None:
+        geometry = make_division(*x.shape[1:], division)
+        blocks = divide_blocks(x, geometry)
+        for b, k in ZERO_BLOCKS:
+            blocks[b, k] *= scale
+        x.copy_(assemble_blocks(blocks, geometry))
+        memory[ZERO_ITEM] *= scale
+    return transform
+
+
+def zero_block_grads(grad_x: torch.Tensor, division: Sequence[int]) -> list[torch.Tensor]:
+    """The blocks of ``grad_x`` at ZERO_BLOCKS."""
+    blocks = divide_blocks(grad_x, make_division(*grad_x.shape[1:], division))
+    return [blocks[b, k] for b, k in ZERO_BLOCKS]
+
+
+def output_path_grad(w: torch.Tensor, grad_y: torch.Tensor,
+                     division: Sequence[int]) -> torch.Tensor:
+    """sum over queries of w_i * dL/dy_block, in float64: the gradient of the memory through
+    y = w M alone (all of it for an item whose similarity path is zero)."""
+    blocks = divide_blocks(grad_y.double(), make_division(*grad_y.shape[1:], division))
+    return torch.einsum("bqn,bqd->nd", w.double(), blocks)
 
 
 def assert_refuses_tensors_on_another_device(forward: Callable, backward: Callable,

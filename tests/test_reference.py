@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from daad_ext import BlockMemory, available_backends, block_memory, block_memory_ref
 from daad_ext.reference import assemble_blocks, divide_blocks
 from daad_ext.spec import make_division
-from helpers import near_tie_rows, tie_free_inputs
+from helpers import (ZERO_ITEM, forward_backward, near_tie_rows, output_path_grad,
+                     tie_free_inputs, zero_block_grads, zero_rows)
 
 SHRINKS = ("hard", "memae", "none")
 SIMILARITIES = ("cosine", "dot")
@@ -93,6 +94,97 @@ def test_reference_gradcheck(shape, n, division, similarity, shrink, threshold, 
         return y if through == "y" else w
 
     assert torch.autograd.gradcheck(read, (x, memory), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# All-zero blocks and an all-zero item under cosine (tests/helpers.py's zero_rows): no gradient
+# flows through the similarity to them, so a zero block's gradient is 0 and a zero item's is its
+# gradient through y alone, finite and the same in every dtype. The backends: test_zero_blocks.py.
+
+ZERO_SHAPE, ZERO_ITEMS, ZERO_DIVISION, ZERO_TEMPERATURE = (2, 4, 4, 4), 7, (2, 2, 1), 0.2
+#: Thresholds below 1/N: a zero block's uniform weights (1/N each) keep a margin from them.
+ZERO_SHRINKS = (("hard", 0.5 / ZERO_ITEMS), ("memae", 0.5 / ZERO_ITEMS), ("none", None))
+#: Tolerances of the reference in each dtype against itself in float64 (half types: results
+#: rounded to 16 bits).
+DTYPE_TOLERANCES = {torch.float16: dict(atol=1e-2, rtol=1e-2),
+                    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+                    torch.float32: dict(atol=5e-5, rtol=5e-4),
+                    torch.float64: dict(atol=1e-12, rtol=1e-10)}
+
+
+def _zero_row_inputs(shrink, threshold, dtype, margin):
+    options = dict(division=ZERO_DIVISION, similarity="cosine", shrink=shrink,
+                   threshold=threshold, temperature=ZERO_TEMPERATURE)
+    x, memory = tie_free_inputs(ZERO_SHAPE, ZERO_ITEMS, ZERO_DIVISION, "cosine", shrink, threshold,
+                                ZERO_TEMPERATURE, dtype=dtype, margin=margin,
+                                transform=zero_rows(ZERO_DIVISION))
+    gen = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(ZERO_SHAPE, generator=gen, dtype=torch.float64).to(dtype)
+    grad_w = torch.randn(ZERO_SHAPE[0], math.prod(ZERO_DIVISION), ZERO_ITEMS, generator=gen,
+                         dtype=torch.float64).to(dtype)
+    return x, memory, grad_y, grad_w, options
+
+
+@pytest.mark.parametrize("shrink,threshold", ZERO_SHRINKS)
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCES), ids=str)
+def test_zero_block_and_item_gradients_in_every_dtype(dtype, shrink, threshold):
+    tolerance = DTYPE_TOLERANCES[dtype]
+    half = dtype in (torch.float16, torch.bfloat16)
+    x, memory, grad_y, grad_w, options = _zero_row_inputs(shrink, threshold, dtype,
+                                                          margin=0.05 if half else 1e-3)
+    got = forward_backward("reference", x, memory, grad_y, grad_w, options)
+    for name, value in zip(("y", "w", "grad x", "grad memory"), got):
+        assert value.dtype == dtype and torch.isfinite(value).all(), name
+    _, w, grad_x, grad_memory = got
+    for block in zero_block_grads(grad_x, ZERO_DIVISION):
+        assert (block == 0).all()
+    torch.testing.assert_close(grad_memory[ZERO_ITEM].double(),
+                               output_path_grad(w, grad_y, ZERO_DIVISION)[ZERO_ITEM], **tolerance)
+    want = forward_backward("reference", x.double(), memory.double(), grad_y.double(),
+                            grad_w.double(), options)
+    for name, g, r in zip(("y", "w", "grad x", "grad memory"), got, want):
+        torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def central_differences(loss, t: torch.Tensor, where: torch.Tensor,
+                        h: float = 1e-6) -> torch.Tensor:
+    """d loss() / d t by central differences at the entries of (contiguous) ``t`` where ``where``
+    is true; 0 elsewhere. ``loss`` reads ``t``, which is perturbed in place and restored."""
+    grad = torch.zeros_like(t)
+    flat, grad_flat = t.view(-1), grad.view(-1)
+    for j in where.view(-1).nonzero().flatten().tolist():
+        value = float(flat[j])
+        flat[j] = value + h
+        up = loss()
+        flat[j] = value - h
+        down = loss()
+        flat[j] = value
+        grad_flat[j] = (up - down) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("through", [("y", "w"), ("w",)], ids="+".join)
+@pytest.mark.parametrize("shrink,threshold", ZERO_SHRINKS)
+def test_zero_block_and_item_gradients_float64(shrink, threshold, through):
+    # Elsewhere the gradient is the derivative, checked by central differences of the naive
+    # implementation; on the zero rows it is the rule (0 for a block, the y path for the item).
+    x, memory, grad_y, grad_w, options = _zero_row_inputs(shrink, threshold, torch.float64, 1e-3)
+    grad_y = grad_y if "y" in through else torch.zeros_like(grad_y)
+    _, w, grad_x, grad_memory = forward_backward("reference", x, memory, grad_y, grad_w, options)
+
+    def loss():
+        y, w = naive_block_memory(x, memory, ZERO_DIVISION, "cosine", shrink, threshold,
+                                  ZERO_TEMPERATURE)
+        return float((y * grad_y).sum() + (w * grad_w).sum())
+
+    nonzero_x, nonzero_memory = torch.ones_like(x), torch.ones_like(memory)
+    zero_rows(ZERO_DIVISION)(nonzero_x, nonzero_memory)
+    want_x = central_differences(loss, x, nonzero_x.bool())          # 0 on the zero blocks
+    want_memory = central_differences(loss, memory, nonzero_memory.bool())
+    want_memory[ZERO_ITEM] = output_path_grad(w, grad_y, ZERO_DIVISION)[ZERO_ITEM]
+    torch.testing.assert_close(grad_x, want_x, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grad_memory, want_memory, atol=1e-6, rtol=1e-4)
+    assert all((block == 0).all() for block in zero_block_grads(grad_x, ZERO_DIVISION))
 
 
 def test_tie_margin_detects_a_constructed_tie():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from helpers import (assert_matches_reference, assert_refuses_tensors_on_another_device,
-                     tie_free_inputs)
+                     tie_free_inputs, zero_block_grads, zero_rows)
 
 CASES: dict[str, Callable[[], None]] = {}
 
@@ -173,12 +173,19 @@ _case("large-n-cosine-hard")(lambda: _large_n("cosine", "hard", 0.1))
 _case("large-n-dot-memae")(lambda: _large_n("dot", "memae", 1.0))
 
 
-def _zero_block(path):
-    # An all-zero block is valid: the cosine's norm floors give s = 0, uniform weights, and the
-    # norm's gradient is zero there. (Every item is the row maximum, so no threshold tie.)
-    x, memory = tie_free_inputs(SHAPE, ITEMS, DIVISION)
-    x[1, :, 3:, :3] = 0.0
-    assert_launch_matches(triton_config(path), x, memory, DIVISION)
+def _zero_rows(path, shrink, scale):
+    # Two blocks and an item all zero (scale 0) or below the norm floor (1e-14): no gradient flows
+    # through the cosine similarity to them, so the blocks' gradient is exactly 0 (helpers.py).
+    # A threshold below 1/N keeps a zero block's uniform weights (1/N each) clear of it.
+    options = dict(shrink=shrink, threshold=None if shrink == "none" else 0.5 / ITEMS,
+                   temperature=0.5)
+    x, memory = tie_free_inputs(SHAPE, ITEMS, DIVISION, **options,
+                                transform=zero_rows(DIVISION, scale))
+    grad_y, grad_w = loss_grads(x, DIVISION, ITEMS)
+    got = run_launchers(triton_config(path), x, memory, DIVISION, grad_y, grad_w, **options)
+    _assert_close(got, reference_grads(x, memory, DIVISION, grad_y, grad_w, **options),
+                  what=f"triton {path}")
+    assert all((block == 0).all() for block in zero_block_grads(got[2], DIVISION))
 
 
 def _determinism(path):
@@ -274,7 +281,10 @@ def _large_strides(path):
 
 for _path in PATHS:
     _case(f"nan-rows-{_path}")(lambda p=_path: _nan_rows(p))
-    _case(f"zero-block-{_path}")(lambda p=_path: _zero_block(p))
+    for _shrink in ("hard", "memae", "none"):
+        for _scale in (0.0, 1e-14):
+            _case(f"zero-rows-{_path}-{_shrink}-{_scale:g}")(
+                lambda p=_path, k=_shrink, c=_scale: _zero_rows(p, k, c))
     _case(f"deterministic-{_path}")(lambda p=_path: _determinism(p))
     _case(f"needs-grad-{_path}")(lambda p=_path: _needs_grad(p))
     _case(f"large-strides-{_path}")(lambda p=_path: _large_strides(p))

@@ -151,9 +151,9 @@ __global__ void __launch_bounds__(kThreads)
   const float rowdot = row_backward_team(WarpTeam{lane}, g, static_cast<const float*>(wf),
                                          static_cast<const float*>(pf), items, shrink, lam,
                                          temperature, lse, cosine ? prod + row_offset : nullptr);
-  const float cq = clamp_norm(qn);
+  const float iq = grad_inv_norm(qn);
   for (int i = lane; i < items; i += 32) {
-    a_out[row_offset + i] = cosine ? g[i] / (cq * clamp_norm(item_norms[i])) : g[i];
+    a_out[row_offset + i] = cosine ? g[i] * iq * grad_inv_norm(item_norms[i]) : g[i];
   }
   if (cosine && lane == 0) coef_q[r] = norm_correction(qn, rowdot);
 }

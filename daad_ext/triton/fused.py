@@ -103,7 +103,7 @@ def backward_kernel(
             part_ids = pid * (BLOCK_R // PART_ROWS) + tl.arange(0, BLOCK_R // PART_ROWS)
             tl.store(colpart_ptr + part_ids.to(tl.int64)[:, None] * N + items[None, :], parts,
                      mask=(part_ids < NUM_PARTS)[:, None] & item_mask[None, :])
-        a = jit.cosine_scale(gs, qn, mnorm_ptr, items, item_mask)
+        a = jit.cosine_grad_scale(gs, qn, mnorm_ptr, items, item_mask)
         corr = jit.norm_correction(qn, rowdot)
     else:
         a = gs

@@ -57,6 +57,13 @@ def clamp_norm(norm):
 
 
 @triton.jit
+def grad_inv_norm(norm):
+    """The backward's inverse norm: 1/|v| at or above the floor, 0 below (no direction there)."""
+    ok = norm >= NORM_EPS_C
+    return tl.where(ok, 1.0 / tl.where(ok, norm, 1.0), 0.0)
+
+
+@triton.jit
 def norm_correction(norm, dot):
     ok = norm >= NORM_EPS_C
     return tl.where(ok, dot / tl.where(ok, norm * norm, 1.0), 0.0)
@@ -94,9 +101,17 @@ def mma(a, b, acc, TF32: tl.constexpr):
 
 @triton.jit
 def cosine_scale(v, qn, mnorm_ptr, items, item_mask):
-    """v / (|q| |m_i|) on a (rows x items) tile, both norms clamped."""
+    """v / (|q| |m_i|) on a (rows x items) tile, both norms clamped: the forward's scaling."""
     mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
     return v / (clamp_norm(qn)[:, None] * clamp_norm(mn)[None, :])
+
+
+@triton.jit
+def cosine_grad_scale(gs, qn, mnorm_ptr, items, item_mask):
+    """A = dL/ds / (|q| |m_i|) on a (rows x items) tile, 0 where either norm is below the floor:
+    no gradient flows through the similarity to a query or item without a direction."""
+    mn = tl.load(mnorm_ptr + items, mask=item_mask, other=1.0)
+    return gs * (grad_inv_norm(qn)[:, None] * grad_inv_norm(mn)[None, :])
 
 
 @triton.jit

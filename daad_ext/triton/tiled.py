@@ -169,7 +169,7 @@ def rows_backward_kernel(
             if NEED_GM:
                 tl.store(colpart_ptr + pid.to(tl.int64) * N + items, tl.sum(prod, axis=0),
                          mask=item_mask)
-            a = jit.cosine_scale(gs, qn, mnorm_ptr, items, item_mask)
+            a = jit.cosine_grad_scale(gs, qn, mnorm_ptr, items, item_mask)
         else:
             a = gs
         tl.store(a_ptr + rn, a, mask=mask)
