@@ -16,7 +16,7 @@
 //
 // Backward of one row, given g_i = dL/dw_i (from y and from w):
 //   hard, none: dL/dz_i = w_i (g_i - <w, g>)           (the hard mask is a constant)
-//   memae:      u_i = relu(p_i - lam) p_i / (|p_i - lam| + eps),  S = sum u,  w = u / max(S, eps)
+//   memae:      u_i = relu(p_i - threshold) p_i / (|p_i - threshold| + eps),  S = sum u,  w = u / max(S, eps)
 //               dL/du_i = (g_i - <g, w>) / S  if S >= eps,  else g_i / eps
 //               dL/dp_i = dL/du_i * du_i/dp_i,  dL/dz_i = p_i (dL/dp_i - <p, dL/dp>)
 //   dL/ds_i = dL/dz_i / T.
@@ -37,7 +37,7 @@ namespace daad_ext {
 enum class Similarity : int { Cosine = 0, Dot = 1 };
 enum class Shrink : int { Hard = 0, MemAE = 1, None = 2 };
 
-// Floors of the cosine norms and of MemAE's |p - lam| and row sum (as in the reference).
+// Floors of the cosine norms and of MemAE's |p - threshold| and row sum (as in the reference).
 constexpr double kNormEps = 1e-12;
 constexpr double kMemAEEps = 1e-12;
 
@@ -68,16 +68,16 @@ DAAD_HD T zero_keeping_nan(T v) {
   return v == v ? T(0) : v;
 }
 
-// MemAE's continuous hard shrinkage u(p) and its derivative du/dp (zero at and below lam).
+// MemAE's continuous hard shrinkage u(p) and its derivative du/dp (zero at and below threshold).
 template <typename T>
-DAAD_HD T memae_shrink(T p, T lam) {
-  const T a = p - lam;
+DAAD_HD T memae_shrink(T p, T threshold) {
+  const T a = p - threshold;
   return a > T(0) ? a * p / (a + T(kMemAEEps)) : zero_keeping_nan(a);
 }
 
 template <typename T>
-DAAD_HD T memae_shrink_grad(T p, T lam) {
-  const T a = p - lam;
+DAAD_HD T memae_shrink_grad(T p, T threshold) {
+  const T a = p - threshold;
   const T e = T(kMemAEEps);
   return a > T(0) ? (a * a + a * e + p * e) / ((a + e) * (a + e)) : T(0);
 }
@@ -145,7 +145,7 @@ struct SerialTeam {
 #pragma nv_exec_check_disable
 #endif
 template <typename T, typename Team>
-DAAD_HD T row_forward_team(const Team& team, T* z, int n, Shrink shrink, T lam, T* w, T* p_out) {
+DAAD_HD T row_forward_team(const Team& team, T* z, int n, Shrink shrink, T threshold, T* w, T* p_out) {
   const T zmax = team.max(n, T(-INFINITY), [&](int i) { return z[i]; });
   const T total_e = team.sum(n, [&](int i) { return z[i] = math_exp(z[i] - zmax); });
   const T lse_all = zmax + math_log(total_e);
@@ -156,16 +156,16 @@ DAAD_HD T row_forward_team(const Team& team, T* z, int n, Shrink shrink, T lam, 
     return lse_all;
   }
   if (shrink == Shrink::Hard) {
-    // Keep p_i >= lam and the row maximum, so that no row is empty.
+    // Keep p_i >= threshold and the row maximum, so that no row is empty.
     const auto kept_or_zero = [&](int i) {
       const T v = p[i];
-      return (v >= lam) | (v == pmax) ? v : zero_keeping_nan(v);
+      return (v >= threshold) | (v == pmax) ? v : zero_keeping_nan(v);
     };
     const T kept = team.sum(n, kept_or_zero);
     team.for_each(n, [&](int i) { w[i] = kept_or_zero(i) / kept; });
     return lse_all + math_log(kept);
   }
-  const T total = team.sum(n, [&](int i) { return w[i] = memae_shrink(p[i], lam); });
+  const T total = team.sum(n, [&](int i) { return w[i] = memae_shrink(p[i], threshold); });
   const T denom = total >= T(kMemAEEps) ? total : T(kMemAEEps);
   team.for_each(n, [&](int i) { w[i] /= denom; });
   if (p_out != nullptr) team.for_each(n, [&](int i) { p_out[i] = p[i]; });
@@ -173,8 +173,8 @@ DAAD_HD T row_forward_team(const Team& team, T* z, int n, Shrink shrink, T lam, 
 }
 
 template <typename T>
-DAAD_HD T row_forward(T* z, int n, Shrink shrink, T lam, T* w, T* p_out) {
-  return row_forward_team(SerialTeam{}, z, n, shrink, lam, w, p_out);
+DAAD_HD T row_forward(T* z, int n, Shrink shrink, T threshold, T* w, T* p_out) {
+  return row_forward_team(SerialTeam{}, z, n, shrink, threshold, w, p_out);
 }
 
 // Backward epilogue of one row. ``g`` holds dL/dw on entry and dL/ds on exit. ``p`` is the saved
@@ -186,14 +186,14 @@ DAAD_HD T row_forward(T* z, int n, Shrink shrink, T lam, T* w, T* p_out) {
 #endif
 template <typename T, typename Team>
 DAAD_HD T row_backward_team(const Team& team, T* g, const T* w, const T* p, int n, Shrink shrink,
-                            T lam, T temperature, T lse, T* gs_times_s) {
+                            T threshold, T temperature, T lse, T* gs_times_s) {
   const T gw_dot = team.sum(n, [&](int i) { return g[i] * w[i]; });
   const T* weight = w;  // the weights whose log recovers z
   if (shrink == Shrink::MemAE) {
-    const T total = team.sum(n, [&](int i) { return memae_shrink(p[i], lam); });
+    const T total = team.sum(n, [&](int i) { return memae_shrink(p[i], threshold); });
     const T gp_dot = team.sum(n, [&](int i) {
       const T gu = total >= T(kMemAEEps) ? (g[i] - gw_dot) / total : g[i] / T(kMemAEEps);
-      g[i] = gu * memae_shrink_grad(p[i], lam);  // dL/dp
+      g[i] = gu * memae_shrink_grad(p[i], threshold);  // dL/dp
       return g[i] * p[i];
     });
     team.for_each(n, [&](int i) { g[i] = p[i] * (g[i] - gp_dot) / temperature; });
@@ -209,9 +209,9 @@ DAAD_HD T row_backward_team(const Team& team, T* g, const T* w, const T* p, int 
 }
 
 template <typename T>
-DAAD_HD T row_backward(T* g, const T* w, const T* p, int n, Shrink shrink, T lam, T temperature,
+DAAD_HD T row_backward(T* g, const T* w, const T* p, int n, Shrink shrink, T threshold, T temperature,
                        T lse, T* gs_times_s) {
-  return row_backward_team(SerialTeam{}, g, w, p, n, shrink, lam, temperature, lse, gs_times_s);
+  return row_backward_team(SerialTeam{}, g, w, p, n, shrink, threshold, temperature, lse, gs_times_s);
 }
 
 }  // namespace daad_ext

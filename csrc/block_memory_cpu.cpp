@@ -29,7 +29,7 @@
 // its backward, the norm corrections. at::mm writes a bfloat16 product rounded to bfloat16, so
 //   * S = Q M^T and G = dY M^T are multiplied over whole rows, not summed over column chunks
 //     (one rounding of each similarity, instead of one per chunk), and the epilogue reads them
-//     in float32: softmax, the 1/N threshold (p_i >= lam compared in float32) and the
+//     in float32: softmax, the 1/N threshold (p_i >= threshold compared in float32) and the
 //     re-normalisation run in float32 on these similarities, and w is rounded to bfloat16 once;
 //   * y = w M uses that rounded w (as the CUDA kernel does), and the backward recovers the
 //     similarities from the bfloat16 w (or p) and the float32 lse;
@@ -415,7 +415,7 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
   const A* nm = item_norms.const_data_ptr<A>();
   const bool cosine = o.similarity == Similarity::Cosine;
   const bool memae = o.shrink == Shrink::MemAE;
-  const A temperature = A(o.temperature), lam = A(o.lam);
+  const A temperature = A(o.temperature), threshold = A(o.threshold);
   // Similarities are computed where the softmax will be: in w, or in probs for MemAE (whose w
   // differs); for a narrow T they are read from there into a float row.
   const Tensor logits = (memae ? probs : w).view({rows_total, N});
@@ -452,7 +452,7 @@ void forward_impl(const Geometry& g, const Options& o, const Tensor& x, const Te
         A* w_row = kNarrow<T> && memae ? w_scratch.data() : acc_row(w_data + row * N, z_scratch);
         stats[2 * row] = nq;
         stats[2 * row + 1] =
-            row_forward(z, int(N), o.shrink, lam, w_row, static_cast<A*>(nullptr));
+            row_forward(z, int(N), o.shrink, threshold, w_row, static_cast<A*>(nullptr));
         store_row(w_row, N, w_data + row * N);
         if (memae) store_row(z, N, s);  // p, into probs
       }
@@ -545,7 +545,7 @@ class Backward {
   void row_pass(int64_t row0, int64_t rows) {
     const int64_t N = g_.N;
     const bool memae = a_.o.shrink == Shrink::MemAE, has_gw = a_.grad_w.defined();
-    const A temperature = A(a_.o.temperature), lam = A(a_.o.lam);
+    const A temperature = A(a_.o.temperature), threshold = A(a_.o.threshold);
     const T* w_data = a_.w.const_data_ptr<T>();
     const T* p_data = memae ? a_.probs.const_data_ptr<T>() : nullptr;
     const T* gw_data = has_gw ? a_.grad_w.const_data_ptr<T>() : nullptr;
@@ -582,7 +582,7 @@ class Backward {
         const A* w = load_row(w_data + row * N, N, w_scratch);
         const A* p = memae ? load_row(p_data + row * N, N, p_scratch) : nullptr;
         const A nq = stats[2 * row], lse = stats[2 * row + 1];
-        const A rowdot = row_backward(g, w, p, int(N), a_.o.shrink, lam, temperature, lse,
+        const A rowdot = row_backward(g, w, p, int(N), a_.o.shrink, threshold, temperature, lse,
                                       cosine_ ? prod_data + r * N : nullptr);
         if (cosine_) {  // dL/d<q, m_i> = dL/ds_i / (|q| |m_i|), 0 where a norm is below eps
           row_corr_[r] = norm_correction(nq, rowdot);

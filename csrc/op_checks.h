@@ -79,11 +79,11 @@ struct Geometry {
   int64_t lines() const { return bc * bh; }   // a block is bc*bh lines of bw contiguous values
 };
 
-// The row epilogue's options (block_memory.h); ``lam`` is the shrinkage threshold.
+// The row epilogue's options (block_memory.h); ``threshold`` is the shrinkage threshold.
 struct Options {
   Similarity similarity;
   Shrink shrink;
-  double lam;
+  double threshold;
   double temperature;
 };
 

@@ -116,6 +116,6 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
     name = _available_choice(backend, x, memory)
     if name is not None and BACKENDS[name].call is not None:  # its op checks the call
         return BACKENDS[name].call(x, memory, division, similarity, shrink, threshold, temperature)
-    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
+    geometry, threshold = check_call(x, memory, division, similarity, shrink, threshold, temperature)
     name = name or resolve_backend(backend, x.device, x.dtype)
-    return BACKENDS[name].run(x, memory, geometry, similarity, shrink, lam, float(temperature))
+    return BACKENDS[name].run(x, memory, geometry, similarity, shrink, threshold, float(temperature))

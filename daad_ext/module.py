@@ -47,7 +47,7 @@ class BlockMemory(nn.Module):
         # shape, dtype and device, and the backend for a dtype and device not seen before).
         check_feature_map(channels, height, width)
         self.geometry = make_division(channels, height, width, division)
-        self.lam = check_options(similarity, shrink, threshold, temperature, num_items)
+        self.threshold = check_options(similarity, shrink, threshold, temperature, num_items)
         check_backend_name(backend)
         self.channels, self.height, self.width = int(channels), int(height), int(width)
         self.division = (self.geometry.rh, self.geometry.rw, self.geometry.rc)
@@ -95,7 +95,7 @@ class BlockMemory(nn.Module):
 
     def _run(self, x: torch.Tensor, memory: torch.Tensor, return_weights: bool):
         y, w = BACKENDS[self._backend_for(x)].run(x, memory, self.geometry, self.similarity,
-                                                  self.shrink, self.lam, self.temperature)
+                                                  self.shrink, self.threshold, self.temperature)
         return (y, w) if return_weights else y
 
     def extra_repr(self) -> str:

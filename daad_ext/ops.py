@@ -91,8 +91,8 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def block_memory_fused(x: torch.Tensor, memory: torch.Tensor, geometry: Division, similarity: str,
-                       shrink: str, lam: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       shrink: str, threshold: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ op (CPU or CUDA kernel, by device) on checked arguments; returns ``(y, w)``."""
     y, w, *_ = torch.ops.daad_ext.block_memory_forward(
-        x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, lam, temperature)
+        x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, threshold, temperature)
     return y, w

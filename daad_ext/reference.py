@@ -10,9 +10,9 @@ query addresses the memory ``M`` (N, D):
   ``<q, m_i>`` is a constant where ``|q|`` or ``|m_i|`` is below eps (the forward is unchanged):
   an all-zero block gets a zero gradient, an all-zero item only its gradient through ``y``;
 * ``p = softmax(s / temperature)``;
-* shrinkage with threshold ``lam`` (default ``1/N``): ``hard`` keeps ``p_i >= lam`` and the row
+* shrinkage with threshold ``threshold`` (default ``1/N``): ``hard`` keeps ``p_i >= threshold`` and the row
   maximum and re-normalises (the mask is a constant for the gradient); ``memae`` is MemAE's
-  ``relu(p - lam) * p / (|p - lam| + eps)`` re-normalised; ``none`` keeps ``p``;
+  ``relu(p - threshold) * p / (|p - threshold| + eps)`` re-normalised; ``none`` keeps ``p``;
 * block ``k`` of ``y`` is ``sum_i w_i M[i]``, re-assembled by the exact inverse of the division.
 
 float16 and bfloat16 inputs are computed in float32 (as the kernels compute their statistics) and
@@ -66,16 +66,16 @@ def similarity_ref(queries: torch.Tensor, memory: torch.Tensor, similarity: str)
     return s
 
 
-def shrink_ref(p: torch.Tensor, shrink: str, lam: float) -> torch.Tensor:
+def shrink_ref(p: torch.Tensor, shrink: str, threshold: float) -> torch.Tensor:
     """Shrinks and re-normalises the addressing weights ``p`` (rows over the last dimension)."""
     if shrink == "none":
         return p
     if shrink == "hard":
         with torch.no_grad():
-            keep = (p >= lam) | (p == p.amax(dim=-1, keepdim=True))
+            keep = (p >= threshold) | (p == p.amax(dim=-1, keepdim=True))
         kept = p * keep
         return kept / kept.sum(dim=-1, keepdim=True)
-    u = F.relu(p - lam) * p / ((p - lam).abs() + MEMAE_EPS)
+    u = F.relu(p - threshold) * p / ((p - threshold).abs() + MEMAE_EPS)
     return u / u.sum(dim=-1, keepdim=True).clamp_min(MEMAE_EPS)
 
 
@@ -84,8 +84,8 @@ def block_memory_ref(x: torch.Tensor, memory: torch.Tensor, division: Sequence[i
                      threshold: Optional[float] = None,
                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise memory read in eager PyTorch; returns ``(y, w)`` with ``w`` of shape (B, Q, N)."""
-    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
-    return block_memory_ref_checked(x, memory, geometry, similarity, shrink, lam,
+    geometry, threshold = check_call(x, memory, division, similarity, shrink, threshold, temperature)
+    return block_memory_ref_checked(x, memory, geometry, similarity, shrink, threshold,
                                     float(temperature))
 
 
@@ -101,7 +101,7 @@ class Read(NamedTuple):
 
 
 def read_memory(x: torch.Tensor, memory: torch.Tensor, geometry: Division, similarity: str,
-                shrink: str, lam: float, temperature: float) -> Read:
+                shrink: str, threshold: float, temperature: float) -> Read:
     """The operator's steps on checked arguments, computed in ``compute_dtype(x.dtype)``: the one
     place where float16/bfloat16 inputs are cast up (the caller rounds what it returns)."""
     compute = compute_dtype(x.dtype)
@@ -109,13 +109,13 @@ def read_memory(x: torch.Tensor, memory: torch.Tensor, geometry: Division, simil
     queries = divide_blocks(x, geometry)
     logits = similarity_ref(queries, memory, similarity) / temperature
     p = torch.softmax(logits, dim=-1)
-    w = shrink_ref(p, shrink, lam)
+    w = shrink_ref(p, shrink, threshold)
     return Read(queries, memory, logits, p, w, w @ memory)
 
 
 def block_memory_ref_checked(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
-                             similarity: str, shrink: str, lam: float,
+                             similarity: str, shrink: str, threshold: float,
                              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_memory_ref` on arguments that :mod:`daad_ext.spec` has already checked."""
-    read = read_memory(x, memory, geometry, similarity, shrink, lam, temperature)
+    read = read_memory(x, memory, geometry, similarity, shrink, threshold, temperature)
     return assemble_blocks(read.blocks, geometry).to(x.dtype), read.w.to(x.dtype)

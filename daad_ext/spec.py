@@ -22,7 +22,7 @@ SHRINK_CODES = {name: code for code, name in enumerate(SHRINKS)}
 #: Floor of the norms in the cosine similarity (as ``torch.nn.functional.normalize``); no gradient
 #: flows through the similarity to a query or memory item whose norm is below it.
 NORM_EPS = 1e-12
-#: Floor of ``|p - lam|`` and of the row sum in MemAE's hard shrinkage.
+#: Floor of ``|p - threshold|`` and of the row sum in MemAE's hard shrinkage.
 MEMAE_EPS = 1e-12
 
 
@@ -133,10 +133,10 @@ def check_options(similarity: str, shrink: str, threshold: Optional[float], temp
         raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
     if threshold is None:
         return 1.0 / num_items
-    lam = _check_number("threshold", threshold)
-    if not 0 < lam <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {lam!r}")
-    return lam
+    threshold = _check_number("threshold", threshold)
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    return threshold
 
 
 def schema_arguments(memory: torch.Tensor, division: Sequence[int], threshold: Optional[float],
@@ -217,9 +217,9 @@ def check_call(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], s
     """Every check of one call of the operator (tensors, options, temperature for x's dtype);
     returns the block geometry and the resolved threshold."""
     geometry = check_inputs(x, memory, division)
-    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    threshold = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
     check_temperature(temperature, x.dtype)
-    return geometry, lam
+    return geometry, threshold
 
 
 def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -255,7 +255,7 @@ def check_backward_call(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.T
     tensors as the forward returned them (``probs`` is MemAE's only, else a placeholder: only its
     device counts) and the gradients that are given. Every tensor must be on x's device: a meta
     tensor among CPU ones would send the call to the fake kernel, which computes nothing."""
-    geometry, lam = check_call(x, memory, division, similarity, shrink, threshold, temperature)
+    geometry, threshold = check_call(x, memory, division, similarity, shrink, threshold, temperature)
     weights = (x.shape[0], geometry.num_queries, memory.shape[0])
     stats = compute_dtype(x.dtype)
     _check_saved("w", w, weights, x.dtype, x)
@@ -269,4 +269,4 @@ def check_backward_call(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.T
         _check_saved("grad_y", grad_y, tuple(x.shape), x.dtype, x)
     if grad_w is not None:
         _check_saved("grad_w", grad_w, weights, x.dtype, x)
-    return geometry, lam
+    return geometry, threshold

@@ -1,11 +1,11 @@
 """Shared test helpers: tie-free inputs and the comparison of a backend with the reference.
 
-The hard threshold (and MemAE's, which rises from 0 to p within 1e-12 of lam) is discontinuous: two
-correct implementations can keep different items when a weight is within rounding of lam. Tests
-therefore draw inputs whose float64 weights keep a relative ``margin`` from lam (and, where the
+The hard threshold (and MemAE's, which rises from 0 to p within 1e-12 of threshold) is discontinuous: two
+correct implementations can keep different items when a weight is within rounding of threshold. Tests
+therefore draw inputs whose float64 weights keep a relative ``margin`` from threshold (and, where the
 row-maximum rule decides, between the two largest weights), instead of loosening tolerances.
-MemAE's shrinkage u = (p - lam) p / (p - lam + 1e-12) also bends sharply for p - lam below about
-sqrt(lam * 1e-12), where float32 rounding of p - lam moves its gradient: it needs a wider margin.
+MemAE's shrinkage u = (p - threshold) p / (p - threshold + 1e-12) also bends sharply for p - threshold below about
+sqrt(threshold * 1e-12), where float32 rounding of p - threshold moves its gradient: it needs a wider margin.
 """
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ def near_tie_rows(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int]
                   margin: float) -> torch.Tensor:
     """(B, Q) mask of the queries whose kept set could flip under a relative error of ``margin``."""
     geometry = check_inputs(x, memory, division)
-    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    threshold = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
     if shrink == "none":
         return torch.zeros(x.shape[0], geometry.num_queries, dtype=torch.bool)
     queries = divide_blocks(x.detach().double().cpu(), geometry)
     p = torch.softmax(similarity_ref(queries, memory.detach().double().cpu(), similarity)
                       / temperature, dim=-1)
-    ties = ((p - lam).abs() <= margin * lam).any(dim=-1)
+    ties = ((p - threshold).abs() <= margin * threshold).any(dim=-1)
     if shrink == "hard" and p.shape[-1] > 1:
         top2 = p.topk(2, dim=-1).values
-        decides = top2[..., 0] < lam * (1 + margin)
+        decides = top2[..., 0] < threshold * (1 + margin)
         ties |= decides & (top2[..., 0] - top2[..., 1] <= margin * top2[..., 0])
     return ties
 

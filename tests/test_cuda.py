@@ -260,9 +260,9 @@ def _host_backend() -> Backend:
         ops.register_fused_op(f"{ns}::block_memory_forward", f"{ns}::block_memory_backward",
                               _host_ops.block_memory_backward)
 
-    def run(x, memory, geometry, similarity, shrink, lam, temperature):
+    def run(x, memory, geometry, similarity, shrink, threshold, temperature):
         y, w, *_ = _host_ops.block_memory_forward(x, memory, geometry.rh, geometry.rw,
-                                                  geometry.rc, similarity, shrink, lam,
+                                                  geometry.rc, similarity, shrink, threshold,
                                                   temperature)
         return y, w
 
@@ -505,8 +505,8 @@ def test_gpu_opcheck(dtype, shrink):
     target = Target("cuda", "cuda", torch.ops.daad_ext)
     x, memory, options = _inputs(target, (2, 4, 4, 4), 11, (2, 2, 1), "cosine", shrink, dtype,
                                  seed=1)
-    lam = 1.0 / memory.shape[0]
-    args = (x.requires_grad_(), memory.requires_grad_(), 2, 2, 1, "cosine", shrink, lam,
+    threshold = 1.0 / memory.shape[0]
+    args = (x.requires_grad_(), memory.requires_grad_(), 2, 2, 1, "cosine", shrink, threshold,
             options["temperature"])
     torch.library.opcheck(torch.ops.daad_ext.block_memory_forward.default, args)
     with torch.no_grad():

@@ -27,8 +27,8 @@ def test_decomposition_matches_the_fused_op(similarity, shrink):
     division, n = (2, 2, 1), 16
     threshold = 0.03 if shrink == "memae" else None
     x, memory = tie_free_inputs((2, 4, 8, 8), n, division, similarity, shrink, threshold)
-    lam = check_options(similarity, shrink, threshold, 1.0, n)
-    args = (x, memory, *division, similarity, shrink, lam, 1.0)
+    threshold = check_options(similarity, shrink, threshold, 1.0, n)
+    args = (x, memory, *division, similarity, shrink, threshold, 1.0)
     expected = torch.ops.daad_ext.block_memory_forward(*args)
     got = forward_decomposition(*args)
     for name, e, g in zip(("y", "w", "probs", "row_stats", "item_norms"), expected, got):

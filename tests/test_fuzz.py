@@ -5,8 +5,8 @@ magnitudes (hypothesis).
 The budget is about 20 s per dtype by default (deterministic examples, so CI is reproducible);
 ``DAAD_FUZZ_SECONDS=300`` spends that long per dtype on fresh random examples.
 
-Tie-awareness. The hard shrinkage is discontinuous at ``p_i = lam`` and, where the row maximum
-decides, at ``p_1 = p_2``; MemAE's bends sharply just above ``lam``. A row whose float64 softmax
+Tie-awareness. The hard shrinkage is discontinuous at ``p_i = threshold`` and, where the row maximum
+decides, at ``p_1 = p_2``; MemAE's bends sharply just above ``threshold``. A row whose float64 softmax
 lies within the dtype's rounding of such a point, or in MemAE's bend ("fragile"), has no unique
 answer, so it is
 compared by a tie-invariant property instead: its outputs are left out, and the random upstream
@@ -34,8 +34,8 @@ _BUDGET_ENV = os.environ.get("DAAD_FUZZ_SECONDS")
 BUDGET_S = float(_BUDGET_ENV) if _BUDGET_ENV else 20.0
 #: Rounding units of a logit within which a row is fragile.
 FRAGILE_UNITS = {"hard": 64.0, "memae": 64.0, "none": 0.0}
-#: MemAE's u(p) = (p - lam) p / (p - lam + eps) has du/dp = 1 + p eps / (p - lam)^2 + ...: within
-#: this many sqrt(p eps) of lam its gradient is amplified (up to p / eps) past what rounding allows.
+#: MemAE's u(p) = (p - threshold) p / (p - threshold + eps) has du/dp = 1 + p eps / (p - threshold)^2 + ...: within
+#: this many sqrt(p eps) of threshold its gradient is amplified (up to p / eps) past what rounding allows.
 MEMAE_BEND = 32.0
 #: Rounding units the outputs may differ by.
 TOLERANCE_UNITS = 64.0
@@ -106,7 +106,7 @@ def analyse(case, geometry, x, memory, dtype):
     ``rounding`` bounds the relative rounding of p (and of its logits); ``gain`` = the largest
     1 / (the re-normalisation's divisor) of a non-fragile row: the kept sum for hard, MemAE's sum
     of u, which amplify dL/dw and, for MemAE (where it can be tiny), the rounding of w itself."""
-    lam = check_options(case["similarity"], case["shrink"], case["threshold"],
+    threshold = check_options(case["similarity"], case["shrink"], case["threshold"],
                         case["temperature"], case["num_items"])
     queries = divide_blocks(x, geometry)
     temperature = case["temperature"]
@@ -118,19 +118,19 @@ def analyse(case, geometry, x, memory, dtype):
     rounding = torch.finfo(dtype).eps * math.sqrt(geometry.block_dim) * (1 + zscale)
     p = torch.softmax(similarity_ref(queries, memory, case["similarity"]) / temperature, dim=-1)
     margin = (FRAGILE_UNITS[case["shrink"]] * rounding).unsqueeze(-1)
-    near = (p - lam).abs()
-    fragile = (near <= margin * torch.maximum(p, torch.tensor(lam))).any(-1)
+    near = (p - threshold).abs()
+    fragile = (near <= margin * torch.maximum(p, torch.tensor(threshold))).any(-1)
     if case["shrink"] == "memae":
         fragile |= (near <= MEMAE_BEND * (p * MEMAE_EPS).sqrt()).any(-1)
     divisor = torch.ones(p.shape[:-1], dtype=torch.float64)
     if case["shrink"] == "hard":
-        divisor = (p * ((p >= lam) | (p == p.amax(-1, keepdim=True)))).sum(-1)
+        divisor = (p * ((p >= threshold) | (p == p.amax(-1, keepdim=True)))).sum(-1)
     elif case["shrink"] == "memae":
-        divisor = (torch.relu(p - lam) * p / ((p - lam).abs() + MEMAE_EPS)).sum(-1).clamp_min(MEMAE_EPS)
+        divisor = (torch.relu(p - threshold) * p / ((p - threshold).abs() + MEMAE_EPS)).sum(-1).clamp_min(MEMAE_EPS)
     gain = _max(1 / divisor[~fragile], 1.0)
     if case["shrink"] == "hard" and p.shape[-1] > 1:
         top = p.topk(2, dim=-1).values
-        decides = top[..., 0] < lam * (1 + margin[..., 0])
+        decides = top[..., 0] < threshold * (1 + margin[..., 0])
         fragile |= decides & (top[..., 0] - top[..., 1] <= margin[..., 0] * top[..., 0])
     return fragile, _max(rounding), gain
 

@@ -23,7 +23,7 @@ def naive_block_memory(x, memory, division, similarity, shrink, threshold, tempe
     rh, rw, rc = division
     bc, bh, bw = c // rc, h // rh, w_ // rw
     n = memory.shape[0]
-    lam = 1.0 / n if threshold is None else threshold
+    threshold = 1.0 / n if threshold is None else threshold
     y = torch.zeros_like(x, dtype=torch.float64)
     weights = torch.zeros(b_, rh * rw * rc, n, dtype=torch.float64)
     for b in range(b_):
@@ -46,9 +46,9 @@ def naive_block_memory(x, memory, division, similarity, shrink, threshold, tempe
                     e = [math.exp(v - top) for v in s]
                     p = [v / sum(e) for v in e]
                     if shrink == "hard":
-                        u = [pi if (pi >= lam or pi == max(p)) else 0.0 for pi in p]
+                        u = [pi if (pi >= threshold or pi == max(p)) else 0.0 for pi in p]
                     elif shrink == "memae":
-                        u = [max(pi - lam, 0.0) * pi / (abs(pi - lam) + 1e-12) for pi in p]
+                        u = [max(pi - threshold, 0.0) * pi / (abs(pi - threshold) + 1e-12) for pi in p]
                     else:
                         u = p
                     total = sum(u) if shrink == "hard" else max(sum(u), 1e-12) if shrink == "memae" else 1.0

@@ -181,7 +181,7 @@ def test_numpy_numbers_are_accepted(division):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     layer = BlockMemory(np.int64(4), 8, 8, num_items=np.int64(10), division=division,
                         threshold=np.float32(0.125))
-    assert layer.num_items == 10 and math.isclose(layer.lam, 0.125)
+    assert layer.num_items == 10 and math.isclose(layer.threshold, 0.125)
     assert layer.division == (4, 4, 1) and all(type(r) is int for r in layer.division)
     layer(x)
 

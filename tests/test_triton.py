@@ -97,7 +97,7 @@ def _compile_sm90(kernel, pointer_types, constexprs, config=None):
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointer_types.get(name, "fp32")
         else:
-            signature[name] = "fp32" if name in ("lam", "temperature") else "i32"
+            signature[name] = "fp32" if name in ("threshold", "temperature") else "i32"
     options = {"num_warps": config.num_warps if config else 4,
                "num_stages": config.num_stages if config else 2}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),

@@ -49,8 +49,8 @@ def triton_config(path: str = "auto", splits: Optional[int] = None, tiles: str =
 
 def _options(memory, similarity="cosine", shrink="hard", threshold=None, temperature=1.0):
     from daad_ext.spec import check_options
-    lam = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
-    return (similarity, shrink, lam, float(temperature))
+    threshold = check_options(similarity, shrink, threshold, temperature, memory.shape[0])
+    return (similarity, shrink, threshold, float(temperature))
 
 
 def run_launchers(config, x, memory, division, grad_y, grad_w, needs=(True, True), **options):

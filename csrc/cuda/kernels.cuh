@@ -88,7 +88,7 @@ template <typename E>
 __global__ void __launch_bounds__(kThreads)
     row_forward_kernel(float* __restrict__ partial, int splits, const float* __restrict__ qsq,
                        const float* __restrict__ item_norms, int rows, int items, bool cosine,
-                       Shrink shrink, float lam, float temperature, float* __restrict__ wbuf,
+                       Shrink shrink, float threshold, float temperature, float* __restrict__ wbuf,
                        E* __restrict__ w_out, E* __restrict__ p_out, float* __restrict__ stats) {
   const int r = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (r >= rows) return;  // uniform over the warp
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads)
     zrow[i] = s / temperature;
   }
   float* wrow = wbuf + row_offset;
-  const float lse = row_forward_team(WarpTeam{lane}, zrow, items, shrink, lam, wrow,
+  const float lse = row_forward_team(WarpTeam{lane}, zrow, items, shrink, threshold, wrow,
                                      static_cast<float*>(nullptr));
   for (int i = lane; i < items; i += 32) {
     w_out[row_offset + i] = from_float<E>(wrow[i]);
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
     row_backward_kernel(float* __restrict__ gpart, int splits, const E* __restrict__ grad_w,
                         const E* __restrict__ w, const E* __restrict__ probs,
                         const float* __restrict__ stats, const float* __restrict__ item_norms,
-                        int rows, int items, bool cosine, Shrink shrink, float lam,
+                        int rows, int items, bool cosine, Shrink shrink, float threshold,
                         float temperature, float* __restrict__ wbuf, float* __restrict__ pbuf,
                         float* __restrict__ prod, float* __restrict__ a_out,
                         float* __restrict__ coef_q) {
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float qn = stats[2 * int64_t(r)], lse = stats[2 * int64_t(r) + 1];
   const float rowdot = row_backward_team(WarpTeam{lane}, g, static_cast<const float*>(wf),
-                                         static_cast<const float*>(pf), items, shrink, lam,
+                                         static_cast<const float*>(pf), items, shrink, threshold,
                                          temperature, lse, cosine ? prod + row_offset : nullptr);
   const float iq = grad_inv_norm(qn);
   for (int i = lane; i < items; i += 32) {

@@ -39,17 +39,17 @@ __all__ = ["DEFAULT", "HAS_TRITON", "INTERPRETED", "TritonConfig", "block_memory
 
 
 def _read(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int, similarity: str,
-          shrink: str, lam: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+          shrink: str, threshold: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, w, *_ = torch.ops.daad_ext.block_memory_forward_triton(x, memory, rh, rw, rc, similarity,
-                                                              shrink, lam, temperature)
+                                                              shrink, threshold, temperature)
     return y, w
 
 
 def block_memory_triton(x: torch.Tensor, memory: torch.Tensor, geometry: Division,
-                        similarity: str, shrink: str, lam: float,
+                        similarity: str, shrink: str, threshold: float,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton op on the layer's checked geometry and threshold; returns ``(y, w)``."""
-    return _read(x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, lam,
+    return _read(x, memory, geometry.rh, geometry.rw, geometry.rc, similarity, shrink, threshold,
                  temperature)
 
 
@@ -59,5 +59,5 @@ def call_triton(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int], 
     """The Triton op on ``block_memory``'s own arguments; returns ``(y, w)``. The op checks the
     whole call (spec.check_call, and what the kernels take), so ``block_memory`` does not check
     it before: one check a call."""
-    rh, rw, rc, lam, temperature = schema_arguments(memory, division, threshold, temperature)
-    return _read(x, memory, rh, rw, rc, similarity, shrink, lam, temperature)
+    rh, rw, rc, threshold, temperature = schema_arguments(memory, division, threshold, temperature)
+    return _read(x, memory, rh, rw, rc, similarity, shrink, threshold, temperature)

@@ -25,7 +25,7 @@ def forward_kernel(
         R, N, D, Q, RW, RHW, BW, BHW,
         sxb, sxbc, sxbh, sxbw, sxc, sxh, sxw,
         syb, sybc, sybh, sybw, syc, syh, syw,
-        smn, smd, lam, temperature,
+        smn, smd, threshold, temperature,
         COSINE: tl.constexpr, SHRINK: tl.constexpr, STORE_P: tl.constexpr,
         TF32: tl.constexpr, N_PAD: tl.constexpr, ELT: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -43,7 +43,7 @@ def forward_kernel(
     if COSINE:
         s = jit.cosine_scale(s, qn, mnorm_ptr, items, item_mask)
     z = tl.where(item_mask[None, :], s / temperature, float("-inf"))
-    w, p, lse = jit.row_forward(z, item_mask, lam, SHRINK)
+    w, p, lse = jit.row_forward(z, item_mask, threshold, SHRINK)
     rn = rows.to(tl.int64)[:, None] * N + items[None, :]
     tile_mask = row_mask[:, None] & item_mask[None, :]
     tl.store(w_ptr + rn, w.to(w_ptr.dtype.element_ty), mask=tile_mask)
@@ -65,7 +65,7 @@ def backward_kernel(
         sgb, sgbc, sgbh, sgbw, sgc, sgh, sgw,
         sxb, sxbc, sxbh, sxbw, sxc, sxh, sxw,
         sob, sobc, sobh, sobw, soc, soh, sow,
-        smn, smd, lam, temperature, NUM_PARTS,
+        smn, smd, threshold, temperature, NUM_PARTS,
         HAS_GY: tl.constexpr, HAS_GW: tl.constexpr, COSINE: tl.constexpr,
         SHRINK: tl.constexpr, NEED_GX: tl.constexpr, NEED_GM: tl.constexpr,
         TF32: tl.constexpr, N_PAD: tl.constexpr, ELT: tl.constexpr, PART_ROWS: tl.constexpr,
@@ -92,7 +92,7 @@ def backward_kernel(
     else:
         p = w
     qn, lse = jit.load_stats(stats_ptr, rows, row_mask)
-    gs, prod = jit.row_backward(g, w, p, lse, lam, temperature, SHRINK, COSINE)
+    gs, prod = jit.row_backward(g, w, p, lse, threshold, temperature, SHRINK, COSINE)
     if COSINE:
         rowdot = tl.sum(prod, axis=1)
         if NEED_GM:

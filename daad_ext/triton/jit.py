@@ -13,7 +13,7 @@ geometry ``Q`` (queries per image), ``RW``, ``RHW`` (rh*rw), ``BW``, ``BHW`` (bh
 of an NCHW operand ``t`` (``x`` input, ``y`` output, ``g`` grad_y, ``o`` grad_x or output):
 ``s{t}b`` per image, ``s{t}bc``/``s{t}bh``/``s{t}bw`` from one block to the next along C/H/W,
 ``s{t}c``/``s{t}h``/``s{t}w`` inside a block; the memory's ``smn`` (per item) and ``smd`` (per
-column); ``lam`` (the threshold) and ``temperature``; upper-case constexprs select variants
+column); ``threshold`` (the threshold) and ``temperature``; upper-case constexprs select variants
 and tiles.
 """
 from __future__ import annotations
@@ -77,14 +77,14 @@ def zero_keeping_nan(v):
 
 
 @triton.jit
-def memae_shrink(p, lam):
-    a = p - lam
+def memae_shrink(p, threshold):
+    a = p - threshold
     return tl.where(a > 0.0, a * p / (a + MEMAE_EPS_C), zero_keeping_nan(a))
 
 
 @triton.jit
-def memae_shrink_grad(p, lam):
-    a = p - lam
+def memae_shrink_grad(p, threshold):
+    a = p - threshold
     e = MEMAE_EPS_C
     return tl.where(a > 0.0, (a * a + a * e + p * e) / ((a + e) * (a + e)), 0.0)
 
@@ -205,14 +205,14 @@ def rows_times_items(a, m_ptr, mrow, item_mask, out_ptr, orow, x_ptr, xrow, corr
 # chunk: both call shrink() and normalise(), the one implementation of the shrinkage.
 # -------------------------------------------------------------------------------------------------
 @triton.jit
-def shrink(p, pmax, item_mask, lam, SHRINK: tl.constexpr):
+def shrink(p, pmax, item_mask, threshold, SHRINK: tl.constexpr):
     """The shrunk, not yet normalised weights of probabilities ``p`` (rows x items)."""
     if SHRINK == HARD:
-        # Keep p_i >= lam and the row maximum, so that no row is empty.
-        keep = ((p >= lam) | (p == pmax[:, None])) & item_mask[None, :]
+        # Keep p_i >= threshold and the row maximum, so that no row is empty.
+        keep = ((p >= threshold) | (p == pmax[:, None])) & item_mask[None, :]
         return tl.where(keep, p, zero_keeping_nan(p))
     elif SHRINK == MEMAE:
-        return memae_shrink(p, lam)
+        return memae_shrink(p, threshold)
     else:
         return p
 
@@ -238,13 +238,13 @@ def shrunk_lse(lse_all, total, SHRINK: tl.constexpr):
 
 
 @triton.jit
-def row_forward(z, item_mask, lam, SHRINK: tl.constexpr):
+def row_forward(z, item_mask, threshold, SHRINK: tl.constexpr):
     """Logits -> (w, p, lse) of whole rows; padded items must hold -inf."""
     zmax = tl.max(z, axis=1)
     e = tl.exp(z - zmax[:, None])
     total_e = tl.sum(e, axis=1)
     p = e / total_e[:, None]
-    u = shrink(p, tl.max(p, axis=1), item_mask, lam, SHRINK)
+    u = shrink(p, tl.max(p, axis=1), item_mask, threshold, SHRINK)
     total = tl.sum(u, axis=1)
     return normalise(u, p, total, SHRINK), p, shrunk_lse(zmax + tl.log(total_e), total, SHRINK)
 
@@ -253,19 +253,19 @@ def row_forward(z, item_mask, lam, SHRINK: tl.constexpr):
 # Row epilogue backward, mirroring row_backward(): dL/dw -> dL/ds.
 # -------------------------------------------------------------------------------------------------
 @triton.jit
-def memae_grad_p(g, p, gw_dot, total, lam):
+def memae_grad_p(g, p, gw_dot, total, threshold):
     """MemAE's dL/dp from dL/dw, <dL/dw, w> and the shrunk total of each row."""
     safe_total = tl.where(total >= MEMAE_EPS_C, total, 1.0)
     gu = tl.where(total[:, None] >= MEMAE_EPS_C,
                   (g - gw_dot[:, None]) / safe_total[:, None], g / MEMAE_EPS_C)
-    return gu * memae_shrink_grad(p, lam)
+    return gu * memae_shrink_grad(p, threshold)
 
 
 @triton.jit
-def similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK: tl.constexpr):
+def similarity_grad(g, w, p, gw_dot, total, gp_dot, threshold, temperature, SHRINK: tl.constexpr):
     """(dL/ds, the weight it rests on: p for MemAE, w otherwise) of a (rows x items) tile."""
     if SHRINK == MEMAE:
-        gs = p * (memae_grad_p(g, p, gw_dot, total, lam) - gp_dot[:, None]) / temperature
+        gs = p * (memae_grad_p(g, p, gw_dot, total, threshold) - gp_dot[:, None]) / temperature
         weight = p
     else:
         gs = w * (g - gw_dot[:, None]) / temperature
@@ -281,16 +281,16 @@ def grad_times_similarity(gs, weight, lse, temperature):
 
 
 @triton.jit
-def row_backward(g, w, p, lse, lam, temperature, SHRINK: tl.constexpr, NEED_PROD: tl.constexpr):
+def row_backward(g, w, p, lse, threshold, temperature, SHRINK: tl.constexpr, NEED_PROD: tl.constexpr):
     """dL/dw -> (dL/ds, dL/ds * s where the weight is > 0) of whole rows."""
     gw_dot = tl.sum(g * w, axis=1)
     if SHRINK == MEMAE:
-        total = tl.sum(memae_shrink(p, lam), axis=1)
-        gp_dot = tl.sum(memae_grad_p(g, p, gw_dot, total, lam) * p, axis=1)
+        total = tl.sum(memae_shrink(p, threshold), axis=1)
+        gp_dot = tl.sum(memae_grad_p(g, p, gw_dot, total, threshold) * p, axis=1)
     else:
         total = gw_dot  # unused
         gp_dot = gw_dot  # unused
-    gs, weight = similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK)
+    gs, weight = similarity_grad(g, w, p, gw_dot, total, gp_dot, threshold, temperature, SHRINK)
     if NEED_PROD:
         prod = grad_times_similarity(gs, weight, lse, temperature)
     else:

@@ -86,7 +86,7 @@ def forward(x: torch.Tensor, memory: torch.Tensor, rh: int, rw: int, rc: int, si
     stats = torch.empty(b, g.num_queries, 2, device=x.device, dtype=torch.float32)
     norms = _item_norms(memory)
     sizes = _sizes(rows, n, d, g)
-    epilogue = dict(lam=float(threshold), temperature=float(temperature),
+    epilogue = dict(threshold=float(threshold), temperature=float(temperature),
                     COSINE=similarity == "cosine", SHRINK=SHRINK_CODES[shrink], STORE_P=memae)
     # Half types: native tensor-core dots (the flag only concerns float32 operands).
     tf32 = tuning.allow_tf32(x.dtype) or x.dtype != torch.float32
@@ -143,7 +143,7 @@ def backward(grad_y: Optional[torch.Tensor], grad_w: Optional[torch.Tensor], x: 
     p_arg = probs.contiguous() if memae else w
     stats = row_stats.contiguous()
     sizes = _sizes(rows, n, d, g)
-    epilogue = dict(lam=float(threshold), temperature=float(temperature), HAS_GY=has_gy,
+    epilogue = dict(threshold=float(threshold), temperature=float(temperature), HAS_GY=has_gy,
                     HAS_GW=grad_w is not None, COSINE=cosine, SHRINK=SHRINK_CODES[shrink],
                     NEED_GX=needs_grad_x, NEED_GM=needs_grad_memory)
     # Float32 inputs take TF32 products when PyTorch allows them, full float32 otherwise; half

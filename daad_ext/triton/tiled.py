@@ -65,7 +65,7 @@ def _reduced_chunk(ws_ptr, rn, mask, R, N, SPLITS):
 @triton.jit
 def rows_forward_kernel(
         ws_ptr, sq_ptr, mnorm_ptr, w_ptr, p_ptr, stats_ptr,
-        R, N, SPLITS, lam, temperature,
+        R, N, SPLITS, threshold, temperature,
         COSINE: tl.constexpr, SHRINK: tl.constexpr, STORE_P: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """2/3, forward: the row epilogue over item chunks (online softmax, then the shrinkage)."""
@@ -99,13 +99,13 @@ def rows_forward_kernel(
             items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             z = tl.load(ws_ptr + rn, mask=mask, other=float("-inf"))
             p = tl.exp(z - zmax[:, None]) / total_e[:, None]
-            total += tl.sum(jit.shrink(p, pmax, item_mask, lam, SHRINK), axis=1)
+            total += tl.sum(jit.shrink(p, pmax, item_mask, threshold, SHRINK), axis=1)
     # Pass 3: the weights.
     for n0 in range(0, N, BLOCK_N):
         items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
         z = tl.load(ws_ptr + rn, mask=mask, other=float("-inf"))
         p = tl.exp(z - zmax[:, None]) / total_e[:, None]
-        w = jit.normalise(jit.shrink(p, pmax, item_mask, lam, SHRINK), p, total, SHRINK)
+        w = jit.normalise(jit.shrink(p, pmax, item_mask, threshold, SHRINK), p, total, SHRINK)
         tl.store(w_ptr + rn, w.to(w_ptr.dtype.element_ty), mask=mask)
         if STORE_P:
             tl.store(p_ptr + rn, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -116,7 +116,7 @@ def rows_forward_kernel(
 @triton.jit
 def rows_backward_kernel(
         ws_ptr, gw_ptr, w_ptr, p_ptr, stats_ptr, mnorm_ptr, a_ptr, colpart_ptr, corr_ptr,
-        R, N, SPLITS, lam, temperature,
+        R, N, SPLITS, threshold, temperature,
         HAS_GY: tl.constexpr, HAS_GW: tl.constexpr, COSINE: tl.constexpr,
         SHRINK: tl.constexpr, NEED_GX: tl.constexpr, NEED_GM: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -143,7 +143,7 @@ def rows_backward_kernel(
         gw_dot += tl.sum(g * w, axis=1)
         if SHRINK == MEMAE:
             p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-            total += tl.sum(jit.memae_shrink(p, lam), axis=1)
+            total += tl.sum(jit.memae_shrink(p, threshold), axis=1)
     # Pass 2 (MemAE): <dL/dp, p>.
     gp_dot = tl.zeros((BLOCK_R,), tl.float32)
     if SHRINK == MEMAE:
@@ -151,7 +151,7 @@ def rows_backward_kernel(
             items, item_mask, mask, rn = _item_chunk(n0, r64, row_mask, N, BLOCK_N)
             g = tl.load(ws_ptr + rn, mask=mask, other=0.0)
             p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-            gp_dot += tl.sum(jit.memae_grad_p(g, p, gw_dot, total, lam) * p, axis=1)
+            gp_dot += tl.sum(jit.memae_grad_p(g, p, gw_dot, total, threshold) * p, axis=1)
     # Pass 3: dL/ds, A, rowdot and the per-item partial sums of dL/ds * s.
     rowdot = tl.zeros((BLOCK_R,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -162,7 +162,7 @@ def rows_backward_kernel(
             p = tl.load(p_ptr + rn, mask=mask, other=0.0).to(tl.float32)
         else:
             p = w
-        gs, weight = jit.similarity_grad(g, w, p, gw_dot, total, gp_dot, lam, temperature, SHRINK)
+        gs, weight = jit.similarity_grad(g, w, p, gw_dot, total, gp_dot, threshold, temperature, SHRINK)
         if COSINE:
             prod = jit.grad_times_similarity(gs, weight, lse, temperature)
             rowdot += tl.sum(prod, axis=1)

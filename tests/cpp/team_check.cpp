@@ -59,15 +59,15 @@ int main() {
   for (int n : {1, 5, 31, 32, 33, 100, 257}) {
     for (Shrink shrink : {Shrink::Hard, Shrink::MemAE, Shrink::None}) {
       for (int trial = 0; trial < 4; ++trial, ++rows) {
-        const float lam = 1.f / n, temperature = 0.5f;
+        const float threshold = 1.f / n, temperature = 0.5f;
         std::vector<float> z(n), g(n);
         for (float& v : z) v = 2.f * normal(gen);
         for (float& v : g) v = normal(gen);
         // serial
         std::vector<float> zs = z, ws(n), ps(n), gs = g, prod_s(n);
-        const float lse_s = row_forward(zs.data(), n, shrink, lam, ws.data(), ps.data());
+        const float lse_s = row_forward(zs.data(), n, shrink, threshold, ws.data(), ps.data());
         const float* p_s = shrink == Shrink::MemAE ? ps.data() : nullptr;
-        const float dot_s = row_backward(gs.data(), ws.data(), p_s, n, shrink, lam, temperature,
+        const float dot_s = row_backward(gs.data(), ws.data(), p_s, n, shrink, threshold, temperature,
                                          lse_s, prod_s.data());
         // team of 32 threads
         std::vector<float> zt = z, wt(n), pt(n), gt = g, prod_t(n);
@@ -77,10 +77,10 @@ int main() {
         for (int lane = 0; lane < kLanes; ++lane)
           lanes.emplace_back([&, lane] {
             const ThreadTeam team{&shared, lane};
-            lse_t[lane] = row_forward_team(team, zt.data(), n, shrink, lam, wt.data(), pt.data());
+            lse_t[lane] = row_forward_team(team, zt.data(), n, shrink, threshold, wt.data(), pt.data());
             const float* p_t = shrink == Shrink::MemAE ? pt.data() : nullptr;
             dot_t[lane] = row_backward_team(team, gt.data(), static_cast<const float*>(wt.data()),
-                                            p_t, n, shrink, lam, temperature, lse_t[lane],
+                                            p_t, n, shrink, threshold, temperature, lse_t[lane],
                                             prod_t.data());
           });
         for (auto& t : lanes) t.join();

@@ -41,9 +41,9 @@ int main() {
   const int64_t bc = C / rc, bh = H / rh, bw = W / rw, Q = rh * rw * rc, D = bc * bh * bw;
   const at::Tensor x = at::randn({B, C, H, W}, at::kDouble);
   const at::Tensor memory = at::randn({N, D}, at::kDouble);
-  const double lam = 1.0 / N;
+  const double threshold = 1.0 / N;
   auto [y, w, probs, row_stats, item_norms] =
-      forward.call(x, memory, rh, rw, rc, "cosine", "none", lam, 1.0);
+      forward.call(x, memory, rh, rw, rc, "cosine", "none", threshold, 1.0);
 
   expect(y.sizes() == x.sizes() && w.sizes() == at::IntArrayRef({B, Q, N}), "output shapes");
   expect(w.min().item<double>() >= 0, "weights are non-negative");
@@ -88,14 +88,14 @@ int main() {
 
   auto [grad_x, grad_memory] =
       backward.call(at::ones_like(y), std::nullopt, x, memory, w, probs, row_stats, item_norms, rh,
-                    rw, rc, "cosine", "none", lam, 1.0, true, true);
+                    rw, rc, "cosine", "none", threshold, 1.0, true, true);
   expect(grad_x.sizes() == x.sizes() && grad_memory.sizes() == memory.sizes(), "gradient shapes");
   expect(grad_x.isfinite().all().item<bool>() && grad_memory.isfinite().all().item<bool>(),
          "gradients are finite");
 
   bool threw = false;
   try {
-    forward.call(x, memory, 4, rw, rc, "cosine", "none", lam, 1.0);  // H = 6 not divisible by 4
+    forward.call(x, memory, 4, rw, rc, "cosine", "none", threshold, 1.0);  // H = 6 not divisible by 4
   } catch (const c10::Error&) {
     threw = true;
   }
