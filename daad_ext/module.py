@@ -47,12 +47,13 @@ class BlockMemory(nn.Module):
         # shape, dtype and device, and the backend for a dtype and device not seen before).
         check_feature_map(channels, height, width)
         self.geometry = make_division(channels, height, width, division)
+        # The threshold resolved: 1/N where None was given, as every backend takes it.
         self.threshold = check_options(similarity, shrink, threshold, temperature, num_items)
         check_backend_name(backend)
         self.channels, self.height, self.width = int(channels), int(height), int(width)
         self.division = (self.geometry.rh, self.geometry.rw, self.geometry.rc)
         self.similarity, self.shrink = similarity, shrink
-        self.threshold, self.temperature, self.backend = threshold, float(temperature), backend
+        self.temperature, self.backend = float(temperature), backend
         self.memory = nn.Parameter(torch.empty(int(num_items), self.geometry.block_dim,
                                                device=device, dtype=dtype))
         check_temperature(self.temperature, self.memory.dtype)
