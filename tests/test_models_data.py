@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import BadImageError, DataWarning, build_dataset, data_root, load_image
+from models.data import BadImageError, DataWarning, build_dataset, data_root, load_image, load_mask
 from models.data.mnist import MNIST_IDX_SPLIT, read_idx
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -372,3 +372,54 @@ def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path, monkeypatch):
     assert len(build_dataset("folder", str(tmp_path), "train", 16)) == 2  # raised: read (PIL's own limit too)
     with pytest.raises(ValueError, match="pixel limit must be >= 1"):
         images.set_pixel_limit(0)
+
+
+def _region() -> np.ndarray:
+    region = np.zeros((24, 24), dtype=bool)
+    region[5:12, 8:15] = True
+    return region
+
+
+@pytest.mark.parametrize("encoding", ["0-255", "0-1", "16-bit", "red-on-black", "rgba-alpha", "palette-alpha",
+                                      "bilevel"])
+def test_masks_read_by_their_region_in_every_encoding(tmp_path, encoding):
+    from models.data.images import read_mask
+
+    region, path = _region(), tmp_path / "mask.png"
+    if encoding == "0-255":
+        Image.fromarray(region.astype(np.uint8) * 255).save(path)
+    elif encoding == "0-1":
+        Image.fromarray(region.astype(np.uint8)).save(path)  # read as empty under a grey-level cut
+    elif encoding == "16-bit":
+        Image.fromarray(region.astype(np.uint16) * 65535).save(path)
+    elif encoding == "red-on-black":  # grey 76 after conversion: under a cut at 128
+        rgb = np.zeros((*region.shape, 3), np.uint8)
+        rgb[region] = (255, 0, 0)
+        Image.fromarray(rgb).save(path)
+    elif encoding == "rgba-alpha":  # the defect colour everywhere, the region by alpha alone
+        rgba = np.zeros((*region.shape, 4), np.uint8)
+        rgba[..., 1] = 255
+        rgba[..., 3] = region * 255
+        Image.fromarray(rgba).save(path)
+    elif encoding == "palette-alpha":  # every palette entry green; the region by its transparency
+        palette = Image.fromarray(region.astype(np.uint8), mode="L").convert("P")
+        palette.putpalette([0, 200, 0] * 256)
+        palette.info["transparency"] = 0
+        palette.save(path, transparency=0)
+    else:
+        Image.fromarray(region).convert("1").save(path)
+    np.testing.assert_array_equal(read_mask(path), region)
+    np.testing.assert_array_equal(load_mask(str(path), 24)[0].numpy(), region)
+
+
+def test_an_empty_mask_reads_as_no_defect_and_evaluation_says_why_a_pixel_metric_is_null(tmp_path):
+    from models.data.images import read_mask
+    from models.inference import ScoreSet
+    from models.inference.evaluation import why_no_pixel_metric
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    assert not read_mask(tmp_path / "empty.png").any()
+    scores = ScoreSet(np.array([0, 1]), None, np.zeros((2, 4, 4)), np.zeros((2, 4, 4)),
+                      np.array([True, True]), np.arange(2))
+    assert "the 1 masks of anomalous test images mark no defect pixel" in why_no_pixel_metric(scores)
+    assert "has no ground-truth masks" in why_no_pixel_metric(scores._replace(mask_known=np.array([True, False])))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .images import BadImageError, decoded_size, read_pixels, scaled_copy
+from .images import BadImageError, decoded_size, read_mask, read_pixels, scaled_copy
 from .registry import option
 
 #: Environment variable naming the folder that holds the real data sets.
@@ -69,7 +69,8 @@ def load_image(path: str, channels: int, size: int) -> torch.Tensor:
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
-    return prepare(_as_chw(read_pixels(path, 1)), size, mode="nearest-exact")
+    """A mask file (any encoding: :func:`~models.data.images.mask_region`) as (1, size, size) in {0, 1}."""
+    return prepare(_as_chw(read_mask(path).astype(np.uint8) * 255), size, mode="nearest-exact")
 
 
 class OneClassDataset(Dataset):

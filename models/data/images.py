@@ -6,6 +6,8 @@ Real folders hold more than clean 8-bit RGB files, so:
   ignored; a folder left with no image is an error that says how many files it ignored;
 * grayscale, RGBA (the alpha channel is dropped, the stored colours kept), palette, bilevel and
   16-bit images are all read as 8-bit: 16-bit values are scaled by 255/65535, never clipped;
+* masks are read by their region whatever their encoding (:func:`mask_region`): 0/255, 0/1,
+  16-bit, a coloured region on black, or transparency where they have it;
 * a file that cannot be decoded (a truncated JPEG, a text file named ``.jpg``) raises
   :class:`BadImageError` naming the file and the reason;
 * an image of more than :data:`PIXEL_LIMIT` pixels (64 megapixels, 8000 x 8000: a few kilobytes of
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -91,10 +93,11 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _decode(path: PathLike, channels: Optional[int]) -> Union[np.ndarray, tuple[int, int]]:
-    """Decodes every pixel of a file (a truncated file fails here, not during training): its
-    pixels (see :func:`read_pixels`), or its (width, height) when ``channels`` is None. Any
-    failure becomes a :class:`BadImageError`."""
+def _decode(path: PathLike, convert: Optional[Callable[[Image.Image], np.ndarray]]
+            ) -> Union[np.ndarray, tuple[int, int]]:
+    """Decodes every pixel of a file (a truncated file fails here, not during training):
+    ``convert`` of the image, or its (width, height) when ``convert`` is None. Any failure
+    becomes a :class:`BadImageError`."""
     try:
         with _open(path) as img:
             width, height = img.size
@@ -102,7 +105,7 @@ def _decode(path: PathLike, channels: Optional[int]) -> Union[np.ndarray, tuple[
                 raise BadImageError([(os.fspath(path), f"{width}x{height} is {width * height / 1e6:.1f} megapixels, "
                                                        f"over the limit of {PIXEL_LIMIT / 1e6:g} (--max-pixels)")])
             img.load()
-            return img.size if channels is None else _to_uint8(img, channels)
+            return img.size if convert is None else convert(img)
     except BadImageError:
         raise
     except Exception as e:  # PIL reports broken files as OSError, SyntaxError, ValueError, ...
@@ -131,7 +134,31 @@ def _to_uint8(img: Image.Image, channels: int) -> np.ndarray:
 
 def read_pixels(path: PathLike, channels: int) -> np.ndarray:
     """A file as uint8 (H, W, 3) when ``channels`` is 3, else (H, W) grayscale."""
-    return _decode(path, channels)
+    return _decode(path, lambda img: _to_uint8(img, channels))
+
+
+def read_mask(path: PathLike) -> np.ndarray:
+    """The defect region of a mask file as bool (H, W), whatever its encoding (:func:`mask_region`)."""
+    return _decode(path, mask_region)
+
+
+def mask_region(img: Image.Image) -> np.ndarray:
+    """The defect region of a mask image, bool (H, W). Where the image has transparency, its alpha
+    decides (labelling tools that paint the defect colour everywhere mark the region by alpha
+    alone); else a pixel is in the region where any channel is above half the image's largest
+    value: 0/255 and 0/1 masks, 16-bit ones, and a coloured region on black (a red one would fall
+    under a grey-level cut) all read right. An all-zero mask has no region."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < alpha.max():
+            return alpha > alpha.max() / 2
+        img = img.convert("RGB")
+    values = np.asarray(img.convert("RGB") if img.mode == "P" else img).astype(np.float64)
+    values = values.max(axis=2) if values.ndim == 3 else values
+    peak = values.max()
+    return values > peak / 2 if peak > 0 else np.zeros(values.shape, dtype=bool)
 
 
 def decoded_size(path: PathLike) -> tuple[int, int]:

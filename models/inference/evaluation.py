@@ -6,6 +6,7 @@ its test set and a :class:`~models.inference.Scorer`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,19 @@ from .metrics import defect_type
 from .plots import save_heatmap, save_roc
 from .scorer import Scorer
 from .scores import ScoreSet, collect_scores, compute_metrics
+
+
+class MetricWarning(UserWarning):
+    """A metric that cannot be computed (reported as null), and why."""
+
+
+def why_no_pixel_metric(scores: ScoreSet) -> str:
+    """Why a scored set has no pixel AUROC: no ground-truth masks, or masks that mark nothing."""
+    known = scores.mask_known.astype(bool) & (scores.labels == 1)
+    if not known.any():
+        return "the test set has no ground-truth masks of anomalous images"
+    return (f"the {int(known.sum())} masks of anomalous test images mark no defect pixel: check how they "
+            "encode the defect (read: 0/255, 0/1, 16-bit, a coloured region on black, or transparency)")
 
 
 def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
@@ -40,6 +54,8 @@ def evaluate_detector(model: nn.Module, test_set: OneClassDataset, scorer: Score
     ``metrics.json`` holds."""
     scores = collect_scores(model, test_set, device, scorer, batch, speed)
     metrics, image = compute_metrics(scores, scorer, smooth, names=[test_set.names[i] for i in scores.indices])
+    if metrics["pixel_auroc"] is None:
+        warnings.warn(f"pixel AUROC and AUPRO are null: {why_no_pixel_metric(scores)}", MetricWarning)
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {**(about or {}), "num_images": len(test_set), **metrics,
               "images": [{"name": test_set.names[i], "label": int(label), "score": float(a), "rec": float(r),
