@@ -4,7 +4,10 @@
     pip install ".[models]"                   # also the detector's dependencies
 
 The CPU kernel is always built. The CUDA kernels (csrc/cuda/*.cu) are built when a CUDA toolkit is
-found (``CUDA_HOME``), unless ``DAAD_EXT_NO_CUDA=1``. Without a visible GPU, the target
+found (daad_ext/toolkit.py: ``CUDA_HOME``, ``CUDA_PATH``, the nvcc on the PATH, /usr/local/cuda;
+each checked for nvcc, headers and libcudart, since an nvcc on the PATH may be a wrapper outside
+any toolkit), unless ``DAAD_EXT_NO_CUDA=1``; without one, the CPU kernel alone is built with one
+warning that says where it looked. Without a visible GPU, the target
 architectures default to ``TORCH_CUDA_ARCH_LIST=9.0`` (Hopper); set it for other GPUs.
 What the build used is written to ``daad_ext/_build_info.py`` (``python -m daad_ext`` shows it).
 The detector's source folder ``models/`` installs as the package ``daad_models`` (``models`` is
@@ -12,12 +15,34 @@ too common a name to claim), with the commands daad-train, daad-evaluate, daad-p
 daad-export and daad-reproduce.
 """
 import glob
+import importlib.util
 import os
+import warnings
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_toolkit():
+    """daad_ext/toolkit.py's search, loaded by its path (the package is not built yet)."""
+    spec = importlib.util.spec_from_file_location("daad_toolkit", os.path.join(ROOT, "daad_ext", "toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_toolkit()
+
+
+NO_CUDA = os.environ.get("DAAD_EXT_NO_CUDA", "0") == "1"
+TOOLKIT, TRIED = (None, []) if NO_CUDA else _find_toolkit()
+if TOOLKIT is not None:
+    os.environ["CUDA_HOME"] = TOOLKIT  # torch reads it when cpp_extension is imported, below
+elif not NO_CUDA:
+    warnings.warn("daad_ext: no CUDA toolkit found (" + ("; ".join(TRIED) or "no CUDA_HOME, CUDA_PATH or nvcc")
+                  + "): building the CPU kernel only. For the CUDA kernels, set CUDA_HOME to a toolkit "
+                  "(bin/nvcc, include/cuda_runtime.h, lib64/libcudart.so); DAAD_EXT_NO_CUDA=1 builds the "
+                  "CPU kernel without this warning.")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _sources(pattern: str) -> list[str]:
@@ -40,8 +65,7 @@ def _extension():
     # -O3 and OpenMP; no -march=native, so that a built wheel runs on other x86-64 CPUs.
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
     cuda_sources = _sources("csrc/cuda/*.cu")
-    with_cuda = (CUDA_HOME is not None and bool(cuda_sources)
-                 and os.environ.get("DAAD_EXT_NO_CUDA", "0") != "1")
+    with_cuda = TOOLKIT is not None and bool(cuda_sources)
     if not with_cuda:
         _write_build_info(cuda=None, archs=None)
         return CppExtension("daad_ext._C", sources, extra_compile_args={"cxx": cxx_flags},

@@ -13,7 +13,6 @@ loading, or built without its CUDA kernels where a CUDA toolkit would have built
 """
 from __future__ import annotations
 
-import glob
 import importlib
 import os
 import warnings
@@ -21,6 +20,8 @@ from types import ModuleType
 from typing import AbstractSet, Optional
 
 import torch
+
+from .toolkit import find_cuda_toolkit
 
 MODULE = "daad_ext._C"
 REBUILD = ("rebuild it against this torch: `pip install --no-build-isolation -e .` in the checkout "
@@ -73,25 +74,12 @@ def required() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1") or os.environ.get(REQUIRE_ENV) == "1"
 
 
-def is_cuda_toolkit(home: Optional[str]) -> bool:
-    """Whether ``home`` holds a CUDA toolkit that builds the kernels: nvcc, the runtime's headers
-    and its library (a bare ``nvcc`` wrapper on the PATH is not one)."""
-    if not home:
-        return False
-    libraries = [path for lib in ("lib64", "lib") for path in glob.glob(os.path.join(home, lib,
-                                                                                "libcudart.so*"))]
-    return (os.access(os.path.join(home, "bin", "nvcc"), os.X_OK) and bool(libraries)
-            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")))
-
-
 def cuda_toolkit() -> Optional[str]:
-    """The CUDA toolkit setup.py builds the CUDA kernels with (torch's ``CUDA_HOME``: the
-    variable, else where nvcc is), if it is a real one and ``DAAD_EXT_NO_CUDA=1`` does not turn
-    the kernels off; else None."""
+    """The CUDA toolkit setup.py builds the CUDA kernels with (:func:`~daad_ext.toolkit.find_cuda_toolkit`),
+    unless ``DAAD_EXT_NO_CUDA=1`` turns the kernels off; else None."""
     if os.environ.get("DAAD_EXT_NO_CUDA", "0") == "1":
         return None
-    from torch.utils.cpp_extension import CUDA_HOME  # setup.py's lookup (imported only here)
-    return CUDA_HOME if is_cuda_toolkit(CUDA_HOME) else None
+    return find_cuda_toolkit()[0]
 
 
 def shortfall(kernel_devices: Optional[AbstractSet[str]]) -> Optional[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from daad_ext import extension
+from daad_ext import extension, toolkit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,13 +36,29 @@ def _toolkit(root, parts=("bin/nvcc", "include/cuda_runtime.h", "lib64/libcudart
 
 
 def test_a_toolkit_needs_nvcc_headers_and_the_runtime(tmp_path):
-    assert extension.is_cuda_toolkit(_toolkit(tmp_path / "full"))
-    assert extension.is_cuda_toolkit(_toolkit(tmp_path / "lib", ("bin/nvcc", "include/cuda_runtime.h",
+    assert toolkit.is_cuda_toolkit(_toolkit(tmp_path / "full"))
+    assert toolkit.is_cuda_toolkit(_toolkit(tmp_path / "lib", ("bin/nvcc", "include/cuda_runtime.h",
                                                                  "lib/libcudart.so")))
-    assert not extension.is_cuda_toolkit(_toolkit(tmp_path / "wrapper", ("bin/nvcc",)))
-    assert not extension.is_cuda_toolkit(_toolkit(tmp_path / "no-runtime",
+    assert not toolkit.is_cuda_toolkit(_toolkit(tmp_path / "wrapper", ("bin/nvcc",)))
+    assert not toolkit.is_cuda_toolkit(_toolkit(tmp_path / "no-runtime",
                                                   ("bin/nvcc", "include/cuda_runtime.h")))
-    assert not extension.is_cuda_toolkit(None)
+    assert not toolkit.is_cuda_toolkit(None)
+
+
+def test_the_search_passes_over_a_wrapper_nvcc_to_a_real_toolkit(tmp_path):
+    """As on machines whose nvcc on the PATH is a script outside the toolkit (torch would take
+    its parent folder for CUDA_HOME and the link would stop on -lcudart)."""
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {tmp_path}/cuda-13.0/bin/nvcc \"$@\"\n")
+    wrapper.chmod(0o755)
+    real = _toolkit(tmp_path / "cuda-13.0")
+    env = {"PATH": str(wrapper.parent)}
+    home, tried = toolkit.find_cuda_toolkit(env, defaults=(real,))
+    assert home == real and tried == [f"{tmp_path} (nvcc on the PATH: {wrapper}): no include/cuda_runtime.h"]
+    assert toolkit.find_cuda_toolkit({**env, "CUDA_HOME": real}, defaults=())[0] == real
+    home, tried = toolkit.find_cuda_toolkit(env, defaults=(str(tmp_path / "none"),))
+    assert home is None and len(tried) == 2  # setup.py then builds the CPU kernel alone, saying why
 
 
 def test_shortfall_names_the_reason(monkeypatch, tmp_path):
