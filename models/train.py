@@ -18,6 +18,7 @@ Example (about 6 minutes on one CPU core):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     t, m = TrainConfig(), ModelConfig()
     # Unset flags stay unset (SUPPRESS): --resume can tell them apart.
     p = command_parser(__doc__, __package__, "train", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE", help="the run's settings from a file (JSON, or YAML with PyYAML): "
+                   "the keys of a run's config.json; flags given beside it override them")
     data = p.add_argument_group("data")
     data.add_argument("--root", help="data folder: an MVTec AD category, the MNIST/CIFAR root or an image folder")
     data.add_argument("--category", help="sub-folder of --root to use (an MVTec AD category)")
@@ -124,16 +127,48 @@ def make_config(args: argparse.Namespace) -> tuple[TrainConfig, Optional[Resume]
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may be given, "
                              f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
         return replace(stored_config(state, path), **given), Resume(state, path)
-    if "root" not in given:
+    base = read_config(given.pop("config")) if "config" in given else None
+    if base is None and "root" not in given:
         raise ValueError("--root is required (the data folder)")
     preset = LOSS_READINGS[given.pop("losses")] if "losses" in given else {}
     for key, value in preset.items():
         given.setdefault(key, value)
     model = {k: given.pop(k) for k in MODEL_FIELDS if k in given}
     data = {k: given.pop(k) for k in option_fields() if k in given}
-    dataset = given.get("dataset", TrainConfig.dataset)
-    model["in_channels"] = layout(dataset).channels
-    return TrainConfig(model=ModelConfig(**model), data=data, **given), None
+    if base is None or "dataset" in given:
+        model["in_channels"] = layout(given.get("dataset", TrainConfig.dataset)).channels
+    if base is None:
+        return TrainConfig(model=ModelConfig(**model), data=data, **given), None
+    return replace(base, model=replace(base.model, **model), data={**base.data, **data}, **given), None
+
+
+def read_config(path: str) -> TrainConfig:
+    """A run's settings from a JSON or YAML file with the keys of its ``config.json``."""
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the settings file {path}: {e.strerror}") from e
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ValueError(f"{path} is YAML: install PyYAML (pip install pyyaml), or give the settings as "
+                             "JSON") from e
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from e
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of settings (the keys of a run's config.json)")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Trainer:

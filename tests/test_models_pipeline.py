@@ -207,3 +207,20 @@ def test_commands_name_themselves_as_the_user_runs_them():
         installed = cli.command_parser(module.__doc__, "daad_models", module.__name__.rsplit(".", 1)[1])
         assert installed.prog.startswith("daad-") and "python -m models" not in installed.format_help()
     assert train.build_parser().prog == "python -m models.train"  # from the checkout
+
+
+def test_a_saved_run_reruns_from_its_config_file_with_flags_overriding(tiny, tmp_path, capsys):
+    train.main(tiny + ["--model", "ae", "--epochs", "1", "--out", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    rerun = train.main(["--config", str(tmp_path / "a" / "config.json"), "--epochs", "2", "--width", "8",
+                        "--device", "cpu", "--out", str(tmp_path / "b")])
+    again = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert again["epochs"] == 2 and again["model"]["width"] == 8 and rerun.epoch == 2
+    assert {k: v for k, v in again.items() if k not in ("epochs", "model")} == \
+        {k: v for k, v in saved.items() if k not in ("epochs", "model")}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": 1, "colour": "red"}')
+    assert f"{bad}: unknown training settings ['colour']" in error_of(train, ["--config", str(bad)], capsys)
+    bad.write_text("{not json")
+    assert "is not valid JSON" in error_of(train, ["--config", str(bad)], capsys)
+    assert "cannot read the settings file" in error_of(train, ["--config", str(tmp_path / "none.json")], capsys)
