@@ -423,3 +423,20 @@ def test_an_empty_mask_reads_as_no_defect_and_evaluation_says_why_a_pixel_metric
                       np.array([True, True]), np.arange(2))
     assert "the 1 masks of anomalous test images mark no defect pixel" in why_no_pixel_metric(scores)
     assert "has no ground-truth masks" in why_no_pixel_metric(scores._replace(mask_known=np.array([True, False])))
+
+
+def test_a_folder_of_normal_test_images(tmp_path):
+    for folder in ("good", "good_test", "bad"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        _gray(tmp_path / "good" / f"n{i}.png", 100)
+    for i in range(2):
+        _gray(tmp_path / "good_test" / f"t{i}.png", 100)
+    _gray(tmp_path / "bad" / "b0.png", 200)
+    spec = dict(normal_dir="good", abnormal_dirs=("bad",), normal_test_dir="good_test")
+    train = build_dataset("folder", str(tmp_path), "train", 16, **spec)
+    test = build_dataset("folder", str(tmp_path), "test", 16, **spec)
+    assert sorted(Path(n).name for n in train.names) == [f"n{i}.png" for i in range(4)]  # all of them train
+    assert [Path(n).name for n in test.names] == ["t0.png", "t1.png", "b0.png"] and test.labels == [0, 0, 1]
+    with pytest.raises(ValueError, match="give --normal-dir too"):
+        build_dataset("folder", str(tmp_path), "train", 16, normal_test_dir="good_test")

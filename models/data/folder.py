@@ -6,8 +6,9 @@
   masks lie beside their images), all below ``root``. A mask is matched to its image by file stem
   (``NAME.png`` or ``NAME_mask.png`` for ``NAME.jpg``; a file that is the mask of another is not an
   image). The normal images are split into train and test by a fixed seeded permutation
-  (:data:`SPLIT_SEED`, the same for every run) at ``--train-ratio``; the test split adds every
-  abnormal image.
+  (:data:`SPLIT_SEED`, the same for every run) at ``--train-ratio``, or, given a folder of normal
+  test images (``--normal-test-dir``, anomalib's ``normal_test_dir``), all of them train and that
+  folder's images are the normal test images; the test split adds every abnormal image.
 """
 from __future__ import annotations
 
@@ -32,15 +33,17 @@ class FolderOptions:
                                        type=str)
     abnormal_dirs: tuple[str, ...] = option((), "folders of abnormal images below --root", type=str, nargs="+")
     mask_dir: Optional[str] = option(None, "folder of masks below --root (default: beside the images)", type=str)
-    train_ratio: float = option(0.8, "share of the normal images used for training")
+    normal_test_dir: Optional[str] = option(None, "folder of normal test images below --root (then every image of "
+                                                  "--normal-dir trains)", type=str)
+    train_ratio: float = option(0.8, "share of the normal images used for training (without --normal-test-dir)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "abnormal_dirs", tuple(self.abnormal_dirs))
         if not 0 < self.train_ratio < 1:
             raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
-        if self.normal_dir is None and (self.abnormal_dirs or self.mask_dir):
-            raise ValueError("--abnormal-dirs and --mask-dir describe a folder data set given by its folders: "
-                             "give --normal-dir too")
+        if self.normal_dir is None and (self.abnormal_dirs or self.mask_dir or self.normal_test_dir):
+            raise ValueError("--abnormal-dirs, --mask-dir and --normal-test-dir describe a folder data set given "
+                             "by its folders: give --normal-dir too")
 
 
 def layout_dataset(root: Path, split: str, size: int, augment: bool, skip_bad_images: bool) -> OneClassDataset:
@@ -96,7 +99,10 @@ def folders_dataset(root: Path, options: FolderOptions, split: str, size: int, a
                     skip_bad_images: bool) -> OneClassDataset:
     """The data set given by its folders."""
     normal, _ = images_and_masks(root / options.normal_dir)
-    train, test = split_normal(normal, options.train_ratio)
+    if options.normal_test_dir is None:
+        train, test = split_normal(normal, options.train_ratio)
+    else:
+        train, test = normal, images_and_masks(root / options.normal_test_dir)[0]
     if split == "train":
         return file_dataset(train, [0] * len(train), size, augment, skip_bad_images)
     separate = mask_folder(root / options.mask_dir) if options.mask_dir else None
