@@ -440,3 +440,19 @@ def test_a_folder_of_normal_test_images(tmp_path):
     assert [Path(n).name for n in test.names] == ["t0.png", "t1.png", "b0.png"] and test.labels == [0, 0, 1]
     with pytest.raises(ValueError, match="give --normal-dir too"):
         build_dataset("folder", str(tmp_path), "train", 16, normal_test_dir="good_test")
+
+
+def test_cifar10_as_a_class_folder_tree(tmp_path):
+    for split, count in (("train", 3), ("test", 2)):
+        for k, name in enumerate(("airplane", "automobile", "bird")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                _gray(tmp_path / split / name / f"{i}.jpg", 40 * k, size=(32, 32))
+    train = build_dataset("cifar10", str(tmp_path), "train", 32, normal_class=1)
+    test = build_dataset("cifar10", str(tmp_path), "test", 32, normal_class=1)
+    assert len(train) == 3 and all("/automobile/" in n for n in train.names) and train[0]["image"].shape == (3, 32, 32)
+    assert len(test) == 6 and test.labels == [1, 1, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="normal_class 5 is not a class of .*: it has 3 class folders"):
+        build_dataset("cifar10", str(tmp_path), "train", 32, normal_class=5)
+    with pytest.raises(FileNotFoundError, match=r"or a class-folder tree .*nothing is downloaded"):
+        build_dataset("cifar10", str(tmp_path / "train" / "bird"), "train", 32)
