@@ -94,6 +94,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"models": ["torchvision", "scikit-learn", "scipy", "tqdm", "matplotlib"],
                     "onnx": ["onnx", "onnxscript"],
+                    "tensorboard": ["tensorboard"],
                     "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
                                       for command in ("train", "evaluate", "predict", "export", "reproduce")]},

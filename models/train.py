@@ -32,11 +32,12 @@ from .networks.acceleration import FAST_INFERENCE, FAST_TRAINING, PLAIN
 from .networks.losses import ALI_REDUCTIONS, REC_REDUCTIONS
 from .networks.maps import ANOMALY_MAPS
 from .training import (CHECKPOINT, DEFAULT_READING, LOSS_READINGS, CheckpointError, DivergenceError, Resume,
-                       TrainConfig, Trainer, load_checkpoint, train)
+                       RunOptions, TrainConfig, Trainer, load_checkpoint, train)
 from .training.amp import AMP_DTYPES
 from .training.atomic import WriteError
 from .training.checkpoint import stored_config
 from .training.distributed import setup_distributed, teardown_distributed
+from .training.log import summary_writer_class
 
 MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 #: Settings a resumed run may change (how long it trains, what it logs); the others come from the
@@ -44,7 +45,7 @@ MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "workers",
              "eval_every", "eval_subset", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
-INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast")
+INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast", "log")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(CUDA, with gradient scaling); not stored, give it again with --resume")
     add_speed_option(run, "channels_last and Adam's fused kernel, within float32 rounding; its test metrics and "
                           "calibration as daad-predict computes them")
+    run.add_argument("--log", choices=("tensorboard",), help="also log every epoch's numbers to TensorBoard "
+                                                           "(OUT/tensorboard; needs the tensorboard package)")
     run.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help=f"continue from CHECKPOINT (default: OUT/{CHECKPOINT}) with its settings")
@@ -178,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     set_pixel_limit(getattr(args, "max_pixels", None))
     skip_bad_images = getattr(args, "skip_bad_images", False)
     try:  # bad flags, paths, sizes, images and checkpoints end here with a message naming them
+        if getattr(args, "log", None) == "tensorboard":
+            summary_writer_class()
         config, resume = make_config(args)
         train_set = config.dataset_split("train", augment=True, skip_bad_images=skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
@@ -186,8 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     try:
         fast = not getattr(args, "no_fast", False)
         hooks = RunScoring(config, train_set, ctx.device, skip_bad_images, FAST_INFERENCE if fast else PLAIN)
-        return train(config, args.out, ctx, train_set, hooks, resume, getattr(args, "amp", None), parser.prog,
-                     FAST_TRAINING if fast else PLAIN)
+        options = RunOptions(amp=getattr(args, "amp", None), speed=FAST_TRAINING if fast else PLAIN,
+                             tensorboard=getattr(args, "log", None) == "tensorboard", program=parser.prog)
+        return train(config, args.out, ctx, train_set, hooks, resume, options)
     except (DivergenceError, CheckpointError, WriteError) as e:  # a resumed checkpoint's weights, a full disk
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     finally:

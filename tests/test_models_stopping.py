@@ -85,3 +85,32 @@ def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedWarning)
         RunScoring(config, train_set, torch.device("cpu")).finish(mean, [{"epoch": 1, "step": 3}], str(tmp_path))
+
+
+def test_the_log_goes_to_tensorboard_too(hazelnut, tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    flags = ["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4", "--batch", "8",
+             "--device", "cpu", "--model", "ae", "--epochs", "2", "--out", str(out)]
+    with pytest.warns(UntrainedWarning):
+        train.main(flags + ["--log", "tensorboard"])
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("rec")] == [4, 8]  # by optimisation step (28 images: 4 an epoch)
+    assert {"g", "time_s", "grad_share/rec"} <= set(events.Tags()["scalars"])
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # the JSON lines as before
+
+    import builtins
+    real_import = builtins.__import__
+
+    def without_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tensorboard)
+    with pytest.raises(SystemExit):
+        train.main(flags + ["--log", "tensorboard", "--out", str(tmp_path / "b")])
+    assert "--log tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

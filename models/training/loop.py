@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
@@ -26,6 +27,7 @@ from .atomic import write_json
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext, agree, barrier, mean_over_processes
+from .log import RunLog
 from .trainer import DivergenceError, Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,23 +75,30 @@ def epoch_seed(config: TrainConfig, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
 
 
-def write_log(out: str, record: dict) -> None:
-    with open(os.path.join(out, "train_log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run trains and logs, besides its settings (never stored: free on resume)."""
+
+    #: Mixed precision: None, "bf16" or "fp16" (:data:`~models.training.amp.AMP_DTYPES`).
+    amp: Optional[str] = None
+    #: The trainer's speed options (plain with :data:`~models.networks.acceleration.PLAIN`).
+    speed: SpeedOptions = FAST_TRAINING
+    #: The epochs' numbers as TensorBoard scalars too (:class:`~models.training.log.RunLog`).
+    tensorboard: bool = False
+    #: The command that continues the run, named in a divergence's message.
+    program: str = "python -m models.train"
 
 
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset, hooks: RunHooks,
-          resume: Optional[Resume] = None, amp: Optional[str] = None,
-          program: str = "python -m models.train", speed: SpeedOptions = FAST_TRAINING) -> Trainer:
+          resume: Optional[Resume] = None, options: RunOptions = RunOptions()) -> Trainer:
     """Trains on ``train_set`` (augmented) until the run's stopping rule (``epochs``, ``steps``,
     ``until_plateau``: see :class:`~models.training.TrainConfig`); rank 0 writes to ``out``.
 
     Raises :class:`~models.training.trainer.DivergenceError` naming the epoch and step where a loss
-    or gradient became NaN or infinite, and the ``program`` command that continues with a lower
-    learning rate; that epoch is never saved. ``speed``: the trainer's (plain with
-    :data:`~models.networks.acceleration.PLAIN`).
+    or gradient became NaN or infinite, and the command that continues with a lower learning rate;
+    that epoch is never saved.
     """
-    trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(amp), speed=speed)
+    trainer = Trainer(config, ctx.device, ddp=ctx.distributed, amp=AMP_DTYPES.get(options.amp), speed=options.speed)
     if resume is not None:
         trainer.load_state_dict(resume.state, resume.path)
     # DistributedSampler also in one process: shuffling then depends only on (seed, epoch).
@@ -99,10 +108,6 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                         drop_last=len(sampler) % config.batch == 1, persistent_workers=config.workers > 0)
     checkpoint = os.path.join(out, CHECKPOINT)
     last_saved = resume.path if resume is not None else None
-    if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
-        if resume is None:  # a fresh run starts a fresh log
-            open(os.path.join(out, "train_log.jsonl"), "w").close()
     epochs = total_epochs(config, len(loader))
     ended = trainer.history[-1].get("stopped") if trainer.history else None
     if resume is not None and (trainer.epoch >= epochs or (ended == "plateau" and config.until_plateau)):
@@ -110,6 +115,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
             print(f"{resume.path} has trained {trainer.epoch} epochs already and its stopping rule is met "
                   f"({ended or 'epochs'}): nothing to train; give a larger --epochs or --steps to go on", flush=True)
         return trainer
+    log = RunLog(out, fresh=resume is None, tensorboard=options.tensorboard) if ctx.is_main else None
     stop = None
     for epoch in range(trainer.epoch + 1, epochs + 1):
         sampler.set_epoch(epoch - 1)
@@ -123,7 +129,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                     losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
                 except DivergenceError as e:
                     raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
-                                                             last_saved, trainer.epoch, program)) from e
+                                                             last_saved, trainer.epoch, options.program)) from e
                 sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
         record = {"epoch": epoch, "step": epoch * len(loader),
@@ -148,7 +154,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
             trainer.end_epoch(record, hooks.calibrate(trainer.model) if stop else None)
             save_checkpoint(trainer.state_dict(), checkpoint)
             write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
-            write_log(out, record)
+            log.write(record)
             tqdm.write(json.dumps(record), file=sys.stdout)
         else:
             trainer.end_epoch(record)
@@ -156,8 +162,10 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
         last_saved = checkpoint
         if stop:
             break
-    if ctx.is_main and stop:
-        hooks.finish(trainer.model, trainer.history, out)
+    if ctx.is_main:
+        log.close()
+        if stop:
+            hooks.finish(trainer.model, trainer.history, out)
     return trainer
 
 
