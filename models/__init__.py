@@ -21,8 +21,9 @@ Example:
 """
 from .data import build_dataset
 from .inference import Scorer, collect_scores, compute_metrics
-from .networks import MODEL_NAMES, AnomalyDetector, Discriminator, Generator, MeanImage, ModelConfig
+from .networks import MODEL_NAMES, AnomalyDetector, Discriminator, Generator, ModelConfig, fit_mean_image
 from .training import TrainConfig, Trainer, load_detector
 
-__all__ = ["MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "MeanImage", "ModelConfig", "Scorer",
-           "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "load_detector"]
+__all__ = ["MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "ModelConfig", "Scorer",
+           "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "fit_mean_image",
+           "load_detector"]

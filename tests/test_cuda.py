@@ -584,8 +584,8 @@ def test_op_checks_its_arguments(target):
 @needs_gpu
 @pytest.mark.parametrize("similarity,shrink", [("cosine", "hard"), ("dot", "memae")])
 def test_gpu_skipped_gradient_is_none_and_the_other_unchanged(similarity, shrink, no_tf32):
-    x, memory, options = _cuda_inputs((3, 8, 16, 16), 70, (2, 2, 2), similarity, shrink,
-                                      torch.float32)
+    gpu = Target("cuda", "cuda", torch.ops.daad_ext)
+    x, memory, options = _inputs(gpu, (3, 8, 16, 16), 70, (2, 2, 2), similarity, shrink, torch.float32)
 
     def grads(x_grad, memory_grad):
         xx = x.clone().requires_grad_(x_grad)

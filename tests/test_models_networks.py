@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from models.networks import MODEL_NAMES, AnomalyDetector, Discriminator, ModelConfig, check_size, parse_model
+from models.networks import MEAN_IMAGE, MODEL_NAMES, AnomalyDetector, Discriminator, ModelConfig, check_size, parse_model
 from models.training import DivergenceError, TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -66,7 +66,7 @@ def test_discriminator_depth_follows_table_8(size, convs):
     assert logit.shape == (2,) and feature.shape == (2, 100)
 
 
-@pytest.mark.parametrize("name, backend", [(name, "auto") for name in MODEL_NAMES] +
+@pytest.mark.parametrize("name, backend", [(name, "auto") for name in MODEL_NAMES if name != MEAN_IMAGE] +
                          [("daad+", "reference"), ("memae", "reference")])
 def test_one_training_step_of_every_variant(name, backend):
     config = TrainConfig(model=ModelConfig(model=name, **{**SMALL, "backend": backend}), seed=1)
@@ -136,3 +136,12 @@ def test_valid_sizes():
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_mean_image_is_fitted_not_trained():
+    trainer = Trainer(TrainConfig(model=ModelConfig(model=MEAN_IMAGE, size=16)), torch.device("cpu"))
+    assert trainer.opt_g is None and list(trainer.model.parameters()) == []
+    with pytest.raises(ValueError, match="the mean-image model is fitted, not trained"):
+        trainer.train_step(torch.zeros(2, 3, 16, 16))
+    trainer.fit([{"image": torch.zeros(3, 16, 16)}, {"image": torch.ones(3, 16, 16)}])
+    assert torch.equal(trainer.model.generator.mean, torch.full((3, 16, 16), 0.5))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,25 @@ def test_a_saved_run_reruns_from_its_config_file_with_flags_overriding(tiny, tmp
     bad.write_text("{not json")
     assert "is not valid JSON" in error_of(train, ["--config", str(bad)], capsys)
     assert "cannot read the settings file" in error_of(train, ["--config", str(tmp_path / "none.json")], capsys)
+
+
+def test_the_detector_that_learns_nothing_is_a_model_of_the_commands(tiny, hazelnut, tmp_path):
+    """``--model mean-image``: one command tells whether a data set can rank detectors at all."""
+    from models import export
+    from models.data import build_dataset
+    from models.inference.run_scoring import UntrainedWarning
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWarning)  # the mean image is not flat
+        trainer = train.main(tiny[:6] + ["--model", "mean-image", "--device", "cpu", "--out", str(out)])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert trainer.epoch == 1 and log == [{"epoch": 1, "step": 0, "stopped": "fitted"}]
+    images = torch.stack([item["image"] for item in build_dataset("mvtec", str(hazelnut), "train", 32)])
+    torch.testing.assert_close(trainer.model.generator.mean, images.double().mean(0).float())
+    result = evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"),
+                            "--num-heatmaps", "2", "--device", "cpu"])
+    assert result["model"] == "mean-image" and 0 <= result["image_auroc"] <= 1
+    image = str(hazelnut / "test" / "colour" / "00.jpg")
+    assert math.isfinite(predict.predict(str(out / "checkpoint.pt"), [image], str(tmp_path / "pred"), "cpu")[0]["score"])
+    assert export.main(["--checkpoint", str(out / "checkpoint.pt"), "--format", "pt2", "--out", str(tmp_path / "g")])

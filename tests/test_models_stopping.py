@@ -74,14 +74,14 @@ def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
     import torch
 
     from models.inference import RunScoring
-    from models.networks import MeanImage
+    from models.networks import AnomalyDetector, fit_mean_image
 
     config = TrainConfig(root=str(hazelnut), model=ModelConfig(model="ae", size=32, width=4))
     train_set = config.dataset_split("train")
-    flat = MeanImage(torch.zeros(3, 32, 32))  # outputs one grey image, whatever the input
+    flat = AnomalyDetector(ModelConfig(model="mean-image", size=32))  # one grey image, whatever the input
     with pytest.warns(UntrainedWarning, match=r"its reconstructions are flat \(their variance is 0% of the images'"):
         RunScoring(config, train_set, torch.device("cpu")).finish(flat, [{"epoch": 1, "step": 3}], str(tmp_path))
-    mean = MeanImage.fit(train_set)  # the mean training image: not flat, and better than flat
+    mean = fit_mean_image(train_set)  # the mean training image: not flat, and better than flat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedWarning)
         RunScoring(config, train_set, torch.device("cpu")).finish(mean, [{"epoch": 1, "step": 3}], str(tmp_path))

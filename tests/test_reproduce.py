@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import reproduce
-from models.networks import MeanImage
+from models.networks import fit_mean_image
 from models.training.atomic import write_json
 from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
@@ -251,7 +251,7 @@ def test_defect_types_and_their_aurocs(tmp_path):
 
 def test_the_baseline_scores_every_image_against_the_mean_training_image():
     train = [{"image": torch.full((3, 4, 4), v)} for v in (0.0, 0.5, 1.0)]
-    baseline = MeanImage.fit(train)
+    baseline = fit_mean_image(train)
     x = torch.rand(2, 3, 4, 4)
     s = baseline.score(x)
     expected = (x - 0.5).pow(2).mean(dim=1)

@@ -1,10 +1,11 @@
 """The networks and losses of DAAD (Hou et al., ICCV 2021) and its baselines: plain ``nn.Module`` s
 configured by a :class:`ModelConfig`, with no training logic."""
-from .baseline import MeanImage
-from .config import MODEL_NAMES, ModelConfig, Variant, check_size, parse_model
-from .detector import AnomalyDetector, Scores
+from .baseline import MeanImageGenerator
+from .config import MEAN_IMAGE, MODEL_NAMES, ModelConfig, Variant, check_size, parse_model
+from .detector import AnomalyDetector, Scores, fit_mean_image
 from .discriminator import FEATURE_DIM, Discriminator
 from .generator import Generator, GeneratorOutput
 
-__all__ = ["FEATURE_DIM", "MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "GeneratorOutput",
-           "MeanImage", "ModelConfig", "Scores", "Variant", "check_size", "parse_model"]
+__all__ = ["FEATURE_DIM", "MEAN_IMAGE", "MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator",
+           "GeneratorOutput", "MeanImageGenerator", "ModelConfig", "Scores", "Variant", "check_size", "fit_mean_image",
+           "parse_model"]

@@ -38,7 +38,9 @@ BASE_VARIANTS = {
     "memae": Variant(skip=False, memory="pixel"),
     "daad": Variant(skip=True, memory="block"),
 }
-MODEL_NAMES = tuple(name + suffix for suffix in ("", "+") for name in BASE_VARIANTS)
+#: The detector that learns nothing (:mod:`models.networks.baseline`): no network, no memory.
+MEAN_IMAGE = "mean-image"
+MODEL_NAMES = tuple(name + suffix for suffix in ("", "+") for name in BASE_VARIANTS) + (MEAN_IMAGE,)
 
 #: MemAE's module as in its official code (memory_module.py): dot-product addressing (the
 #: paper's text says cosine, the code uses a plain linear layer), hard shrinkage with threshold
@@ -56,6 +58,8 @@ def parse_model(name: str) -> Variant:
     """The :class:`Variant` of a model name from :data:`MODEL_NAMES`."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if name == MEAN_IMAGE:
+        return Variant(skip=False, memory="none")
     adversarial = name.endswith("+") and name[:-1] in BASE_VARIANTS
     return BASE_VARIANTS[name[:-1] if adversarial else name]._replace(adversarial=adversarial)
 
@@ -84,12 +88,18 @@ class ModelConfig:
         if self.in_channels < 1 or self.width < 1 or self.num_items < 1:
             raise ValueError("in_channels, width and num_items must be >= 1, got "
                              f"{self.in_channels}, {self.width}, {self.num_items}")
-        check_size(self.size, self.division if variant.memory == "block" else (1, 1, 1))
+        if self.learns:  # the mean image takes any size; the generator's four pools need multiples of 16
+            check_size(self.size, self.division if variant.memory == "block" else (1, 1, 1))
         check_backend_name(self.backend)
         rc = self.division[2] if variant.memory == "block" else 1
         if self.width % rc:
             raise ValueError(f"width {self.width} is not divisible by the channel division rate "
                              f"rc={rc}; the first memory sees {self.width} channels")
+
+    @property
+    def learns(self) -> bool:
+        """False for the mean training image, which is fitted, not trained."""
+        return self.model != MEAN_IMAGE
 
     @property
     def variant(self) -> Variant:

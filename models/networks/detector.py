@@ -10,17 +10,18 @@ Example:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from daad_ext import BlockMemory
 
-from .config import ModelConfig
+from .config import MEAN_IMAGE, ModelConfig
 from .discriminator import Discriminator
 from .generator import Generator
 from . import maps
+from .baseline import MeanImageGenerator
 from .losses import feature_distance
 
 
@@ -42,7 +43,8 @@ class AnomalyDetector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.generator = Generator(config)
+        self.generator = (Generator(config) if config.learns
+                          else MeanImageGenerator(torch.zeros(config.in_channels, config.size, config.size)))
         self.discriminator = (Discriminator(config.in_channels, config.size, config.width)
                               if config.variant.adversarial else None)
 
@@ -60,3 +62,11 @@ class AnomalyDetector(nn.Module):
         if self.discriminator is not None:
             feat = feature_distance(self.discriminator(x)[1], self.discriminator(x_hat)[1], ali_reduction)
         return Scores(x_hat, error_map, error_map.flatten(1).mean(dim=1), feat)
+
+
+def fit_mean_image(dataset: Sequence[dict[str, Any]]) -> AnomalyDetector:
+    """The detector that learns nothing, fitted to ``dataset`` (its images' channels and size)."""
+    channels, size, _ = dataset[0]["image"].shape
+    model = AnomalyDetector(ModelConfig(model=MEAN_IMAGE, in_channels=channels, size=size))
+    model.generator.fit(dataset)
+    return model.eval()

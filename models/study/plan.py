@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..training import DEFAULT_READING
 
 ABLATION = ("ae", "memae", "ae+skip", "daad", "daad+")
-#: The detector that learns nothing (:class:`models.networks.MeanImage`): every model must beat it.
+#: The detector that learns nothing (:func:`models.networks.fit_mean_image`): every model must beat it.
 BASELINE = "mean-image"
 
 

@@ -27,7 +27,7 @@ import torch
 
 from ..data import layout
 from ..inference import RunScoring, Scorer, collect_scores, compute_metrics
-from ..networks import MeanImage, ModelConfig
+from ..networks import ModelConfig, fit_mean_image
 from ..training import LOSS_READINGS, TrainConfig, train
 from ..training.atomic import atomic_write, write_json
 from ..training.distributed import DistContext
@@ -83,7 +83,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
         train_set = config.dataset_split("train", augment=True)
         trained = run.model != BASELINE
         if not trained:
-            model, history = MeanImage.fit(train_set.without_augmentation()), []
+            model, history = fit_mean_image(train_set.without_augmentation()), []
         else:
             cpu = DistContext(0, 1, torch.device("cpu"))
             trainer = train(config, tmp, cpu, train_set, RunScoring(config, train_set, cpu.device))

@@ -25,7 +25,7 @@ PAPER_BLOCK = {1: 0.716, 2: 0.784, 4: 0.821, 8: 0.845, 16: 0.813}
 DOC_SETTINGS = ("full", "tile")
 #: DAAD+'s default learning rate (the paper's), beside which the study tries others.
 PLUS_LR = TrainConfig(model=ModelConfig(model="daad+")).learning_rate
-#: The no-learning baseline's row (:class:`models.networks.MeanImage`).
+#: The no-learning baseline's row (:func:`models.networks.fit_mean_image`).
 BASELINE_NAME = "mean training image (no learning)"
 
 

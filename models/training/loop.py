@@ -116,8 +116,24 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                   f"({ended or 'epochs'}): nothing to train; give a larger --epochs or --steps to go on", flush=True)
         return trainer
     log = RunLog(out, fresh=resume is None, tensorboard=options.tensorboard) if ctx.is_main else None
+
+    def end_epoch(record: dict[str, Any], last: bool) -> None:
+        """Counts the epoch; on rank 0 also calibrates after the last, saves and logs."""
+        if not ctx.is_main:
+            trainer.end_epoch(record)
+            return
+        trainer.end_epoch(record, hooks.calibrate(trainer.model) if last else None)
+        save_checkpoint(trainer.state_dict(), checkpoint)
+        write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
+        log.write(record)
+        tqdm.write(json.dumps(record), file=sys.stdout)
+
     stop = None
-    for epoch in range(trainer.epoch + 1, epochs + 1):
+    if not config.model.learns:  # the mean training image: fitted in one pass, not trained
+        trainer.fit(train_set.without_augmentation())
+        stop = "fitted"
+        end_epoch({"epoch": 1, "step": 0, "stopped": stop}, last=True)
+    for epoch in range(trainer.epoch + 1, epochs + 1) if config.model.learns else ():
         sampler.set_epoch(epoch - 1)
         torch.manual_seed(epoch_seed(config, epoch - 1, ctx.rank))
         start, sums, steps = time.perf_counter(), {}, 0
@@ -148,16 +164,9 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
         if epoch == epochs and stop is None:
             stop = "steps" if config.steps else "epochs"
         stop = agree(stop, ctx)
-        if ctx.is_main:
-            if stop:
-                record["stopped"] = stop  # why the run ended here: plateau, steps or epochs
-            trainer.end_epoch(record, hooks.calibrate(trainer.model) if stop else None)
-            save_checkpoint(trainer.state_dict(), checkpoint)
-            write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
-            log.write(record)
-            tqdm.write(json.dumps(record), file=sys.stdout)
-        else:
-            trainer.end_epoch(record)
+        if stop:
+            record["stopped"] = stop  # why the run ended here: plateau, steps or epochs
+        end_epoch(record, last=bool(stop))
         barrier(ctx)
         last_saved = checkpoint
         if stop:

@@ -88,7 +88,8 @@ class Trainer:
                               if self.model.discriminator is not None else None)
         adam = dict(lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay,
                     **adam_options(speed, device))
-        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), **adam)
+        # The mean training image (``--model mean-image``) has nothing to optimise: it is fitted (:meth:`fit`).
+        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), **adam) if config.model.learns else None
         self.opt_d = (torch.optim.Adam(self.model.discriminator.parameters(), **adam)
                       if self.discriminator is not None else None)
         rec, adv, ali = config.loss_weights
@@ -115,6 +116,8 @@ class Trainer:
         :class:`DivergenceError` naming them: the weights are then broken and must not be saved.
         The gradients stay in the parameters' ``.grad`` until the next step (tests read them).
         """
+        if self.opt_g is None:
+            raise ValueError(f"the {self.config.model.model} model is fitted, not trained: Trainer.fit")
         self.model.train()
         self.opt_g.zero_grad(set_to_none=True)
         with self.amp.autocast():
@@ -154,6 +157,10 @@ class Trainer:
             result["d_reset"] = float(reset)
         return result
 
+    def fit(self, dataset: Any) -> None:
+        """Fits a model that is not trained (the mean training image) to ``dataset``'s images."""
+        self.model.generator.fit(dataset)
+
     def gradient_shares(self, x: torch.Tensor) -> dict[str, float]:
         """Norm of the generator's gradient from each weighted loss term alone, as shares of their
         sum, on batch ``x``: which term drives the generator. Runs on copies of the networks, so
@@ -191,7 +198,7 @@ class Trainer:
             "epoch": self.epoch,
             "generator": model.generator.state_dict(),
             "discriminator": model.discriminator.state_dict() if model.discriminator else None,
-            "opt_g": self.opt_g.state_dict(),
+            "opt_g": self.opt_g.state_dict() if self.opt_g else None,
             "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "history": self.history,
             "calibration": self.calibration,
@@ -204,7 +211,8 @@ class Trainer:
         divergence can go on with a lower ``--lr``; the other optimizer settings are kept.
         """
         restore_networks(self.model, state, source)
-        load_into(self.opt_g, state, "opt_g", source)
+        if self.opt_g is not None:
+            load_into(self.opt_g, state, "opt_g", source)
         if self.opt_d is not None:
             load_into(self.opt_d, state, "opt_d", source)
         for optimizer in filter(None, (self.opt_g, self.opt_d)):

@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
     for kernel, problem in failed:
         print(f"FAIL {kernel}: {problem}")
     if "--triton" in argv:
-        print(f"\nTriton kernels of the sm_90 compile test (tests/test_triton.py): registers per "
+        print("\nTriton kernels of the sm_90 compile test (tests/test_triton.py): registers per "
               "thread, spill bytes, shared memory bytes (Triton's, dynamic)")
         print(table(triton_usage(), bounds=False))
     return 1 if failed else 0
