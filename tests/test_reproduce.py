@@ -51,12 +51,13 @@ def test_tile_plan_puts_the_most_telling_runs_first():
     # the baseline; per seed DAAD, DAAD+ by 3 readings and at lr 1e-4, AE, MemAE, AE+Skip, 2 more divisions
     assert {r.dataset for r in runs} == {"tile"} and len(runs) == len(set(runs)) == 1 + 3 * (5 + 3 + 2)
     assert runs[0].model == BASELINE and {r.seed for r in runs[:11]} == {0}  # the baseline, every cell of seed 0
-    assert [(r.model, r.reading, r.lr) for r in runs[1:5]] == [
-        ("daad", "", 0.0), ("daad+", "paper", 0.0), ("daad+", "paper", 1e-4), ("daad+", "ganomaly", 0.0)]
-    # then DAAD and DAAD+ (default reading) of the other seeds, then its learning rate and other readings
-    assert [(r.model, r.reading, r.seed) for r in runs[11:15]] == [
-        ("daad", "", 1), ("daad+", "paper", 1), ("daad", "", 2), ("daad+", "paper", 2)]
-    assert [(r.reading, r.lr, r.seed) for r in runs[15:21]] == [
+    assert [(r.model, r.reading, r.lr) for r in runs[1:6]] == [
+        ("daad", "", 0.0), ("daad+", "paper", 0.0), ("ae", "", 0.0), ("daad+", "paper", 1e-4),
+        ("daad+", "ganomaly", 0.0)]
+    # then DAAD, DAAD+ (default reading) and the AE of the other seeds, then DAAD+'s learning rate and readings
+    assert [(r.model, r.reading, r.seed) for r in runs[11:17]] == [
+        ("daad", "", 1), ("daad+", "paper", 1), ("ae", "", 1), ("daad", "", 2), ("daad+", "paper", 2), ("ae", "", 2)]
+    assert [(r.reading, r.lr, r.seed) for r in runs[17:23]] == [
         (reading, lr, seed) for seed in (1, 2) for reading, lr in (("paper", 1e-4), ("ganomaly", 0.0), ("old", 0.0))]
 
 

@@ -6,8 +6,8 @@ At 64x64 input the memories see maps of 32, 16, 8 and 4 pixels: division 2 gives
 paper's 4, 8, 16.
 
 Runs are listed in the order that makes a study stopped part way most useful: the no-learning
-baseline (one run: it has no seed), every cell of seed 0; then, for the other seeds, DAAD and
-DAAD+ with the default reading (the comparison the study exists for), the other readings, and the
+baseline (one run: it has no seed), every cell of seed 0; then, for the other seeds, DAAD, DAAD+
+with the default reading and the AE (the comparisons the study exists for), the other readings, and the
 remaining cells; then MNIST: DAAD on every digit, then DAAD+ under each reading in
 ``mnist_readings``, then each model of ``mnist_baselines``, on every digit, seed by seed.
 
@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..training import DEFAULT_READING
 
@@ -56,7 +57,21 @@ class Setting:
     #: Learning rates tried for DAAD+ (default reading) besides its default, on the setting's
     #: image data set and, where DAAD+ trains on MNIST, on every digit.
     plus_lrs: tuple[float, ...] = ()
+    #: Training to convergence (:class:`models.training.TrainConfig`'s fields of the same names):
+    #: at most ``steps`` optimisation steps (None: ``epochs``), stopping earlier once the error on
+    #: the held-out ``val_ratio`` of the training images plateaus over ``plateau_window`` epochs;
+    #: test AUROCs on a fixed ``eval_subset`` every ``eval_every`` epochs for the learning curves.
+    steps: Optional[int] = None
+    val_ratio: float = 0.0
+    until_plateau: bool = False
+    plateau_window: int = 5
+    eval_every: int = 0
+    eval_subset: int = 0
 
+
+#: The budget of the converged studies: 10% of the normal training images held out, a plateau
+#: over 8 epochs (about 430 steps on the magnetic tile), never more than 3,000 steps.
+CONVERGED = dict(steps=3000, val_ratio=0.1, until_plateau=True, plateau_window=8, eval_every=4, eval_subset=96)
 
 SETTINGS = {
     "full": Setting(size=64, width=16, epochs=100, mnist_size=32, mnist_width=16, mnist_epochs=10,
@@ -70,6 +85,11 @@ SETTINGS = {
     "tile": Setting(size=64, width=16, epochs=8, mnist_size=32, mnist_width=16, mnist_epochs=0,
                     digits=(), seeds=3, dataset="tile", train_ratio=0.5,
                     readings=("paper", "ganomaly", "old"), plus_lrs=(1e-4,)),
+    # The magnetic tile at 128 x 128 (blocks of 16, 8, 4, 2 pixels at division 4, the paper's
+    # at 256 x 256), every run trained to the plateau: 0.2-0.5 s a step on one core, so up to
+    # 25 minutes a run and several sessions for all 25 (the study resumes run by run).
+    "tile128": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
+                       digits=(), seeds=3, dataset="tile", train_ratio=0.5, **CONVERGED),
 }
 
 
@@ -112,10 +132,10 @@ def plan(setting: Setting) -> list[Run]:
     readings = sorted(setting.readings, key=lambda r: r != DEFAULT_READING)  # the default first
 
     def cells(s: int) -> list[list[Run]]:
-        return [[Run(data, "daad", div, s), Run(data, "daad+", div, s, reading=readings[0])],
+        return [[Run(data, "daad", div, s), Run(data, "daad+", div, s, reading=readings[0]), Run(data, "ae", 1, s)],
                 [Run(data, "daad+", div, s, reading=readings[0], lr=lr) for lr in setting.plus_lrs]
                 + [Run(data, "daad+", div, s, reading=r) for r in readings[1:]],
-                [Run(data, m, 1, s) for m in ABLATION if m not in ("daad", "daad+")]
+                [Run(data, m, 1, s) for m in ABLATION if m not in ("ae", "daad", "daad+")]
                 + [Run(data, "daad", r, s) for r in block_divisions(setting.size) if r != div]]
 
     runs = [Run(data, BASELINE, 1, 0)] if setting.seeds else []

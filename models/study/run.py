@@ -51,9 +51,11 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
     data: dict[str, Any] = {"normal_class": run.normal_class} if mnist else {}
     if run.dataset == "tile":
         data.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
+    budget = {k: getattr(setting, k) for k in ("steps", "val_ratio", "until_plateau", "plateau_window",
+                                               "eval_every", "eval_subset")}
     return TrainConfig(dataset=dataset, root=roots[run.dataset], data=data, model=model,
                        epochs=setting.mnist_epochs if mnist else setting.epochs, seed=run.seed, lr=run.lr or None,
-                       **extra)
+                       **budget, **extra)
 
 
 def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[list[str], np.ndarray]:
@@ -121,7 +123,8 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
     losses = {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
     record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
               **({"losses": losses, "lr": config.learning_rate} if trained else {}), "train_s": round(train_s, 1),
-              "epochs": config.epochs if trained else 0, "history": history,
+              "epochs": history[-1]["epoch"] if history else 0, "steps": history[-1]["step"] if history else 0,
+              "stopped": history[-1].get("stopped") if history else None, "history": history,
               "arrays": run.name + ".npz" if keep else None, **types, **({"figure": figure} if figure else {})}
     write_json(os.path.join(raw_dir, run.name + ".json"), record)
     return record
