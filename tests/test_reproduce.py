@@ -2,7 +2,7 @@
 synthetic run records (no training)."""
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -235,6 +235,23 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
         assert 0 <= metrics[key] <= 1, key
     assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
     assert '{"epoch": 1, "step": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+
+
+def test_a_run_cut_short_goes_on_from_its_last_epoch(hazelnut, tmp_path, monkeypatch):
+    one = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1, digits=(), seeds=1,
+                  num_items=20)
+    run = Run("mvtec", "daad", division=2, seed=0)
+    with monkeypatch.context() as m:  # the first process ends after epoch 1, before it cleans up
+        m.setattr("models.study.run.shutil.rmtree", lambda *args, **kwargs: None)
+        first = execute(run, one, {"mvtec": str(hazelnut)}, str(tmp_path))
+    work = tmp_path / "work" / run.name
+    assert (work / "checkpoint.pt").exists()
+    (tmp_path / f"{run.name}.json").unlink()
+    record = execute(run, replace(one, epochs=2), {"mvtec": str(hazelnut)}, str(tmp_path))
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["history"][0] == first["history"][0]  # epoch 1 was not trained again
+    assert record["train_s"] == pytest.approx(sum(h["time_s"] for h in record["history"]), abs=0.05)
+    assert not work.exists()
 
 
 def test_a_study_at_chance_says_so():
