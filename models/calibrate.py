@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
                                                      args.mask_dir, args.device, args.batch, not args.no_fast,
                                                      args.skip_bad_images)
         calibration = replace_calibration(args.checkpoint, calibration)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing folders, a checkpoint that cannot be written
         parser.error(str(e))
     print(json.dumps(calibration))
     return calibration
