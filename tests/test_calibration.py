@@ -3,18 +3,16 @@ normal quantile or the best F1, measured after training on the held-out images, 
 ``python -m models.calibrate`` atomically and undoably, and old checkpoints refused clearly."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from models import Detector, calibrate as calibrate_command, evaluate, train
+from models import Detector, calibrate as calibrate_command, evaluate
 from models.inference import ScoreSet, Scorer, collect_scores
 from models.inference.calibration import NORMAL_QUANTILE, PIXEL_QUANTILE, calibrate, decision_counts
 from models.inference.metrics import best_f1
-from models.inference.run_scoring import UntrainedWarning
 from models.inference.scorer import DECISION_KEYS, PIXEL_KEYS
 from models.training import load_checkpoint, load_detector
 
@@ -80,24 +78,12 @@ def test_decision_counts_and_settings_checks():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A daad+ run with a validation split (a quarter of the training images)."""
+def run(tiny_run):
+    """The checkpoint and settings of a run with a validation split, and the hazelnut subset."""
     from models.data import data_root
 
-    hazelnut = data_root() / "mvtec_hazelnut_subset"
-    if not hazelnut.is_dir():
-        pytest.skip(f"real data absent: {hazelnut}")
-    out = tmp_path_factory.mktemp("calibration") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWarning)
-        trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
-                              "--division", "2", "2", "1", "--num-items", "20", "--batch", "8", "--device", "cpu",
-                              "--model", "daad+", "--epochs", "1", "--val-ratio", "0.25", "--no-fast",
-                              "--out", str(out)])
-    torch.set_num_threads(threads)
-    return out / "checkpoint.pt", trainer.config, hazelnut
+    checkpoint, trainer = tiny_run
+    return checkpoint, trainer.config, data_root() / "mvtec_hazelnut_subset"
 
 
 def test_training_stores_the_calibration_of_its_validation_images(run):

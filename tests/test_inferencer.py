@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import Detector, predict, train
+from models import Detector, predict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -19,20 +19,8 @@ SHAPE = (48, 72)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from models.data import data_root
-
-    hazelnut = data_root() / "mvtec_hazelnut_subset"
-    if not hazelnut.is_dir():
-        pytest.skip(f"real data absent: {hazelnut}")
-    out = tmp_path_factory.mktemp("inferencer") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4", "--division", "2", "2",
-                "1", "--num-items", "20", "--batch", "8", "--device", "cpu", "--model", "daad+", "--epochs", "1",
-                "--out", str(out)])
-    torch.set_num_threads(threads)
-    return out / "checkpoint.pt"
+def checkpoint(tiny_run):
+    return tiny_run[0]
 
 
 @pytest.fixture
