@@ -25,6 +25,6 @@ from .inference import Detector, Prediction, Scorer, collect_scores, compute_met
 from .networks import MODEL_NAMES, AnomalyDetector, Discriminator, Generator, ModelConfig, fit_mean_image
 from .training import TrainConfig, Trainer, load_detector
 
-__all__ = ["MODEL_NAMES", "AnomalyDetector", "Detector", "Discriminator", "Generator", "ModelConfig", "Prediction", "Scorer",
-           "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "fit_mean_image",
+__all__ = ["MODEL_NAMES", "AnomalyDetector", "Detector", "Discriminator", "Generator", "ModelConfig", "Prediction",
+           "Scorer", "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "fit_mean_image",
            "load_detector"]

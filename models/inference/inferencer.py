@@ -165,7 +165,8 @@ class Detector:
         if not read:
             return []
         maps, scores = self.engine(torch.stack([model_input(pixels, self.engine.size) for _, pixels in read]))
-        return [self._prediction(name, pixels, raw, float(score)) for (name, pixels), raw, score in zip(read, maps, scores)]
+        return [self._prediction(name, pixels, raw, float(score))
+                for (name, pixels), raw, score in zip(read, maps, scores)]
 
     def _prediction(self, name: str, pixels: np.ndarray, raw_map: np.ndarray, score: float) -> Prediction:
         anomaly_map = self.scorer.normalise_map(resize_map(raw_map, *pixels.shape[:2]))

@@ -1,6 +1,7 @@
 """What a training run measures with its networks (:class:`models.training.RunHooks`): the
 validation error every epoch, test metrics every few epochs, the calibration of the scores at the
-end (on the held-out validation images, else the training images), the learning curves, and a warning when the model has not learnt."""
+end (on the held-out validation images, else the training images), the learning curves, and a
+warning when the model has not learnt."""
 from __future__ import annotations
 
 import os
@@ -95,8 +96,8 @@ class RunScoring:
         return {"val_error": reconstruction_statistics(model, self._set("val"), self.device, self.config.batch)["error"]}
 
     def calibrate(self, model: AnomalyDetector) -> dict[str, float]:
-        scores = collect_scores(inference_model(model, self.speed), self._normal_images(), self.device, self.scorer,
-                                self.config.batch, self.speed)
+        scores = collect_scores(inference_model(model, self.speed), self._normal_images(), self.device,
+                                self.scorer, self.config.batch, self.speed)
         return calibrate(self.scorer, scores)
 
     def _normal_images(self) -> OneClassDataset:

@@ -6,10 +6,12 @@ normal images (to score images one at a time). A calibration (:mod:`.calibration
 decision: an image threshold of A(x) and a pixel threshold of the map, each with the span that
 normalises it as anomalib does, ``(value - threshold) / span + 0.5`` clipped to [0, 1], so that
 0.5 is the boundary between normal and anomalous (:func:`normalise`). :meth:`Scorer.score` and
-:meth:`Scorer.score_torch` return that ``pred_score``; :meth:`Scorer.fuse` the raw A(x). R is the image score of the pixel anomaly map
-(:mod:`models.networks.maps`: the squared error per pixel, or SSIM's): ``"mean"``, its mean (the paper's R), or ``"max"``, the maximum of
-the map smoothed by a Gaussian of ``sigma`` pixels (anomalib's image score: a small defect is not
-drowned by the background's error). L is the feature distance, reduced as the run's L_ali
+:meth:`Scorer.score_torch` return that ``pred_score``, :meth:`Scorer.fuse` the raw A(x).
+
+R is the image score of the pixel anomaly map (:mod:`models.networks.maps`: the squared error per
+pixel, or SSIM's): ``"mean"``, its mean (the paper's R), or ``"max"``, the maximum of the map
+smoothed by a Gaussian of ``sigma`` pixels (anomalib's image score: a small defect is not drowned
+by the background's error). L is the feature distance, reduced as the run's L_ali
 (``ali_reduction``).
 
 :class:`Scorer` owns these choices and has two implementations that agree (tested): NumPy, in
@@ -47,7 +49,7 @@ SIGMA_AT_256 = 4.0
 TRUNCATE = 4.0
 #: The calibration's range of each raw score: its (low, high) keys.
 RANGE_KEYS = {"mean": ("rec_min", "rec_max"), "max": ("max_min", "max_max"), "feat": ("feat_min", "feat_max")}
-#: Quantile of the training images' pixel errors that fixes the heat maps' colour scale.
+#: Quantile of the calibration images' pixel errors that fixes the heat maps' colour scale.
 MAP_QUANTILE = 0.999
 #: The calibration's decision on each image score: the threshold of A(x) and its normalising span.
 DECISION_KEYS = {"mean": ("image_threshold_mean", "image_span_mean"),
