@@ -134,3 +134,5 @@ def test_bad_inputs_are_refused_clearly(detector):
         detector.predict(np.zeros((2, 3, 4, 5, 6), np.uint8))
     with pytest.raises(TypeError, match="uint8 or floats"):
         detector.predict(np.zeros((8, 8, 3), np.int32))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\].*\[-1, 1\]"):
+        detector.predict(torch.full((1, 3, 8, 8), -0.5))

@@ -54,7 +54,10 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     if np.issubdtype(pixels.dtype, np.floating):
-        return np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+        if pixels.size and not 0.0 <= pixels.min() <= pixels.max() <= 1.0:
+            raise ValueError(f"float images must be in [0, 1] (pixels / 255), got values in [{pixels.min():g}, "
+                             f"{pixels.max():g}]; give the pixels, not a model's [-1, 1] input")
+        return np.rint(pixels * 255).astype(np.uint8)
     raise TypeError(f"image arrays must be uint8 or floats in [0, 1], got {pixels.dtype}")
 
 
