@@ -155,27 +155,53 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("image_score", ["mean", "max"])
 def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
-    """The one scorer behind every path: ``predict`` (NumPy on single images), the exported graph
-    (torch), and ``evaluate``, whose image AUROC is that of the per-image scores it writes."""
-    from models import evaluate, export, predict
+    """One calibration behind every path: ``evaluate``'s per-image score, ``predict``'s, the Python
+    API's (NumPy, float64) and the exported graphs' (torch, float32; pt2 and ONNX) are the same
+    ``pred_score`` and give the same label; evaluate's AUROC is that of the raw fused scores."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from models import Detector, evaluate, export, predict
     from models.data import data_root, load_image
     from models.inference.metrics import image_auroc
 
     checkpoint, _, _ = trained
     root = data_root() / "mvtec_hazelnut_subset"
-    files = sorted(str(p) for p in (root / "test" / "colour").iterdir())[:3]
-    # The plain float32 model, as the graph computes it (predict's default adds bfloat16 autocast).
-    predicted = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score, fast=False)
-    path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path / "graph"),
-                        "--image-score", image_score])
-    assert json.loads((tmp_path / "graph" / "detector.json").read_text())["image_score"] == image_score
+    # Images with both labels and scores between 0 and 1 by either image score (this seeded run's).
+    files = [str(root / "test" / kind / name) for kind, name in (("colour", "00.jpg"), ("colour", "03.jpg"),
+             ("colour", "07.jpg"), ("colour", "13.jpg"), ("good", "05.jpg"), ("good", "28.jpg"))]
+    # The plain float32 model everywhere, as the graph computes it (the default adds bfloat16 autocast).
+    report = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score, fast=False)
+    predicted = np.array([r["score"] for r in report["predictions"]])
+    api = Detector.load(checkpoint, "cpu", image_score, fast=False).predict(files)
     batch = torch.stack([load_image(f, 3, 32) for f in files])
-    _, graph_scores = torch.export.load(path).module()(batch)
-    np.testing.assert_allclose(graph_scores.detach().numpy(), [r["score"] for r in predicted], rtol=0, atol=1e-5)
-    _, reference = pytorch_scores(checkpoint, batch, image_score)
-    np.testing.assert_allclose([r["score"] for r in predicted], reference, rtol=0, atol=1e-6)
+    graphs = {}
+    for fmt in ("pt2", "onnx"):
+        path = export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / fmt),
+                            "--image-score", image_score])
+        assert json.loads((tmp_path / fmt / "detector.json").read_text())["image_score"] == image_score
+        if fmt == "pt2":
+            graphs[fmt] = torch.export.load(path).module()(batch)[1].detach().numpy()
+        else:
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            graphs[fmt] = session.run(None, {"image": batch.numpy()})[1]
     result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
-                            "--image-score", image_score, "--num-heatmaps", "0"])  # fast: bf16 autocast
+                            "--image-score", image_score, "--num-heatmaps", "0", "--no-fast"])
+    by_name = {i["name"]: i for i in result["images"]}
+    evaluated = np.array([by_name[f]["score"] for f in files])
+    paths = {"predict": predicted, "api": np.array([r.pred_score for r in api]), "evaluate": evaluated, **graphs}
+    _, reference = pytorch_scores(checkpoint, batch, image_score)
+    for name, scores in paths.items():
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-5, err_msg=name)
+        clear = np.abs(reference - 0.5) > 1e-5  # a score within rounding of the boundary may go either way
+        np.testing.assert_array_equal(scores[clear] >= 0.5, reference[clear] >= 0.5, err_msg=name)
+    assert 0 < (reference >= 0.5).sum() < len(files)  # both labels among the images
+    assert [r["label"] for r in report["predictions"]] == [r.label for r in api]
+    assert [by_name[f]["pred_label"] for f in files] == [r.pred_label for r in api]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["image_auroc"] == result["image_auroc"] == image_auroc(
-        [i["label"] for i in written["images"]], [i["score"] for i in written["images"]])
+        [i["label"] for i in written["images"]], [i["fused"] for i in written["images"]])
+    counts = written["image_decision"]
+    labels = np.array([i["label"] for i in written["images"]])
+    decided = np.array([i["pred_label"] for i in written["images"]])
+    assert (counts["tp"], counts["fp"]) == (int((decided & (labels == 1)).sum()), int((decided & (labels == 0)).sum()))
+    assert counts["tp"] + counts["fp"] + counts["tn"] + counts["fn"] == len(labels)
