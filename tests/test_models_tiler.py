@@ -14,8 +14,8 @@ from models import evaluate, predict, train
 from models.data import OneClassDataset
 from models.inference.run_scoring import UntrainedWarning
 from models.networks import AnomalyDetector, ModelConfig, TiledDetector, Tiling
-from models.study.plan import SETTINGS, Run, plan
-from models.study.run import run_config
+from models.study.plan import BASELINE, SETTINGS, Run, Setting, plan
+from models.study.run import execute, run_config
 from models.training import TrainConfig, load_detector
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -174,12 +174,9 @@ def test_the_mean_image_takes_no_tiles():
 @pytest.fixture(scope="module")
 def tiled_run(tmp_path_factory):
     """A daad+ run at 64 x 64 by tiles of 32 every 16 pixels, trained for 2 steps, and 4 test images."""
-    from models.data import data_root
+    from conftest import _real_data  # the hazelnut fixture's folder, for a fixture of this module's scope
 
-    hazelnut = data_root() / "mvtec_hazelnut_subset"
-    if not hazelnut.is_dir():
-        pytest.skip(f"real data absent: {hazelnut}")
-    out = tmp_path_factory.mktemp("tiled") / "run"
+    hazelnut, out = _real_data("mvtec_hazelnut_subset"), tmp_path_factory.mktemp("tiled") / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UntrainedWarning)  # 2 steps: it has learnt nothing yet
         trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--model", "daad+", "--size", "64",
@@ -252,3 +249,29 @@ def test_the_tiled_study_setting_builds_tiled_runs():
     assert (config.model.size, config.tile_size, config.tile_stride, config.network.size) == (256, 128, 64, 128)
     assert (config.steps, config.until_plateau, config.model.division) == (3000, True, (4, 4, 1))
     assert isinstance(config.detector(), TiledDetector) and config.detector().tiling.count == 9
+
+
+def test_a_tiled_study_run_trains_scores_and_draws_at_the_working_size(hazelnut, tmp_path):
+    setting = Setting(size=64, tile_size=32, tile_stride=16, width=4, epochs=1, mnist_size=32, mnist_width=4,
+                      mnist_epochs=1, digits=(), seeds=1, num_items=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWarning)
+        record = execute(Run("mvtec", "daad+", 2, 0, reading="paper"), setting, {"mvtec": str(hazelnut)},
+                         str(tmp_path))
+    assert record["steps"] == 4 and 0 <= record["metrics"]["pixel_auroc"] <= 1
+    assert np.load(tmp_path / record["arrays"])["figure_reconstructions"].shape == (4, 64, 64, 3)
+    baseline = execute(Run("mvtec", BASELINE, 1, 0), setting, {"mvtec": str(hazelnut)}, str(tmp_path))
+    assert baseline["epochs"] == 0 and 0 <= baseline["metrics"]["pixel_auroc"] <= 1  # whole images, untiled
+
+
+def test_a_resumed_tiled_run_repeats_the_crops(hazelnut, tmp_path):
+    args = ["--dataset", "mvtec", "--root", str(hazelnut), "--model", "daad", "--size", "32", "--tile-size", "16",
+            "--width", "4", "--division", "1", "1", "1", "--num-items", "20", "--seed", "3", "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWarning)
+        straight = train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")])
+        train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")])
+        resumed = train.main(["--resume", "--epochs", "2", "--out", str(tmp_path / "b"), "--device", "cpu"])
+    assert resumed.epoch == 2 and resumed.config.tile_size == 16
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
