@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 #: Folders of the data sets below the data root.
 HAZELNUT, MNIST, TILE = "mvtec_hazelnut_subset", "mnist_t10k", "magnetic_tile"
 #: The data sets each setting reads.
-NEEDS = {"full": ("mvtec", "mnist"), "quick": ("mvtec", "mnist"), "tile": ("tile",), "tile128": ("tile",)}
+NEEDS = {"full": ("mvtec", "mnist"), "quick": ("mvtec", "mnist"), "tile": ("tile",), "tile128": ("tile",),
+         "tile256-tiled": ("tile",)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

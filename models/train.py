@@ -14,6 +14,12 @@ Example (about 6 minutes on one CPU core):
     python -m models.train --dataset mvtec --root ../shared/data/mvtec_hazelnut_subset \\
         --model daad --size 64 --width 16 --division 2 2 1 --epochs 200 --eval-every 50 \\
         --out runs/hazelnut
+
+High resolution (as anomalib's tiler): images at 256, a network of 128 trained on random crops,
+scored by 9 overlapping tiles stitched into one 256 x 256 map:
+    python -m models.train --dataset mvtec --root ../shared/data/mvtec_hazelnut_subset \\
+        --model daad --size 256 --tile-size 128 --tile-stride 64 --width 16 --division 4 4 1 \\
+        --out runs/hazelnut-tiled
 """
 from __future__ import annotations
 
@@ -63,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_pixel_limit_option(data)
     net = p.add_argument_group("model")
     net.add_argument("--model", choices=MODEL_NAMES, help=f"variant; '+' adds the discriminator (default: {m.model})")
-    net.add_argument("--size", type=int, help=f"input size, a multiple of 16*lcm(RH, RW) (default: {m.size})")
+    net.add_argument("--size", type=int, help="image size the data is read and scored at, a multiple of "
+                                              f"16*lcm(RH, RW) (default: {m.size})")
+    net.add_argument("--tile-size", type=int, help="high resolution: the network takes tiles of this size (a "
+                     "multiple of 16*lcm(RH, RW), at most --size), trains on random crops of the --size images "
+                     "and scores them by tiles stitched into one map (default: none, whole images)")
+    net.add_argument("--tile-stride", type=int, help="pixels between tiles when scoring, at most --tile-size "
+                     "(overlaps averaged); --size minus --tile-size must be a multiple (default: --tile-size)")
     net.add_argument("--width", type=int, help=f"width multiplier, 64 in the paper (default: {m.width})")
     net.add_argument("--division", type=int, nargs=3, metavar=("RH", "RW", "RC"),
                      help=f"division rates of every memory (default: {' '.join(map(str, m.division))})")

@@ -78,14 +78,18 @@ class OneClassDataset(Dataset):
 
     ``mask_known[i]`` says whether item i's mask is ground truth: a mask file, or all zeros for a
     normal image of a data set with masks. Items without one are left out of the pixel AUROC.
+    ``crop`` (with ``augment``): each flipped image and its mask cut to a random ``crop`` x ``crop``
+    window, the tiles a tiled detector trains on (:meth:`with_crops`).
     """
 
     def __init__(self, names: Sequence[str], labels: Sequence[int], channels: int, size: int,
                  mask_paths: Optional[Sequence[Optional[str]]] = None,
                  arrays: Optional[torch.Tensor] = None, augment: bool = False,
-                 mask_known: Optional[Sequence[bool]] = None) -> None:
+                 mask_known: Optional[Sequence[bool]] = None, crop: Optional[int] = None) -> None:
+        if crop is not None and not 1 <= crop <= size:
+            raise ValueError(f"the crop size {crop} must be between 1 and the image size {size}")
         self.names, self.labels = list(names), [int(v) for v in labels]
-        self.channels, self.size, self.augment = channels, size, augment
+        self.channels, self.size, self.augment, self.crop = channels, size, augment, crop
         self.mask_paths = list(mask_paths) if mask_paths is not None else [None] * len(self.names)
         #: uint8 (N, C, H, W) for array datasets; None when ``names`` are image files.
         self.arrays = arrays
@@ -98,12 +102,21 @@ class OneClassDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def _view(self, augment: bool, crop: Optional[int]) -> "OneClassDataset":
+        """The same items augmented otherwise; they share the decoded images."""
+        view = OneClassDataset(self.names, self.labels, self.channels, self.size, self.mask_paths,
+                               self.arrays, augment, self.mask_known, crop)
+        view._cache = self._cache
+        return view
+
     def without_augmentation(self) -> "OneClassDataset":
-        """The same items, not flipped (to score the training images): no file is read again."""
-        plain = OneClassDataset(self.names, self.labels, self.channels, self.size, self.mask_paths,
-                                self.arrays, augment=False, mask_known=self.mask_known)
-        plain._cache = self._cache
-        return plain
+        """The same items, whole and not flipped (to score the training images): no file is read again."""
+        return self._view(False, None)
+
+    def with_crops(self, crop: int) -> "OneClassDataset":
+        """The same items, flipped and then cut to a random ``crop`` x ``crop`` window (the mask
+        with its image); no file is read again."""
+        return self._view(True, crop)
 
     def subset(self, indices: Sequence[int]) -> "OneClassDataset":
         """The items at ``indices``, in that order, augmented as this set is; the images decoded so
@@ -112,7 +125,7 @@ class OneClassDataset(Dataset):
         part = OneClassDataset([self.names[i] for i in indices], [self.labels[i] for i in indices],
                                self.channels, self.size, [self.mask_paths[i] for i in indices],
                                None if self.arrays is None else self.arrays[indices], self.augment,
-                               [self.mask_known[i] for i in indices])
+                               [self.mask_known[i] for i in indices], self.crop)
         part._cache = {new: self._cache[old] for new, old in enumerate(indices) if old in self._cache}
         return part
 
@@ -137,6 +150,10 @@ class OneClassDataset(Dataset):
             for dim in (-1, -2):
                 if torch.rand(()) < 0.5:
                     image, mask = image.flip(dim), mask.flip(dim)
+            if self.crop is not None:  # after the flips, from the same RNG
+                top, left = torch.randint(0, self.size - self.crop + 1, (2,)).tolist()
+                window = (slice(None), slice(top, top + self.crop), slice(left, left + self.crop))
+                image, mask = image[window], mask[window]
         return {"image": image, "label": self.labels[index], "mask": mask,
                 "mask_known": self.mask_known[index], "index": index}
 

@@ -5,7 +5,8 @@ from .config import MEAN_IMAGE, MODEL_NAMES, ModelConfig, Variant, check_size, p
 from .detector import AnomalyDetector, Scores, fit_mean_image
 from .discriminator import FEATURE_DIM, Discriminator
 from .generator import Generator, GeneratorOutput
+from .tiler import TiledDetector, Tiling
 
 __all__ = ["FEATURE_DIM", "MEAN_IMAGE", "MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator",
-           "GeneratorOutput", "MeanImageGenerator", "ModelConfig", "Scores", "Variant", "check_size", "fit_mean_image",
-           "parse_model"]
+           "GeneratorOutput", "MeanImageGenerator", "ModelConfig", "Scores", "TiledDetector", "Tiling", "Variant",
+           "check_size", "fit_mean_image", "parse_model"]

@@ -62,7 +62,7 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
     DAAD+ with the default reading; ``readings`` holds DAAD+ under each reading studied, ``lrs``
     under the default reading at each other learning rate studied;
     ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
-    data, div = setting.dataset, default_division(setting.size)
+    data, div = setting.dataset, default_division(setting.network_size)
     ablation = {m: select(records, dataset=data, model=m, division=ablation_division(m, setting),
                           reading=DEFAULT_READING if m.endswith("+") else "", lr=0.0)
                 for m in ABLATION}
@@ -70,7 +70,8 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                 for r in setting.readings}
     lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=DEFAULT_READING, lr=lr)
            for lr in setting.plus_lrs}
-    blocks = {r: select(records, dataset=data, model="daad", division=r) for r in block_divisions(setting.size)}
+    blocks = {r: select(records, dataset=data, model="daad", division=r)
+              for r in block_divisions(setting.network_size)}
     mnist = {(m, r, lr): {d: select(records, dataset="mnist", model=m, normal_class=d, reading=r, lr=lr)
                           for d in setting.digits}
              for m, r, lr in mnist_cells(setting)}

@@ -75,8 +75,10 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
               if seconds else "no run has finished yet")
     converged, prefix = setting.until_plateau, figure_prefix(name, setting)
     keys = CONVERGED_KEYS if converged else PAPER_KEYS
+    tiles = (f"; networks of {setting.tile_size}x{setting.tile_size} trained on random crops, scoring tiles "
+             f"{setting.tile_stride} apart stitched into one map" if setting.tile_size else "")
     out = [f"## Magnetic tile (setting `{name}`)", "",
-           f"- {setting.size}x{setting.size} (grayscale read as 3 channels), width {setting.width}, "
+           f"- {setting.size}x{setting.size} (grayscale read as 3 channels{tiles}), width {setting.width}, "
            f"{budget_line(setting)}; N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
            f"paper's learning rates; {timing}.",
            f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "

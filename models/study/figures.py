@@ -79,7 +79,7 @@ def draw_auroc_by_block_size(s: dict[str, Any], setting: Setting, path: str) -> 
     if not points:
         return
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    sizes = [setting.size // 2 // r for r, _ in points]
+    sizes = [setting.network_size // 2 // r for r, _ in points]
     ax.errorbar(sizes, [m[0] for _, m in points], yerr=[m[1] for _, m in points], marker="o", capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("block size at H/2 (feature pixels)")

@@ -55,9 +55,10 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
         data.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
     budget = {k: getattr(setting, k) for k in ("steps", "val_ratio", "until_plateau", "plateau_window",
                                                "eval_every", "eval_subset")}
+    tiling = {} if mnist else {"tile_size": setting.tile_size, "tile_stride": setting.tile_stride}
     return TrainConfig(dataset=dataset, root=roots[run.dataset], data=data, model=model,
                        epochs=setting.mnist_epochs if mnist else setting.epochs, seed=run.seed, lr=run.lr or None,
-                       **budget, **extra)
+                       **budget, **extra, **tiling)
 
 
 def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[list[str], np.ndarray]:
@@ -119,9 +120,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
         picks = [int(np.flatnonzero(scores.labels == label)[0]) for label in (0, 1)]
         picks += [int(np.flatnonzero(scores.labels == label)[-1]) for label in (0, 1)]
         images = torch.stack([test_set[i]["image"] for i in picks])
-        with torch.no_grad():
-            model.eval()
-            recon = model.generator(images).reconstruction
+        recon = model.eval().score(images).reconstruction  # stitched from the tiles in a tiled run
         arrays.update(figure_images=_to_uint8(images), figure_reconstructions=_to_uint8(recon))
         figure = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks]}
     keep = run.dataset != "mnist"

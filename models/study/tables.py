@@ -39,7 +39,7 @@ ABLATION_COLUMNS = (("image_auroc", "image AUROC (A, R = mean)"),
 
 
 def ablation_table(s: dict[str, Any], setting: Setting) -> list[str]:
-    div, hazelnut = default_division(setting.size), setting.dataset == "mvtec"
+    div, hazelnut = default_division(setting.network_size), setting.dataset == "mvtec"
 
     def row(name: str, division: Any, rs: list, paper: str) -> str:
         return (f"| {name} | {division} | " + " | ".join(cell(metric(rs, k)) for k, _ in ABLATION_COLUMNS) + " |"
@@ -77,8 +77,8 @@ def block_table(s: dict[str, Any], setting: Setting, keys: tuple[tuple[str, str]
     out = ["| division | block sizes (H/2..H/16) | paper's division at 256 | "
            + " | ".join(name for _, name in keys) + " | paper (MVTec mean) |", "|---|---|---|" + "---|" * (len(keys) + 1)]
     for r, rs in s["blocks"].items():
-        sizes = "/".join(str(setting.size // 2 ** (k + 1) // r) for k in range(4))
-        paper_r = r * 256 // setting.size
+        sizes = "/".join(str(setting.network_size // 2 ** (k + 1) // r) for k in range(4))
+        paper_r = r * 256 // setting.network_size
         paper = f"{PAPER_BLOCK[paper_r]:.3f}" if paper_r in PAPER_BLOCK else "—"
         out.append(f"| {r} | {sizes} | {paper_r} | " + " | ".join(cell(metric(rs, k)) for k, _ in keys)
                    + f" | {paper} |")

@@ -31,7 +31,7 @@ from typing import Any, Union
 
 import torch
 
-from ..networks import AnomalyDetector
+from ..networks import AnomalyDetector, TiledDetector
 from .atomic import PathLike, atomic_write
 from .config import TrainConfig
 
@@ -131,7 +131,7 @@ def load_into(target: Any, state: dict[str, Any], key: str, source: str) -> None
                               "edited or the state comes from another run") from e
 
 
-def restore_networks(model: AnomalyDetector, state: dict[str, Any], source: str) -> None:
+def restore_networks(model: Union[AnomalyDetector, TiledDetector], state: dict[str, Any], source: str) -> None:
     """Loads a checkpoint's generator and (where ``model`` has one) discriminator weights.
 
     Refuses, naming ``source``, weights that are missing, do not fit the model, or hold NaN or
@@ -150,10 +150,12 @@ def restore_networks(model: AnomalyDetector, state: dict[str, Any], source: str)
                                   "with a lower --lr")
 
 
-def load_detector(path: PathLike, device: torch.device) -> tuple[AnomalyDetector, TrainConfig, dict[str, Any]]:
-    """The trained networks of a checkpoint (in eval mode), its settings and the checkpoint itself."""
+def load_detector(path: PathLike, device: torch.device) -> tuple[Union[AnomalyDetector, TiledDetector], TrainConfig,
+                                                                 dict[str, Any]]:
+    """The trained detector of a checkpoint (in eval mode; a :class:`~models.networks.TiledDetector`
+    for a tiled run), its settings and the checkpoint itself."""
     state = load_checkpoint(path, map_location=device)
     config = stored_config(state, os.fspath(path))
-    model = AnomalyDetector(config.model).to(device)
+    model = config.detector().to(device)
     restore_networks(model, state, os.fspath(path))
     return model.eval(), config, state

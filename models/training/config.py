@@ -13,12 +13,13 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from ..data import OneClassDataset, build_dataset, layout
+from ..networks import AnomalyDetector, TiledDetector, Tiling
 from ..networks.config import MEMAE_ENTROPY_WEIGHT, ModelConfig
 from ..networks.losses import check_reductions
 from ..networks.maps import check_map
@@ -57,6 +58,11 @@ class TrainConfig:
     (relative) for ``plateau_window`` epochs. The validation set is a fixed ``val_ratio`` of the
     training images (the same for every seed), held out of training. ``eval_every`` evaluates on the
     test split every so many epochs, on a fixed subset of ``eval_subset`` images where that is > 0.
+
+    Tiling (:mod:`models.networks.tiler`): with ``tile_size`` T the images are read, scored and
+    mapped at ``model.size``, the working resolution, while the network takes T x T inputs
+    (:attr:`network`): it trains on random T x T crops of the augmented images and scores them by
+    tiles every ``tile_stride`` pixels (default T), stitched (:meth:`detector`).
     """
 
     dataset: str = "mvtec"
@@ -85,6 +91,8 @@ class TrainConfig:
     until_plateau: bool = False
     plateau_window: int = 5
     plateau_tolerance: float = 0.01
+    tile_size: Optional[int] = None
+    tile_stride: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -115,6 +123,34 @@ class TrainConfig:
         if self.plateau_window < 1 or self.plateau_tolerance < 0 or self.eval_subset < 0:
             raise ValueError("plateau_window must be >= 1, plateau_tolerance and eval_subset >= 0, got "
                              f"{self.plateau_window}, {self.plateau_tolerance}, {self.eval_subset}")
+        self._check_tiling()
+
+    def _check_tiling(self) -> None:
+        if self.tile_size is None:
+            if self.tile_stride is not None:
+                raise ValueError("a tile stride (--tile-stride) needs a tile size (--tile-size)")
+            return
+        if not self.model.learns:
+            raise ValueError(f"the {self.model.model} model is fitted to whole images: it takes no --tile-size")
+        if self.tile_stride is None:
+            self.tile_stride = self.tile_size
+        Tiling(self.model.size, self.tile_size, self.tile_stride)
+        self.network  # the tile must fit the network's memories too
+
+    @property
+    def network(self) -> ModelConfig:
+        """The network's settings: ``model``, with the tile size as its input in a tiled run."""
+        if self.tile_size is None:
+            return self.model
+        try:
+            return replace(self.model, size=self.tile_size)
+        except ValueError as e:
+            raise ValueError(f"the tile size (--tile-size) is the network's input: {e}") from e
+
+    def detector(self) -> Union[AnomalyDetector, TiledDetector]:
+        """A fresh detector of the run's settings: the network, scoring by tiles in a tiled run."""
+        network = AnomalyDetector(self.network)
+        return network if self.tile_size is None else TiledDetector(network, self.model.size, self.tile_stride)
 
     @property
     def learning_rate(self) -> float:
@@ -136,13 +172,16 @@ class TrainConfig:
 
     def dataset_split(self, split: str, root: Optional[str] = None, augment: bool = False,
                       skip_bad_images: bool = False) -> OneClassDataset:
-        """The ``split`` of the run's data set under ``root`` (default: the run's): "test", "train"
-        (the training images less the validation ones) or "val" (a fixed ``val_ratio`` of them)."""
+        """The ``split`` of the run's data set under ``root`` (default: the run's) at ``model.size``:
+        "test", "train" (the training images less the validation ones) or "val" (a fixed
+        ``val_ratio`` of them). ``augment``: flipped and, in a tiled run, cropped to tiles."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         images = build_dataset(self.dataset, root or self.root, "test" if split == "test" else "train",
                                self.model.size, augment=augment, skip_bad_images=skip_bad_images,
                                category=self.category, **self.data)
+        if augment and self.tile_size is not None:
+            images = images.with_crops(self.tile_size)
         if split == "test" or (split == "train" and not self.val_ratio):
             return images
         if not self.val_ratio:

@@ -21,7 +21,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 
-from ..networks import AnomalyDetector
 from ..networks.acceleration import PLAIN, SpeedOptions, adam_options, training_networks
 from ..networks.losses import (LossWeights, discriminator_accuracy, discriminator_loss, generator_loss,
                                generator_terms, weight_of)
@@ -81,7 +80,7 @@ class Trainer:
         self.amp = MixedPrecision(device, amp)
         # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
-        self.model = AnomalyDetector(config.model).to(device)
+        self.model = config.detector().to(device)  # tiled in a tiled run: its steps see the crops
         training_networks(self.model, speed)  # layout and compilation in place, before DDP wraps them
         self.generator = self._wrap(self.model.generator, ddp)
         self.discriminator = (self._wrap(self.model.discriminator, ddp)
