@@ -38,9 +38,11 @@ from .study.document import build_tables
 REPO = Path(__file__).resolve().parent.parent
 #: Folders of the data sets below the data root.
 HAZELNUT, MNIST, TILE = "mvtec_hazelnut_subset", "mnist_t10k", "magnetic_tile"
-#: The data sets each setting reads.
-NEEDS = {"full": ("mvtec", "mnist"), "quick": ("mvtec", "mnist"), "tile": ("tile",), "tile128": ("tile",),
-         "tile256-tiled": ("tile",)}
+
+
+def needs(setting: str) -> tuple[str, ...]:
+    """The data sets a setting reads: its image data set, and MNIST where it has digits."""
+    return (SETTINGS[setting].dataset,) + (("mnist",) if SETTINGS[setting].digits else ())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -65,12 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         root = Path(args.data_root) if args.data_root else data_root()
         roots = {"mvtec": args.hazelnut or str(root / HAZELNUT), "mnist": args.mnist or str(root / MNIST),
                  "tile": args.tile or str(root / TILE)}
-        roots = {k: v for k, v in roots.items() if k in NEEDS[setting]}
+        roots = {k: v for k, v in roots.items() if k in needs(setting)}
         for path in roots.values():
             if not os.path.isdir(path):
                 folders = {"mvtec": HAZELNUT, "mnist": MNIST, "tile": TILE}
                 p.error(f"data folder not found: {path} (give --data-root, or set {DATA_ROOT_ENV}, to the "
-                        f"folder that holds {' and '.join(folders[k] + '/' for k in NEEDS[setting])})")
+                        f"folder that holds {' and '.join(folders[k] + '/' for k in needs(setting))})")
         run_study(setting, out, roots, args.jobs)
     print("wrote", build_tables(setting, out))
 

@@ -165,6 +165,17 @@ def test_a_converged_study_is_judged_by_the_smoothed_scores_and_shows_its_budget
     assert (tmp_path / "figures" / "tile128_learning_curves.png").stat().st_size > 0
 
 
+def test_the_converged_hazelnut_study_has_no_mnist_part(tmp_path):
+    write_quick_study(tmp_path, "hazelnut128")
+    text = open(build_tables("hazelnut128", str(tmp_path))).read()
+    assert "## Hazelnut (setting `hazelnut128`)" in text and "MNIST" not in text
+    assert "| daad | 150-150 | 3 / 0 | 0 | 0.333 |" in text and "over 100 epochs" in text
+    assert claim(text, "DAAD vs AE, AUPRO") == ("held", [0.72, 0.62])
+    for figure in ("learning_curves", "score_distributions", "auroc_vs_block_size"):
+        assert (tmp_path / "figures" / f"hazelnut128_{figure}.png").stat().st_size > 0
+        assert f"figures/hazelnut128_{figure}.png" in text
+
+
 def test_compare_is_inconclusive_within_the_seed_spread():
     def records(*values):
         return [{"metrics": {"image_auroc": v}} for v in values]

@@ -17,7 +17,7 @@ from .tables import (PAPER_MNIST_MEAN, ablation_table, block_table, budget_table
                      diagnosis_table, mnist_table, score_table)
 
 #: The settings whose results make ``docs/RESULTS.md``, in order.
-DOC_SETTINGS = ("full", "tile", "tile128")
+DOC_SETTINGS = ("full", "hazelnut128", "tile", "tile128", "tile256-tiled")
 
 
 def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -> list[str]:
@@ -43,29 +43,42 @@ def budget_line(setting: Setting) -> str:
 
 
 def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
-    out = [f"## Hazelnut and MNIST (setting `{name}`)", "",
+    mnist = bool(setting.digits)
+    keys = CONVERGED_KEYS if setting.until_plateau else PAPER_KEYS
+    out = [f"## Hazelnut{' and MNIST' if mnist else ''} (setting `{name}`)", "",
            f"- Hazelnut at {setting.size}x{setting.size}, width {setting.width}, {budget_line(setting)}; "
-           f"MNIST at {setting.mnist_size}x{setting.mnist_size}, width {setting.mnist_width}, "
-           f"{setting.mnist_epochs} epochs, digits {list(setting.digits)}; N = {setting.num_items} items per "
-           f"memory; {setting.seeds} seeds; batch 8, Adam, the paper's learning rates.",
+           + (f"MNIST at {setting.mnist_size}x{setting.mnist_size}, width {setting.mnist_width}, "
+              f"{setting.mnist_epochs} epochs, digits {list(setting.digits)}; " if mnist else "")
+           + f"N = {setting.num_items} items per memory; {setting.seeds} seeds; batch 8, Adam, the paper's "
+           "learning rates.",
            "- Data: MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test images with "
-           "masks); MNIST test set, images 0-4999 for training (the normal digit only), 5000-9999 for testing.",
+           "masks)" + ("; MNIST test set, images 0-4999 for training (the normal digit only), 5000-9999 for "
+                       "testing." if mnist else "."),
            f"- Command: `{meta.get('command', '?')}` ({meta.get('jobs', '?')} runs in parallel).",
            *status_lines(name, records, meta), "",
-           "### Ablation on hazelnut (paper Table 3)", "", *ablation_table(s, setting), "",
-           "### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting, PAPER_KEYS), "",
-           "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
-           "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
-           f"### MNIST one-class, image AUROC (DAAD+ by the fused A; paper, DAAD: mean {PAPER_MNIST_MEAN:.3f})", "",
-           *mnist_table(s), "", "Which of the paper's claims held on MNIST (each digit is its own "
-           "comparison: the digits' AUROCs differ far more than their seeds'):", "", *mnist_claims(s),
-           "", "### Which of the paper's claims held on hazelnut", ""]
-    image_means = [m[0] for rs in s["ablation"].values() if (m := metric(rs, "image_auroc"))]
+           "### Ablation on hazelnut (paper Table 3)", "", *ablation_table(s, setting), ""]
+    if setting.until_plateau:
+        out += converged_lines(name, setting, s)
+    out += ["### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting, keys), "",
+            "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
+            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), ""]
+    if mnist:
+        out += [f"### MNIST one-class, image AUROC (DAAD+ by the fused A; paper, DAAD: mean {PAPER_MNIST_MEAN:.3f})",
+                "", *mnist_table(s), "", "Which of the paper's claims held on MNIST (each digit is its own "
+                "comparison: the digits' AUROCs differ far more than their seeds'):", "", *mnist_claims(s), ""]
+    out += ["### Which of the paper's claims held on hazelnut", ""]
+    image_means = [m[0] for rs in s["ablation"].values() if (m := metric(rs, keys[0][0]))]
     if image_means and min(image_means) >= 0.98:
         out += ["Every model finds (nearly) every anomalous image of this test set (image AUROC "
                 f">= {min(image_means):.2f}), so image AUROC cannot separate them here; pixel AUROC, "
                 "which asks where the defect is, carries the comparisons.", ""]
-    return out + claims(s) + [""]
+    return out + claims(s, keys) + [""]
+
+
+def converged_lines(name: str, setting: Setting, s: dict[str, Any]) -> list[str]:
+    """The training budget of a setting trained to the plateau, and its learning curves."""
+    return ["### Training budget: when each run stopped", "", *budget_table(s), "",
+            f"Learning curves (seed 0): ![](figures/{figure_prefix(name)}learning_curves.png)", ""]
 
 
 def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
@@ -73,7 +86,7 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
     timing = (f"one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared core "
               f"(median {statistics.median(seconds) / 60:.0f} min, more when the machine is busier)"
               if seconds else "no run has finished yet")
-    converged, prefix = setting.until_plateau, figure_prefix(name, setting)
+    converged, prefix = setting.until_plateau, figure_prefix(name)
     keys = CONVERGED_KEYS if converged else PAPER_KEYS
     tiles = (f"; networks of {setting.tile_size}x{setting.tile_size} trained on random crops, scoring tiles "
              f"{setting.tile_stride} apart stitched into one map" if setting.tile_size else "")
@@ -88,8 +101,7 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
            f"- Command: `{meta.get('command', '?')}`.", *status_lines(name, records, meta), "",
            "### Ablation (paper Table 3)", "", *ablation_table(s, setting), ""]
     if converged:
-        out += ["### Training budget: when each run stopped", "", *budget_table(s), "",
-                f"Learning curves (seed 0): ![](figures/{prefix}learning_curves.png)", ""]
+        out += converged_lines(name, setting, s)
     out += ["### Image AUROC by defect type (R as the mean / max of the smoothed map; mean over seeds)", "",
             *defect_type_table(s), "",
             "### Block size (paper Table 4)", "", *block_table(s, setting, keys), "",
@@ -119,11 +131,13 @@ def results_markdown(parts: list[tuple[str, Setting, dict, list, dict]]) -> str:
     for part in parts:
         out += (tile_section if part[1].dataset == "tile" else hazelnut_section)(*part)
         if part[1].dataset == "mvtec":
+            prefix = figure_prefix(part[0])
             out += ["## Figures (hazelnut)", "",
-                    "- Reconstructions by block size (as the paper's Figure 5): "
-                    "![](figures/reconstructions_by_block_size.png)",
-                    "- Score distributions of normal and anomalous test images: ![](figures/score_distributions.png)",
-                    "- AUROC against block size: ![](figures/auroc_vs_block_size.png)", ""]
+                    f"- Reconstructions by block size (as the paper's Figure 5): "
+                    f"![](figures/{prefix}reconstructions_by_block_size.png)",
+                    f"- Score distributions of normal and anomalous test images: "
+                    f"![](figures/{prefix}score_distributions.png)",
+                    f"- AUROC against block size: ![](figures/{prefix}auroc_vs_block_size.png)", ""]
     return "\n".join(out)
 
 
@@ -143,7 +157,7 @@ def build_tables(setting_name: str, out: str) -> str:
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
         records = load_records(raw_dir)
         s = summarise(records, setting)
-        draw_figures(s, setting, os.path.join(out, "figures"), figure_prefix(name, setting))
+        draw_figures(s, setting, os.path.join(out, "figures"), figure_prefix(name))
         parts.append((name, setting, s, records, meta))
     path = os.path.join(out, "RESULTS.md")
     text = results_markdown(parts)

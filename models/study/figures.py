@@ -13,12 +13,10 @@ from .aggregate import load_arrays, metric
 from .plan import Setting
 
 
-def figure_prefix(name: str, setting: Setting) -> str:
-    """The start of the file names of a setting's figures: none for the hazelnut study, ``tile_``
-    for the first magnetic-tile study, the setting's name for the others."""
-    if setting.dataset == "mvtec":
-        return ""
-    return "tile_" if name == "tile" else name + "_"
+def figure_prefix(name: str) -> str:
+    """The start of the file names of a setting's figures: none for the first hazelnut study (and
+    its quick version), ``tile_`` for the first magnetic-tile study, the setting's name for the others."""
+    return {"full": "", "quick": "", "tile": "tile_"}.get(name, name + "_")
 
 
 def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str, prefix: str = "") -> None:

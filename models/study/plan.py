@@ -106,6 +106,10 @@ SETTINGS = {
     "tile256-tiled": Setting(size=256, tile_size=128, tile_stride=64, width=16, epochs=1000, mnist_size=32,
                              mnist_width=16, mnist_epochs=0, digits=(), seeds=3, dataset="tile", train_ratio=0.5,
                              **CONVERGED),
+    # The hazelnut subset at 128 x 128 to the plateau: 25 training images are 3 steps an epoch,
+    # so the plateau is watched over 100 epochs (300 steps) and the test subset every 20.
+    "hazelnut128": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
+                           digits=(), seeds=3, **{**CONVERGED, "plateau_window": 100, "eval_every": 20}),
 }
 
 
