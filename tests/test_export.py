@@ -1,8 +1,11 @@
-"""Export: the fused op's decomposition (daad_ext/export.py) and ``python -m models.export``
-(pt2 through torch.export, onnx through ONNX Runtime) on the hazelnut subset, against PyTorch."""
+"""Export: the fused op's decomposition (daad_ext/export.py) and ``python -m models.export`` on the
+hazelnut subset, against PyTorch: pt2 through torch.export, onnx through ONNX Runtime, openvino
+through OpenVINO (models/inference/runtimes.py), each fed the decoded images at their own size;
+the extras a format needs, and a failed export that leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -74,9 +77,12 @@ def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_ker
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A daad+ checkpoint trained for one epoch on the hazelnut subset, and its test images."""
+    """A daad+ checkpoint trained for one epoch on the hazelnut subset, its test images as decoded
+    (uint8 (N, 512, 512, 3)) and as the data set prepares them ((N, 3, 32, 32) in [-1, 1]), and
+    their labels."""
     from models import train
     from models.data import data_root
+    from models.data.images import read_pixels
 
     hazelnut = data_root() / "mvtec_hazelnut_subset"
     if not hazelnut.is_dir():
@@ -86,8 +92,9 @@ def trained(tmp_path_factory):
                           "--division", "2", "2", "1", "--num-items", "20", "--batch", "8",
                           "--device", "cpu", "--model", "daad+", "--epochs", "1", "--out", str(out)])
     test_set = trainer.config.dataset_split("test")
+    pixels = np.stack([read_pixels(name, 3) for name in test_set.names])
     images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
-    return out / "checkpoint.pt", images, np.array(test_set.labels)
+    return out / "checkpoint.pt", pixels, images, np.array(test_set.labels)
 
 
 def pytorch_scores(checkpoint, images, image_score="max"):  # export's default image score
@@ -101,9 +108,10 @@ def pytorch_scores(checkpoint, images, image_score="max"):  # export's default i
     return s.error_map.numpy(), scorer.score(s.error_map.numpy(), s.feat.numpy())
 
 
-def check_against_pytorch(maps, scores, checkpoint, images, labels):
+def check_against_pytorch(maps, scores, trained):
     from models.inference.metrics import image_auroc
 
+    checkpoint, _, images, labels = trained
     ref_maps, ref_scores = pytorch_scores(checkpoint, images)
     np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-4)
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-4)
@@ -114,30 +122,102 @@ def check_against_pytorch(maps, scores, checkpoint, images, labels):
 def test_export_pt2(trained, tmp_path):
     from models import export
 
-    checkpoint, images, labels = trained
+    checkpoint, pixels = trained[:2]
     path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path)])
     program = torch.export.load(path)
     assert not any("daad_ext" in t for t in op_targets(program.graph))
-    maps, scores = program.module()(images)  # the whole test set in one batch: a dynamic batch
-    check_against_pytorch(maps.detach().numpy(), scores.detach().numpy(), checkpoint, images, labels)
+    maps, scores = program.module()(torch.from_numpy(pixels))  # the whole test set in one batch: a dynamic batch
+    check_against_pytorch(maps.detach().numpy(), scores.detach().numpy(), trained)
     info = json.loads((tmp_path / "detector.json").read_text())
     assert info["size"] == 32 and info["outputs"] == ["anomaly_map", "score"] and info["format"] == "pt2"
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_export_onnx_runs_in_onnx_runtime(trained, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+@pytest.mark.parametrize("fmt,files", [("onnx", ["detector.onnx"]), ("openvino", ["detector.bin", "detector.xml"])])
+def test_export_runs_in_its_runtime(trained, tmp_path, fmt, files):
+    """ONNX Runtime and OpenVINO (float32) on the exported graph: the maps and scores of PyTorch,
+    the same AUROC; another batch size and another image size run too. Not skipped where a
+    runtime is missing: requirements.txt installs both, and CI checks them."""
+    from models import export
+    from models.inference.runtimes import load_runtime
+
+    checkpoint, pixels = trained[:2]
+    out = tmp_path / fmt
+    path = export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["detector.json"])
+    runtime = load_runtime(path)
+    assert runtime.info["format"] == fmt and runtime.info["input_layout"] == "NHWC"
+    maps, scores = runtime.run(pixels)
+    check_against_pytorch(maps, scores, trained)
+    one_map, one_score = load_runtime(str(out)).run(pixels[:1])  # the folder; another batch size
+    np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
+    small = runtime.run(pixels[:2, :200, :300])
+    assert small[0].shape == (2, 32, 32) and np.isfinite(small[1]).all()
+    with pytest.raises(ValueError, match="uint8 images"):
+        runtime.run(pixels.astype(np.float32))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_openvino_bf16_runs(trained, tmp_path):
+    """bf16 (the benchmark's row) runs and stays near float32, and differs from it where the CPU has
+    bfloat16 (elsewhere OpenVINO computes in float32)."""
+    import openvino
+
+    from models import export
+    from models.inference.runtimes import load_runtime
+
+    checkpoint, pixels = trained[:2]
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(tmp_path)])
+    _, fp32 = load_runtime(path).run(pixels[:4])
+    _, bf16 = load_runtime(path, precision="bf16").run(pixels[:4])
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert not np.array_equal(bf16, fp32)  # the hint took effect
+    with pytest.raises(ValueError, match="fp32"):
+        load_runtime(path, precision="fp16")
+
+
+@pytest.mark.parametrize("fmt,module,extra", [("onnx", "onnxscript", "onnx"), ("openvino", "openvino", "openvino")])
+def test_a_missing_extra_is_named_and_nothing_is_written(trained, tmp_path, capsys, monkeypatch, fmt, module, extra):
     from models import export
 
-    checkpoint, images, labels = trained
-    path = export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path)])
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
-    maps, scores = session.run(None, {"image": images.numpy()})
-    check_against_pytorch(maps, scores, checkpoint, images, labels)
-    one_map, one_score = session.run(None, {"image": images[:1].numpy()})  # another batch size
-    np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "graph"
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(trained[0]), "--format", fmt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"pip install 'daad-ext[{extra}]'" in err and module in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_runtime_is_named(tmp_path, monkeypatch):
+    from models.inference.graph import MissingExtraError
+    from models.inference.runtimes import load_runtime
+
+    (tmp_path / "detector.json").write_text(json.dumps({"format": "onnx", "input_dtype": "uint8"}))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingExtraError, match=r"onnxruntime.*pip install 'daad-ext\[onnx\]'"):
+        load_runtime(str(tmp_path))
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(trained, tmp_path, monkeypatch):
+    """Into a new folder: nothing; into an existing one: its files untouched; no temporaries."""
+    from models import export
+    from models.inference import graph
+
+    def fail(program, images, path):
+        open(path, "wb").write(b"half a graph")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(graph.WRITERS, "pt2", fail)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "detector.json").write_text("{}")
+    for out in (tmp_path / "new", kept):
+        with pytest.raises(OSError, match="disk full"):
+            export.export(str(trained[0]), "pt2", str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert [p.name for p in kept.iterdir()] == ["detector.json"] and (kept / "detector.json").read_text() == "{}"
 
 
 def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
@@ -155,24 +235,32 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("image_score", ["mean", "max"])
 def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
-    """The one scorer behind every path: ``predict`` (NumPy on single images), the exported graph
-    (torch), and ``evaluate``, whose image AUROC is that of the per-image scores it writes."""
+    """The one scorer and the one resize behind every path: ``predict`` (NumPy on single files),
+    the exported graph (torch) fed the decoded pixels of a file at its own size (another than the
+    training images' 512 x 512), and ``evaluate``, whose image AUROC is that of the per-image
+    scores it writes."""
+    from PIL import Image
+
     from models import evaluate, export, predict
     from models.data import data_root, load_image
+    from models.data.images import read_pixels
     from models.inference.metrics import image_auroc
 
-    checkpoint, _, _ = trained
+    checkpoint = trained[0]
     root = data_root() / "mvtec_hazelnut_subset"
-    files = sorted(str(p) for p in (root / "test" / "colour").iterdir())[:3]
+    files = []
+    for i, source in enumerate(sorted((root / "test" / "colour").iterdir())[:3]):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.open(source).resize((301 + 40 * i, 257)).save(files[-1])  # smaller, not square
     # The plain float32 model, as the graph computes it (predict's default adds bfloat16 autocast).
     predicted = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score, fast=False)
     path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path / "graph"),
                         "--image-score", image_score])
     assert json.loads((tmp_path / "graph" / "detector.json").read_text())["image_score"] == image_score
-    batch = torch.stack([load_image(f, 3, 32) for f in files])
-    _, graph_scores = torch.export.load(path).module()(batch)
-    np.testing.assert_allclose(graph_scores.detach().numpy(), [r["score"] for r in predicted], rtol=0, atol=1e-5)
-    _, reference = pytorch_scores(checkpoint, batch, image_score)
+    graph = torch.export.load(path).module()
+    graph_scores = [graph(torch.tensor(read_pixels(f, 3))[None])[1].item() for f in files]
+    np.testing.assert_allclose(graph_scores, [r["score"] for r in predicted], rtol=0, atol=1e-5)
+    _, reference = pytorch_scores(checkpoint, torch.stack([load_image(f, 3, 32) for f in files]), image_score)
     np.testing.assert_allclose([r["score"] for r in predicted], reference, rtol=0, atol=1e-6)
     result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
                             "--image-score", image_score, "--num-heatmaps", "0"])  # fast: bf16 autocast
