@@ -8,8 +8,8 @@ The resize is PyTorch's antialiased bilinear one (``F.interpolate(mode="bilinear
 antialias=True, align_corners=False)``, PIL's filter) written as two matrix products,
 ``Wy @ x @ Wx.T``, whose weights are computed from the input's height and width. Written so, it
 exports to ONNX and OpenVINO with a dynamic height and width and computes the same numbers
-there: ONNX's ``Resize(antialias=1)`` is close to PyTorch's, OpenVINO's antialiased
-``Interpolate`` is not (0.9 apart on [-1, 1] at 50x60 -> 32x32).
+there: ONNX's ``Resize(antialias=1)`` is close to PyTorch's, but OpenVINO's antialiased
+``Interpolate`` is not (up to 1 apart on [-1, 1] from 50x60 or 200x173 to 32x32).
 
 Example:
     >>> import torch

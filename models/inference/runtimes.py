@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -32,12 +33,12 @@ class Runtime:
     extra = ""
     precisions: tuple[str, ...] = ("fp32",)
 
-    def __init__(self, path: str, info: dict, precision: str) -> None:
+    def __init__(self, path: str, info: dict, precision: str, threads: Optional[int]) -> None:
         if precision not in self.precisions:
             raise ValueError(f"the {info['format']} runtime runs {' or '.join(self.precisions)}, not {precision}")
         if self.modules:
             require(self.modules, self.extra, f"running a {info['format']} export")
-        self.info, self.precision = info, precision
+        self.info, self.precision, self.threads = info, precision, threads
         self.load(path)
 
     def load(self, path: str) -> None:
@@ -64,7 +65,10 @@ class OnnxRuntime(Runtime):
     def load(self, path: str) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return tuple(self.session.run(None, {INPUT: images}))
@@ -78,8 +82,11 @@ class OpenVinoRuntime(Runtime):
     def load(self, path: str) -> None:
         import openvino as ov
 
-        hint = {"fp32": "f32", "bf16": "bf16"}[self.precision]  # explicit: OpenVINO's default is bf16 where it can
-        self.model = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        # The precision always explicit: OpenVINO's default is bf16 where the CPU has it.
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.precision]}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self.model = ov.Core().compile_model(path, "CPU", config)
 
     def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         result = self.model(images)
@@ -87,7 +94,7 @@ class OpenVinoRuntime(Runtime):
 
 
 class TorchRuntime(Runtime):
-    """``torch.export.load`` of a pt2 export, run eagerly."""
+    """``torch.export.load`` of a pt2 export, run eagerly (on torch's own threads)."""
 
     def load(self, path: str) -> None:
         self.module = torch.export.load(path).module()
@@ -101,9 +108,10 @@ class TorchRuntime(Runtime):
 RUNTIMES = {"onnx": OnnxRuntime, "openvino": OpenVinoRuntime, "pt2": TorchRuntime}
 
 
-def load_runtime(path: str, precision: str = "fp32") -> Runtime:
+def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = None) -> Runtime:
     """The export in folder ``path`` (or the folder of the graph file ``path``) in its format's
-    runtime, computing in ``precision`` (:data:`PRECISIONS`)."""
+    runtime, computing in ``precision`` (:data:`PRECISIONS`) on ``threads`` threads (default: the
+    runtime's, one a core)."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     info_path = os.path.join(folder, INFO_FILE)
     if not os.path.isfile(info_path):
@@ -112,4 +120,4 @@ def load_runtime(path: str, precision: str = "fp32") -> Runtime:
         info = json.load(f)
     if info.get("format") not in RUNTIMES or info.get("input_dtype") != "uint8":
         raise ValueError(f"{info_path}: a {info.get('format')} export of an older or unknown kind; export it again")
-    return RUNTIMES[info["format"]](os.path.join(folder, FORMATS[info["format"]].file), info, precision)
+    return RUNTIMES[info["format"]](os.path.join(folder, FORMATS[info["format"]].file), info, precision, threads)
