@@ -110,8 +110,8 @@ RUNTIMES = {"onnx": OnnxRuntime, "openvino": OpenVinoRuntime, "pt2": TorchRuntim
 
 def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = None) -> Runtime:
     """The export in folder ``path`` (or the folder of the graph file ``path``) in its format's
-    runtime, computing in ``precision`` (:data:`PRECISIONS`) on ``threads`` threads (default: the
-    runtime's, one a core)."""
+    runtime, computing in ``precision`` (:data:`PRECISIONS`); ``threads`` sets ONNX Runtime's and
+    OpenVINO's intra-op threads (default: theirs, one a core)."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     info_path = os.path.join(folder, INFO_FILE)
     if not os.path.isfile(info_path):
