@@ -16,8 +16,10 @@ an image fed at its own size scores as ``predict`` scores its file. ONNX Runtime
 ``torch.export.load`` need neither daad_ext nor this package; :func:`models.inference.runtimes.load_runtime`
 runs any of them. Beside it, ``detector.json`` records the model's size and channels, the input's
 layout, the scoring and its calibration and the output names. The batch, height and width are
-dynamic. The folder is written all or nothing. ``onnx`` needs the ``[onnx]`` extra, ``openvino``
-(OpenVINO's IR, ``detector.xml`` and ``.bin``) the ``[openvino]`` extra.
+dynamic. The folder is written all or nothing, once the graph, run in its runtime on images of
+another size, has computed what PyTorch computes (maps and scores within 1e-4 of the largest).
+``onnx`` needs the ``[onnx]`` extra, ``openvino`` (OpenVINO's IR, ``detector.xml`` and ``.bin``)
+the ``[openvino]`` extra.
 
 Example:
     python -m models.export --checkpoint runs/hazelnut/checkpoint.pt --format onnx --out runs/hazelnut/onnx
@@ -32,7 +34,8 @@ import torch
 
 from .cli import add_image_score_option, command_parser, program
 from .inference import DEFAULT_IMAGE_SCORE, Scorer
-from .inference.graph import FORMATS, MissingExtraError, ScoringGraph, export_graph, require_format
+from .inference.graph import FORMATS, ScoringGraph, export_graph, require_format
+from .inference.runtimes import MissingExtraError
 from .training import load_detector
 
 

@@ -191,10 +191,9 @@ def test_a_missing_extra_is_named_and_nothing_is_written(trained, tmp_path, caps
 
 
 def test_a_missing_runtime_is_named(tmp_path, monkeypatch):
-    from models.inference.graph import MissingExtraError
-    from models.inference.runtimes import load_runtime
+    from models.inference.runtimes import MissingExtraError, load_runtime
 
-    (tmp_path / "detector.json").write_text(json.dumps({"format": "onnx", "input_dtype": "uint8"}))
+    (tmp_path / "detector.json").write_text(json.dumps({"format": "onnx", "input_dtype": "uint8", "file": "detector.onnx"}))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"onnxruntime.*pip install 'daad-ext\[onnx\]'"):
         load_runtime(str(tmp_path))
@@ -218,6 +217,19 @@ def test_a_failed_export_leaves_the_folder_as_it_was(trained, tmp_path, monkeypa
             export.export(str(trained[0]), "pt2", str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
     assert [p.name for p in kept.iterdir()] == ["detector.json"] and (kept / "detector.json").read_text() == "{}"
+
+
+def test_an_export_that_computes_otherwise_is_refused(trained, tmp_path, capsys, monkeypatch):
+    """export runs what it wrote in its runtime before it keeps it: scores 1e-3 off are refused."""
+    from models import export
+    from models.inference.runtimes import TorchRuntime
+
+    run = TorchRuntime.outputs
+    monkeypatch.setattr(TorchRuntime, "outputs", lambda self, images: (run(self, images)[0], run(self, images)[1] + 1e-3))
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(trained[0]), "--format", "pt2", "--out", str(tmp_path / "graph")])
+    assert "the pt2 export computes score up to 0.001 away from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):

@@ -10,11 +10,11 @@ OpenVINO or ``torch.export.load`` need neither daad_ext nor this package
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,41 +23,30 @@ from daad_ext.export import decompose
 from ..data.preprocess import to_model_input
 from ..networks import AnomalyDetector
 from ..training.atomic import atomic_folder, write_json
+from .runtimes import INFO_FILE, INPUT, OUTPUTS, load_runtime, require
 from .scorer import Scorer
 
-INPUT = "image"
-OUTPUTS = ("anomaly_map", "score")
-INFO_FILE = "detector.json"
 #: ONNX opset of the exported graph (ONNX Runtime 1.17+ and OpenVINO 2024+ run it).
 OPSET = 18
+#: The most an export's maps and scores may differ from PyTorch's, relative to the largest
+#: (float32 rounding in another order of operations; tests/test_export.py holds them to 1e-4).
+CHECK_TOLERANCE = 1e-4
 
 
-class MissingExtraError(ImportError):
-    """A format or runtime whose packages are not installed; the message names the pip extra."""
-
-
-def require(modules: tuple[str, ...], extra: str, purpose: str) -> None:
-    """Raises :class:`MissingExtraError` unless every module imports."""
-    missing = []
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, not installed: "
-                                f"pip install 'daad-ext[{extra}]'")
+class ExportCheckError(ValueError):
+    """An exported graph that does not compute what the PyTorch graph computes."""
 
 
 @dataclass(frozen=True)
 class Format:
-    """An export format: its graph file in the folder and the packages that write it."""
+    """An export format: its graph file in the folder and the packages that write it and run it
+    (to check it), installed by the pip extra ``extra``."""
     file: str
     modules: tuple[str, ...] = ()
     extra: Optional[str] = None
 
 
-FORMATS = {"onnx": Format("detector.onnx", ("onnx", "onnxscript"), "onnx"),
+FORMATS = {"onnx": Format("detector.onnx", ("onnx", "onnxscript", "onnxruntime"), "onnx"),
            "openvino": Format("detector.xml", ("openvino",), "openvino"),
            "pt2": Format("detector.pt2")}
 
@@ -79,10 +68,11 @@ class ScoringGraph(nn.Module):
 
 
 def example_images(model: AnomalyDetector, batch: int = 2) -> torch.Tensor:
-    """uint8 (batch, H, W, C) images to trace the graph with, of another size than the model's
-    (so that nothing is specialised to it)."""
+    """Random uint8 (batch, H, W, C) images, of another size than the model's, to trace the graph
+    with (so that nothing is specialised to the model's size) and to check the export on."""
     size = model.config.size
-    return torch.zeros(batch, size + 3, size + 5, model.config.in_channels, dtype=torch.uint8)
+    return torch.randint(0, 256, (batch, size + 3, size + 5, model.config.in_channels), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
 
 
 def export_program(graph: ScoringGraph, images: torch.Tensor) -> torch.export.ExportedProgram:
@@ -126,10 +116,24 @@ def require_format(fmt: str) -> Format:
     return spec
 
 
+def check_export(graph: ScoringGraph, folder: str, images: torch.Tensor) -> None:
+    """Raises :class:`ExportCheckError` unless the export in ``folder``, in its runtime, computes
+    the maps and scores of ``graph`` on ``images`` (:data:`CHECK_TOLERANCE`)."""
+    with torch.no_grad():
+        expected = [t.numpy() for t in graph(images)]
+    runtime = load_runtime(folder)
+    for name, want, got in zip(OUTPUTS, expected, runtime.run(images.numpy())):
+        gap, scale = float(np.abs(got - want).max()), max(1.0, float(np.abs(want).max()))
+        if not gap <= CHECK_TOLERANCE * scale:  # also a NaN gap
+            raise ExportCheckError(f"the {runtime.info['format']} export computes {name} up to {gap:.3g} away "
+                                   f"from PyTorch (more than {CHECK_TOLERANCE:g} x {scale:.3g}); nothing was written")
+
+
 def export_graph(graph: ScoringGraph, fmt: str, out: str, info: dict[str, Any]) -> str:
     """Writes the graph in format ``fmt`` (:data:`FORMATS`) and ``detector.json`` (``info``, the
-    input and output names and the scoring) to ``out``, all or nothing; returns the graph's path.
-    The graph runs on the CPU."""
+    input and output names and the scoring) to ``out``, all or nothing, once the export, run in
+    its runtime, has computed what PyTorch computes (:func:`check_export`); returns the graph's
+    path. The graph runs on the CPU."""
     spec = require_format(fmt)
     model = graph.model.cpu()
     for memory in model.memories():  # exported on the CPU: a checkpoint trained with --backend cuda too
@@ -144,4 +148,5 @@ def export_graph(graph: ScoringGraph, fmt: str, out: str, info: dict[str, Any]) 
                     "input_layout": "NHWC", "input_dtype": "uint8", "outputs": list(OUTPUTS), "gamma": s.gamma,
                     "image_score": s.image_score, "sigma": s.sigma, "anomaly_map": s.anomaly_map,
                     "calibration": dict(s.calibration), "format": fmt, "file": spec.file}, indent=2)
+        check_export(graph, folder, images)
     return os.path.join(out, spec.file)

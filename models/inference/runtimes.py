@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Optional
@@ -20,7 +21,28 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .graph import FORMATS, INFO_FILE, INPUT, OUTPUTS, require
+#: The names of the graph's input and outputs, and of the description beside it.
+INPUT = "image"
+OUTPUTS = ("anomaly_map", "score")
+INFO_FILE = "detector.json"
+
+
+class MissingExtraError(ImportError):
+    """A format or runtime whose packages are not installed; the message names the pip extra."""
+
+
+def require(modules: tuple[str, ...], extra: str, purpose: str) -> None:
+    """Raises :class:`MissingExtraError` unless every module imports."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, not installed: "
+                                f"pip install 'daad-ext[{extra}]'")
+
 
 #: Precisions of :func:`load_runtime`; bf16 is OpenVINO's (its inference precision hint).
 PRECISIONS = ("fp32", "bf16")
@@ -120,4 +142,4 @@ def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = No
         info = json.load(f)
     if info.get("format") not in RUNTIMES or info.get("input_dtype") != "uint8":
         raise ValueError(f"{info_path}: a {info.get('format')} export of an older or unknown kind; export it again")
-    return RUNTIMES[info["format"]](os.path.join(folder, FORMATS[info["format"]].file), info, precision, threads)
+    return RUNTIMES[info["format"]](os.path.join(folder, info["file"]), info, precision, threads)
