@@ -5,10 +5,11 @@ Rooms by job, each importing only from the rooms before it:
 * :mod:`models.data`: the data layouts (one module each) and image files;
 * :mod:`models.networks`: the plain networks, their settings and losses;
 * :mod:`models.training`: the run's settings, the training step and loop, checkpoints;
-* :mod:`models.inference`: the one scorer, metrics, evaluation, prediction, the exported graph;
+* :mod:`models.inference`: the one scorer and its calibration, metrics, evaluation, the Python API
+  that predicts images (:class:`Detector`), the exported graph;
 * :mod:`models.study`: the reproduction study;
 * the commands, thin layers over those: ``python -m models.train`` / ``evaluate`` / ``predict`` /
-  ``export`` / ``reproduce`` (installed as ``daad-train`` ...).
+  ``export`` / ``calibrate`` / ``reproduce`` (installed as ``daad-train`` ...).
 
 See docs/MODELS.md.
 
@@ -20,10 +21,10 @@ Example:
     torch.Size([1])
 """
 from .data import build_dataset
-from .inference import Scorer, collect_scores, compute_metrics
+from .inference import Detector, Prediction, Scorer, collect_scores, compute_metrics
 from .networks import MODEL_NAMES, AnomalyDetector, Discriminator, Generator, ModelConfig, fit_mean_image
 from .training import TrainConfig, Trainer, load_detector
 
-__all__ = ["MODEL_NAMES", "AnomalyDetector", "Discriminator", "Generator", "ModelConfig", "Scorer",
-           "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "fit_mean_image",
+__all__ = ["MODEL_NAMES", "AnomalyDetector", "Detector", "Discriminator", "Generator", "ModelConfig", "Prediction",
+           "Scorer", "TrainConfig", "Trainer", "build_dataset", "collect_scores", "compute_metrics", "fit_mean_image",
            "load_detector"]

@@ -1,5 +1,5 @@
 """The console commands of ``pip install ".[models]"``: daad-train, daad-evaluate, daad-predict,
-daad-export, daad-reproduce (each the ``main`` of ``python -m models.<command>``, whose result a
+daad-export, daad-calibrate, daad-reproduce (each the ``main`` of ``python -m models.<command>``, whose result a
 console script must not return as its exit status), and the parser every command starts from."""
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def predict() -> None:
 
 def export() -> None:
     from .export import main
+    main()
+
+
+def calibrate() -> None:
+    from .calibrate import main
     main()
 
 

@@ -5,7 +5,11 @@ from the checkpoint) and writes to ``--out``:
 
 * ``metrics.json``: image AUROC of the fused score A(x) (and of R and L alone), pixel AUROC and
   AUPRO where ground-truth masks exist, the best image F1 (and its threshold), the image AUROC of
-  each defect type (models/inference/metrics.py), and every image's score;
+  each defect type (models/inference/metrics.py), all of the test set scaled by its own range (the
+  paper's protocol: they do not depend on the calibration); at the thresholds stored in the
+  checkpoint (models/inference/calibration.py), the image F1, precision, recall and confusion
+  counts (image_decision) and the pixel ones (pixel_decision); every image's score (pred_score,
+  as daad-predict gives it: 0.5 is the threshold) and label;
 * ``roc.png``: the image-level ROC curve;
 * ``heatmaps/*.png``: input, reconstruction, anomaly map and mask for a sample of test images.
 
@@ -18,15 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from typing import Any, Optional, Sequence
 
 from .cli import add_image_score_option, add_speed_option, command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import DEFAULT_IMAGE_SCORE, Scorer
-from .inference.evaluation import evaluate_detector
+from .inference.evaluation import MetricWarning, evaluate_detector
 from .networks.acceleration import FAST_INFERENCE, PLAIN, inference_model
 from .networks.maps import ANOMALY_MAPS
-from .training import load_detector
+from .training import TrainConfig, load_detector
 from .training.distributed import resolve_device
 
 
@@ -65,9 +70,25 @@ def evaluate(checkpoint: str, out: str, root: Optional[str] = None, gamma: Optio
     model = inference_model(model, speed)
     test_set = config.dataset_split("test", root=root, skip_bad_images=skip_bad_images)
     scorer = Scorer.for_run(config, image_score, sigma, gamma, anomaly_map=anomaly_map)
+    decider = stored_decision(config, state, checkpoint, image_score, scorer.anomaly_map)
     about = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model, "dataset": config.dataset,
              "size": config.model.size, "epoch": state["epoch"]}
-    return evaluate_detector(model, test_set, scorer, out, dev, batch, num_heatmaps, smooth, about, speed)
+    return evaluate_detector(model, test_set, scorer, out, dev, batch, num_heatmaps, smooth, about, speed, decider)
+
+
+def stored_decision(config: TrainConfig, state: dict[str, Any], checkpoint: str, image_score: str,
+                    anomaly_map: str) -> Optional[Scorer]:
+    """The checkpoint's calibrated scorer (the run's gamma and sigma, whatever --gamma and --sigma
+    say); None, with a warning, where it has no thresholds or the maps are of another kind."""
+    if anomaly_map != config.anomaly_map:
+        warnings.warn(f"no decision metrics: the checkpoint's thresholds are of {config.anomaly_map!r} maps, not "
+                      f"{anomaly_map!r}", MetricWarning)
+        return None
+    try:
+        return Scorer.calibrated(config, state, checkpoint, image_score)
+    except ValueError as e:
+        warnings.warn(f"no decision metrics, scores scaled over the test set: {e}", MetricWarning)
+        return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -80,8 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                           args.smooth_maps, args.anomaly_map, not args.no_fast)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    summary = {k: result[k] for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",
-                                      "image_f1", "image_auroc_per_defect")}
+    summary = {k: result.get(k) for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",
+                                          "image_f1", "image_decision", "image_auroc_per_defect")}
     print(json.dumps(summary))
     return result
 

@@ -33,7 +33,7 @@ from .cli import command_parser
 from .data import DATA_ROOT_ENV, data_root
 from .study.plan import SETTINGS
 from .study.run import run_study
-from .study.tables import build_tables
+from .study.document import build_tables
 
 REPO = Path(__file__).resolve().parent.parent
 #: Folders of the data sets below the data root.

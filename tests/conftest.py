@@ -61,3 +61,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A daad+ detector trained for one epoch on the hazelnut subset at 32x32 (seconds, one thread)
+    with a quarter of the training images held out (``--val-ratio 0.25``), plain float32: its
+    checkpoint and its trainer."""
+    import warnings
+
+    from models import train
+    from models.inference.run_scoring import UntrainedWarning
+
+    hazelnut = _real_data("mvtec_hazelnut_subset")
+    out = tmp_path_factory.mktemp("tiny_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWarning)  # one epoch: it has not learnt yet
+        trainer = train.main(["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",
+                              "--division", "2", "2", "1", "--num-items", "20", "--batch", "8", "--device", "cpu",
+                              "--model", "daad+", "--epochs", "1", "--val-ratio", "0.25", "--no-fast",
+                              "--out", str(out)])
+    torch.set_num_threads(threads)
+    return out / "checkpoint.pt", trainer
+

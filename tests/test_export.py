@@ -139,6 +139,7 @@ def test_export_runs_in_its_runtime(trained, tmp_path, fmt, files):
     the same AUROC; another batch size and another image size run too. Not skipped where a
     runtime is missing: requirements.txt installs both, and CI checks them."""
     from models import export
+    from models.data.preprocess import to_model_input
     from models.inference.runtimes import load_runtime
 
     checkpoint, pixels = trained[:2]
@@ -151,8 +152,11 @@ def test_export_runs_in_its_runtime(trained, tmp_path, fmt, files):
     check_against_pytorch(maps, scores, trained)
     one_map, one_score = load_runtime(str(out)).run(pixels[:1])  # the folder; another batch size
     np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
-    small = runtime.run(pixels[:2, :200, :300])
-    assert small[0].shape == (2, 32, 32) and np.isfinite(small[1]).all()
+    crop = pixels[:2, :200, :300]  # another size, not square: resized in the graph as the loader resizes
+    small_maps, small_scores = runtime.run(crop)
+    ref_maps, ref_scores = pytorch_scores(checkpoint, to_model_input(torch.from_numpy(crop).permute(0, 3, 1, 2), 32))
+    np.testing.assert_allclose(small_maps, ref_maps, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(small_scores, ref_scores, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="uint8 images"):
         runtime.run(pixels.astype(np.float32))
 
@@ -247,35 +251,51 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("image_score", ["mean", "max"])
 def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
-    """The one scorer and the one resize behind every path: ``predict`` (NumPy on single files),
-    the exported graph (torch) fed the decoded pixels of a file at its own size (another than the
-    training images' 512 x 512), and ``evaluate``, whose image AUROC is that of the per-image
-    scores it writes."""
-    from PIL import Image
-
-    from models import evaluate, export, predict
+    """One calibration behind every path: ``evaluate``'s per-image score, ``predict``'s, the Python
+    API's (NumPy, float64) and the exported graphs' (float32; pt2, ONNX and OpenVINO, fed the
+    decoded 512 x 512 pixels, resized in the graph) are the same ``pred_score`` and give the same
+    label; evaluate's AUROC is that of the raw fused scores."""
+    from models import Detector, evaluate, export, predict
     from models.data import data_root, load_image
     from models.data.images import read_pixels
     from models.inference.metrics import image_auroc
+    from models.inference.runtimes import load_runtime
 
     checkpoint = trained[0]
     root = data_root() / "mvtec_hazelnut_subset"
-    files = []
-    for i, source in enumerate(sorted((root / "test" / "colour").iterdir())[:3]):
-        files.append(str(tmp_path / f"{i}.png"))
-        Image.open(source).resize((301 + 40 * i, 257)).save(files[-1])  # smaller, not square
-    # The plain float32 model, as the graph computes it (predict's default adds bfloat16 autocast).
-    predicted = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score, fast=False)
-    path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path / "graph"),
-                        "--image-score", image_score])
-    assert json.loads((tmp_path / "graph" / "detector.json").read_text())["image_score"] == image_score
-    graph = torch.export.load(path).module()
-    graph_scores = [graph(torch.tensor(read_pixels(f, 3))[None])[1].item() for f in files]
-    np.testing.assert_allclose(graph_scores, [r["score"] for r in predicted], rtol=0, atol=1e-5)
-    _, reference = pytorch_scores(checkpoint, torch.stack([load_image(f, 3, 32) for f in files]), image_score)
-    np.testing.assert_allclose([r["score"] for r in predicted], reference, rtol=0, atol=1e-6)
+    # Images with both labels and scores between 0 and 1 by either image score (this seeded run's).
+    files = [str(root / "test" / kind / name) for kind, name in (("colour", "00.jpg"), ("colour", "03.jpg"),
+             ("colour", "07.jpg"), ("colour", "13.jpg"), ("good", "05.jpg"), ("good", "28.jpg"))]
+    # The plain float32 model everywhere, as the graph computes it (the default adds bfloat16 autocast).
+    report = predict.predict(str(checkpoint), files, str(tmp_path / "pred"), "cpu", image_score, fast=False)
+    predicted = np.array([r["score"] for r in report["predictions"]])
+    api = Detector.load(checkpoint, "cpu", image_score, fast=False).predict(files)
+    batch = torch.stack([load_image(f, 3, 32) for f in files])
+    pixels = np.stack([read_pixels(f, 3) for f in files])
+    graphs = {}
+    for fmt in ("pt2", "onnx", "openvino"):
+        path = export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / fmt),
+                            "--image-score", image_score])
+        assert json.loads((tmp_path / fmt / "detector.json").read_text())["image_score"] == image_score
+        graphs[fmt] = load_runtime(path).run(pixels)[1]
     result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
-                            "--image-score", image_score, "--num-heatmaps", "0"])  # fast: bf16 autocast
+                            "--image-score", image_score, "--num-heatmaps", "0", "--no-fast"])
+    by_name = {i["name"]: i for i in result["images"]}
+    evaluated = np.array([by_name[f]["score"] for f in files])
+    paths = {"predict": predicted, "api": np.array([r.pred_score for r in api]), "evaluate": evaluated, **graphs}
+    _, reference = pytorch_scores(checkpoint, batch, image_score)
+    for name, scores in paths.items():
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-5, err_msg=name)
+        clear = np.abs(reference - 0.5) > 1e-5  # a score within rounding of the boundary may go either way
+        np.testing.assert_array_equal(scores[clear] >= 0.5, reference[clear] >= 0.5, err_msg=name)
+    assert 0 < (reference >= 0.5).sum() < len(files)  # both labels among the images
+    assert [r["label"] for r in report["predictions"]] == [r.label for r in api]
+    assert [by_name[f]["pred_label"] for f in files] == [r.pred_label for r in api]
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["image_auroc"] == result["image_auroc"] == image_auroc(
-        [i["label"] for i in written["images"]], [i["score"] for i in written["images"]])
+        [i["label"] for i in written["images"]], [i["fused"] for i in written["images"]])
+    counts = written["image_decision"]
+    labels = np.array([i["label"] for i in written["images"]])
+    decided = np.array([i["pred_label"] for i in written["images"]])
+    assert (counts["tp"], counts["fp"]) == (int((decided & (labels == 1)).sum()), int((decided & (labels == 0)).sum()))
+    assert counts["tp"] + counts["fp"] + counts["tn"] + counts["fn"] == len(labels)

@@ -62,8 +62,9 @@ def test_train_evaluate_predict(hazelnut, tiny, tmp_path, capsys):
 
     images = [str(hazelnut / "test" / "colour" / "00.jpg"), str(hazelnut / "test" / "good" / "04.jpg")]
     by_max = predict.predict(str(out / "checkpoint.pt"), images, str(tmp_path / "pred-max"), "cpu", "max")
-    assert all(math.isfinite(r["score"]) for r in by_max)
-    results = predict.main([str(out / "checkpoint.pt"), *images, "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert all(0 <= r["score"] <= 1 for r in by_max["predictions"])
+    results = predict.main([str(out / "checkpoint.pt"), *images, "--out", str(tmp_path / "pred"),
+                            "--device", "cpu"])["predictions"]
     printed = capsys.readouterr().out
     assert all(img in printed and "score=" in printed for img in images)
     assert [Path(r["heatmap"]).name for r in results] == ["00_heatmap.png", "04_heatmap.png"]
@@ -245,5 +246,6 @@ def test_the_detector_that_learns_nothing_is_a_model_of_the_commands(tiny, hazel
                             "--num-heatmaps", "2", "--device", "cpu"])
     assert result["model"] == "mean-image" and 0 <= result["image_auroc"] <= 1
     image = str(hazelnut / "test" / "colour" / "00.jpg")
-    assert math.isfinite(predict.predict(str(out / "checkpoint.pt"), [image], str(tmp_path / "pred"), "cpu")[0]["score"])
+    report = predict.predict(str(out / "checkpoint.pt"), [image], str(tmp_path / "pred"), "cpu")
+    assert math.isfinite(report["predictions"][0]["score"])
     assert export.main(["--checkpoint", str(out / "checkpoint.pt"), "--format", "pt2", "--out", str(tmp_path / "g")])

@@ -2,7 +2,7 @@
 synthetic run records (no training)."""
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -15,7 +15,8 @@ from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import defect_types, execute, portable_command, run_config, run_study, save_arrays
 from models.study.claims import compare, mnist_claims, near_chance
-from models.study.tables import build_tables, mnist_table
+from models.study.document import build_tables
+from models.study.tables import mnist_table
 
 
 def test_plan_covers_every_cell_once():
@@ -62,8 +63,9 @@ def test_tile_plan_puts_the_most_telling_runs_first():
 
 
 def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
+    pixel = pixel if run.dataset != "mnist" else None
     metrics = {"gamma": 0.9 if feat else 1.0, "image_auroc": image, "image_auroc_rec": image,
-               "pixel_auroc": pixel if run.dataset == "mvtec" else None}
+               "pixel_auroc": pixel, "pixel_auroc_raw": pixel}
     arrays = {"labels": np.array([0, 1, 1], np.int8), "rec": np.array([0.1, 0.3, 0.2], np.float32)}
     if feat:
         metrics["image_auroc_feat"] = 0.5
@@ -75,18 +77,30 @@ def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> di
             "history": history, "train_s": 1.0}
 
 
-def write_quick_study(out) -> None:
-    """Records of every run of the quick study: DAAD+ > DAAD > MemAE > AE > AE+Skip, division 2 best."""
-    raw = out / "raw" / "quick"
+def write_quick_study(out, setting: str = "quick") -> None:
+    """Records of every run of a study: DAAD+ > DAAD > MemAE > AE > AE+Skip, the default division
+    best. A setting trained to the plateau gets the metrics it is judged by (score + 0.02) and a
+    history of validation errors and test AUROCs, DAAD stopping at the plateau, the others at the
+    step limit."""
+    raw = out / "raw" / setting
     raw.mkdir(parents=True)
     image = {"ae": 0.80, "memae": 0.85, "ae+skip": 0.70, "daad": 0.90, "daad+": 0.95, BASELINE: 0.60}
-    for run in plan(SETTINGS["quick"]):
-        score = image[run.model] if run.dataset == "mvtec" else 0.6
-        if run.dataset == "mvtec" and run.model == "daad" and run.division != 2:
+    default = SETTINGS[setting].size * 8 // 256
+    for run in plan(SETTINGS[setting]):
+        score = image[run.model] if run.dataset != "mnist" else 0.6
+        if run.dataset != "mnist" and run.model == "daad" and run.division != default:
             score = 0.75
-        write_json(str(raw / f"{run.name}.json"), _record(run, score, score - 0.1, raw, feat=run.model.endswith("+")))
+        record = _record(run, score, score - 0.1, raw, feat=run.model.endswith("+"))
+        if SETTINGS[setting].until_plateau:
+            record["metrics"].update(image_auroc_max=score + 0.02, pixel_auroc_smoothed=score - 0.08,
+                                     aupro_smoothed=score - 0.18)
+        if SETTINGS[setting].until_plateau and run.model != BASELINE:
+            record["history"] = [{"epoch": e, "step": 50 * e, "val_error": 1.0 / e, "image_auroc_max": 0.5 + e / 10}
+                                 for e in (1, 2, 3)]
+            record.update(steps=150, stopped="plateau" if run.model == "daad" else "steps", epochs=3)
+        write_json(str(raw / f"{run.name}.json"), record)
     write_json(str(raw / "study.json"), {"wall_s": 60.0, "jobs": 2, "machine": "test",
-                                         "command": "python -m models.reproduce --quick"})
+                                         "command": f"python -m models.reproduce --setting {setting}"})
 
 
 def numbers(text: str) -> list[float]:
@@ -132,6 +146,25 @@ def test_tables_and_verdicts_from_raw_records(tmp_path):
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 0
 
 
+def test_a_converged_study_is_judged_by_the_smoothed_scores_and_shows_its_budget(tmp_path):
+    write_quick_study(tmp_path, "tile128")
+    text = open(build_tables("tile128", str(tmp_path))).read()
+    # image A (R = mean) | A (R = max) | pixel raw | smoothed | AUPRO smoothed
+    assert "| daad | 4 | 0.900 ± 0.000 (n=3) | 0.920 ± 0.000 (n=3) | 0.800 ± 0.000 (n=3) | 0.820 ± 0.000 (n=3) " \
+           "| 0.720 ± 0.000 (n=3) |" in text
+    # steps min-max | stopped at the plateau / at the limit | minutes | final validation error
+    assert "| daad | 150-150 | 3 / 0 | 0 | 0.333 |" in text
+    assert "| ae | 150-150 | 0 / 3 | 0 | 0.333 |" in text
+    assert "at most 3000 steps, stopping earlier" in text
+    assert claim(text, "DAAD vs AE, AUPRO") == ("held", [0.72, 0.62])
+    assert claim(text, "DAAD vs AE, image AUROC (max of smoothed map)") == ("held", [0.92, 0.82])
+    assert claim(text, "division 4 vs 1, smoothed pixel AUROC") == ("held", [0.82, 0.67])
+    assert claim(text, "DAAD vs the baseline, AUPRO") == ("held", [0.72, 0.42])
+    # division | block sizes | paper's division | image (max) | smoothed pixel | AUPRO | paper
+    assert table_row(text, "8") == pytest.approx([8, 4, 2, 1, 16, 0.77, 0, 3, 0.67, 0, 3, 0.57, 0, 3, 0.813])
+    assert (tmp_path / "figures" / "tile128_learning_curves.png").stat().st_size > 0
+
+
 def test_compare_is_inconclusive_within_the_seed_spread():
     def records(*values):
         return [{"metrics": {"image_auroc": v}} for v in values]
@@ -151,7 +184,7 @@ def test_a_partial_study_says_what_is_missing(tmp_path):
     (tmp_path / "raw" / "quick" / "mvtec-ae-div1-class0-seed0.json").unlink()
     text = open(build_tables("quick", str(tmp_path))).read()
     assert "9 of 10 finished" in text and "**Partial**: 1 runs missing" in text
-    assert "`python -m models.reproduce --quick`" in text
+    assert "`python -m models.reproduce --setting quick`" in text
     assert table_row(text, "ae") == [0.884]  # every measured cell empty ("—"), the paper's number left
 
 
@@ -202,6 +235,23 @@ def test_one_run_trains_scores_and_writes_its_record(hazelnut, tmp_path):
         assert 0 <= metrics[key] <= 1, key
     assert record["figure"]["labels"] == [0, 1, 0, 1] and arrays["figure_reconstructions"].shape == (4, 32, 32, 3)
     assert '{"epoch": 1, "step": ' in (tmp_path / "logs" / f"{run.name}.log").read_text()
+
+
+def test_a_run_cut_short_goes_on_from_its_last_epoch(hazelnut, tmp_path, monkeypatch):
+    one = Setting(size=32, width=4, epochs=1, mnist_size=32, mnist_width=4, mnist_epochs=1, digits=(), seeds=1,
+                  num_items=20)
+    run = Run("mvtec", "daad", division=2, seed=0)
+    with monkeypatch.context() as m:  # the first process ends after epoch 1, before it cleans up
+        m.setattr("models.study.run.shutil.rmtree", lambda *args, **kwargs: None)
+        first = execute(run, one, {"mvtec": str(hazelnut)}, str(tmp_path))
+    work = tmp_path / "work" / run.name
+    assert (work / "checkpoint.pt").exists()
+    (tmp_path / f"{run.name}.json").unlink()
+    record = execute(run, replace(one, epochs=2), {"mvtec": str(hazelnut)}, str(tmp_path))
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["history"][0] == first["history"][0]  # epoch 1 was not trained again
+    assert record["train_s"] == pytest.approx(sum(h["time_s"] for h in record["history"]), abs=0.05)
+    assert not work.exists()
 
 
 def test_a_study_at_chance_says_so():

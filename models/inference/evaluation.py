@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,10 @@ from torch import nn
 from ..data import OneClassDataset
 from ..networks.acceleration import PLAIN, SpeedOptions, fast_score
 from ..training.atomic import write_json
+from .calibration import decision_metrics
 from .metrics import defect_type
 from .plots import save_heatmap, save_roc
-from .scorer import Scorer
+from .scorer import BOUNDARY, Scorer
 from .scores import ScoreSet, collect_scores, compute_metrics
 
 
@@ -47,32 +48,47 @@ def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
 
 def evaluate_detector(model: nn.Module, test_set: OneClassDataset, scorer: Scorer, out: str,
                       device: torch.device, batch: int = 16, num_heatmaps: int = 8, smooth: bool = False,
-                      about: dict[str, Any] | None = None, speed: SpeedOptions = PLAIN) -> dict[str, Any]:
+                      about: dict[str, Any] | None = None, speed: SpeedOptions = PLAIN,
+                      decider: Optional[Scorer] = None) -> dict[str, Any]:
     """Scores ``test_set`` (``model`` run under ``speed``: :func:`~models.inference.collect_scores`),
     writes ``metrics.json`` (``about``, the metrics of :func:`~models.inference.compute_metrics`
     and every image's scores), ``roc.png`` and ``heatmaps/*.png`` to ``out``; returns what
-    ``metrics.json`` holds."""
+    ``metrics.json`` holds.
+
+    The AUROCs are those of ``scorer`` (the set scaled by its own range: they do not depend on a
+    calibration). ``decider``, the checkpoint's calibrated scorer (:meth:`Scorer.decides`), gives
+    each image's ``score`` (``pred_score``, as ``predict`` computes it) and ``pred_label``, and the
+    metrics of its thresholds (:func:`~models.inference.calibration.decision_metrics`); without
+    one, ``score`` is the set-scaled A(x) and there is no decision."""
     scores = collect_scores(model, test_set, device, scorer, batch, speed)
     metrics, image = compute_metrics(scores, scorer, smooth, names=[test_set.names[i] for i in scores.indices])
     if metrics["pixel_auroc"] is None:
         warnings.warn(f"pixel AUROC and AUPRO are null: {why_no_pixel_metric(scores)}", MetricWarning)
+    metrics["calibrated"] = decider is not None
+    shown = image.fused
+    if decider is not None:
+        decision, shown = decision_metrics(decider, scores)
+        metrics.update(decision)
     os.makedirs(os.path.join(out, "heatmaps"), exist_ok=True)
     result = {**(about or {}), "num_images": len(test_set), **metrics,
-              "images": [{"name": test_set.names[i], "label": int(label), "score": float(a), "rec": float(r),
+              "images": [{"name": test_set.names[i], "label": int(label), "score": float(score),
+                          **({"pred_label": bool(score >= BOUNDARY)} if decider is not None else {}),
+                          "fused": float(a), "rec": float(r),
                           **({"feat": float(scores.feat[j])} if scores.feat is not None else {})}
-                         for j, (i, label, a, r) in enumerate(zip(scores.indices, scores.labels, image.fused,
-                                                                 image.mean))]}
+                         for j, (i, label, score, a, r) in enumerate(zip(scores.indices, scores.labels, shown,
+                                                                        image.fused, image.mean))]}
     write_json(os.path.join(out, "metrics.json"), result, indent=2)
     name = (about or {}).get("model", "detector")
     save_roc(scores.labels, image.fused, os.path.join(out, "roc.png"), f"{name}: image AUROC {metrics['image_auroc']:.3f}")
-    draw_heatmaps(model, test_set, scores, image.fused, heatmap_sample(scores.labels, num_heatmaps),
-                  os.path.join(out, "heatmaps"), device, speed)
+    draw_heatmaps(model, test_set, scores, shown, heatmap_sample(scores.labels, num_heatmaps),
+                  os.path.join(out, "heatmaps"), device, speed, decider)
     return result
 
 
 @torch.no_grad()
-def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet, fused: np.ndarray,
-                  positions: Sequence[int], folder: str, device: torch.device, speed: SpeedOptions) -> None:
+def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet, shown: np.ndarray,
+                  positions: Sequence[int], folder: str, device: torch.device, speed: SpeedOptions,
+                  decider: Optional[Scorer] = None) -> None:
     # One colour scale for all maps (the largest error in the set) so that they compare.
     vmax = float(scores.maps.max())
     for j in positions:
@@ -82,5 +98,7 @@ def draw_heatmaps(model: nn.Module, test_set: OneClassDataset, scores: ScoreSet,
         source = test_set.names[item["index"]]
         defect = defect_type(source) if scores.labels[j] else ""  # the folder: crack, colour, ...
         name = f"{j:04d}_{kind}{'_' + defect if defect else ''}_{Path(source).stem}.png"
+        predicted = None if decider is None else decider.normalise_map(scores.maps[j]) >= BOUNDARY
         save_heatmap(item["image"], x_hat, scores.maps[j], vmax, os.path.join(folder, name),
-                     f"{kind}, score {fused[j]:.3f}", item["mask"][0].numpy() if item["mask_known"] else None)
+                     f"{kind}, score {shown[j]:.3f}", item["mask"][0].numpy() if item["mask_known"] else None,
+                     predicted)

@@ -10,7 +10,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import matplotlib
 
@@ -22,9 +22,12 @@ import torch  # noqa: E402
 from .metrics import image_roc  # noqa: E402
 
 
-def to_display(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for imshow."""
-    array = ((image.detach().cpu().float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+def to_display(image: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """A (C, H, W) tensor in [-1, 1] or uint8 pixels (H, W[, C]) -> (H, W, 3) in [0, 1] for imshow."""
+    if isinstance(image, np.ndarray):
+        array = (image if image.ndim == 3 else image[..., None]) / 255.0
+    else:
+        array = ((image.detach().cpu().float() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array
 
 
@@ -70,23 +73,33 @@ def save_learning_curves(history: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
-def save_heatmap(image: torch.Tensor, reconstruction: torch.Tensor, error_map: np.ndarray,
-                 vmax: float, path: str, title: str, mask: Optional[np.ndarray] = None) -> None:
-    """Input, reconstruction, heat map over the input and, where known, the ground-truth mask.
+def save_heatmap(image: Union[torch.Tensor, np.ndarray], reconstruction: Optional[torch.Tensor],
+                 error_map: np.ndarray, vmax: float, path: str, title: str, mask: Optional[np.ndarray] = None,
+                 pred_mask: Optional[np.ndarray] = None) -> None:
+    """Input, reconstruction (where given), heat map over the input with its colour bar and the
+    contour of the predicted mask (where given), and the ground-truth mask (where known).
 
-    ``vmax`` fixes the colour scale, so heat maps of different images compare.
+    ``image``: a (C, H, W) tensor in [-1, 1] or uint8 pixels (H, W[, 3]). ``vmax`` fixes the
+    colour scale, from 0, so heat maps of different images compare.
     """
-    panels = [("input", to_display(image)), ("reconstruction", to_display(reconstruction))]
-    fig, axes = plt.subplots(1, 3 + (mask is not None), figsize=(3 * (3 + (mask is not None)), 3.2))
+    panels = [("input", to_display(image))]
+    if reconstruction is not None:
+        panels.append(("reconstruction", to_display(reconstruction)))
+    count = len(panels) + 1 + (mask is not None)
+    fig, axes = plt.subplots(1, count, figsize=(3 * count + 0.6, 3.2))
     for ax, (name, picture) in zip(axes, panels):
         ax.imshow(picture)
         ax.set_title(name)
-    axes[2].imshow(panels[0][1])
-    axes[2].imshow(error_map, cmap="jet", alpha=0.5, vmin=0, vmax=max(vmax, 1e-12))
-    axes[2].set_title("anomaly map")
+    heat = axes[len(panels)]
+    heat.imshow(panels[0][1])
+    shown = heat.imshow(error_map, cmap="jet", alpha=0.5, vmin=0, vmax=max(vmax, 1e-12))
+    if pred_mask is not None and pred_mask.any() and not pred_mask.all():  # a contour needs both sides
+        heat.contour(pred_mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)
+    heat.set_title("anomaly map" + (" (white: predicted)" if pred_mask is not None else ""))
+    fig.colorbar(shown, ax=heat, fraction=0.046, pad=0.04)
     if mask is not None:
-        axes[3].imshow(mask, cmap="gray", vmin=0, vmax=1)
-        axes[3].set_title("ground truth")
+        axes[-1].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        axes[-1].set_title("ground truth")
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)

@@ -1,47 +1,61 @@
-"""Scoring images one at a time with a trained detector and its stored calibration.
+"""The files ``daad-predict`` (:mod:`models.predict`) writes for the predictions of a
+:class:`~models.inference.Detector`, and what it reports of them.
 
-The Python API behind ``daad-predict`` (:mod:`models.predict`). A single image has no set to
-min-max scale over, so R and L are scaled by their range on the training images (the
-checkpoint's calibration, :meth:`~models.inference.Scorer.calibrate`): normal images score about
-0..1, anomalies above. Heat maps share the colour scale of the training images' errors.
+For each image, in the output folder, by the image's file stem (prefixed by its folder's name
+where two images share a stem):
+
+* ``<stem>_heatmap.png``: the image and its normalised anomaly map over it (colour bar; 0.5 is the
+  pixel threshold) with the contour of the predicted mask;
+* with ``save_maps``, ``<stem>_map.npz`` (compressed: ``anomaly_map`` (H, W) normalised at the
+  image's resolution, ``raw_map`` (S, S) the model's raw map, ``pred_mask`` (H, W) bool) and
+  ``<stem>_mask.png``, the predicted mask (255: anomalous).
 """
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch import nn
+import numpy as np
+from PIL import Image
 
-from ..data import load_image
-from ..networks.acceleration import PLAIN, SpeedOptions, fast_score
+from .inferencer import Prediction, Predictions
 from .plots import save_heatmap
-from .scorer import Scorer
 
 
-@torch.no_grad()
-def predict_images(model: nn.Module, scorer: Scorer, images: Sequence[str], out: str, device: torch.device,
-                   channels: int, size: int, speed: SpeedOptions = PLAIN) -> list[dict[str, Any]]:
-    """The score of each image file (``scorer`` must hold a calibration), its raw R and L, and its
-    heat map written to ``<out>/<stem>_heatmap.png``; ``model`` runs under ``speed``
-    (:func:`~models.networks.acceleration.fast_score`)."""
-    if scorer.calibration is None:
-        raise ValueError("scoring single images needs the calibration of a finished training run")
+def output_stems(names: Sequence[str]) -> list[str]:
+    """A distinct file stem per image name: its own, ``<folder>_<stem>`` where stems repeat, and a
+    number after those that still do."""
+    stems = [Path(n).stem for n in names]
+    repeated = Counter(stems)
+    stems = [s if repeated[s] == 1 else f"{Path(n).parent.name}_{s}" for n, s in zip(names, stems)]
+    repeated, seen = Counter(stems), Counter()
+    unique = []
+    for stem in stems:
+        seen[stem] += 1
+        unique.append(stem if repeated[stem] == 1 else f"{stem}_{seen[stem]}")
+    return unique
+
+
+def save_prediction(prediction: Prediction, out: str, stem: str, save_maps: bool) -> dict[str, str]:
+    """Writes the files of one prediction (see the module docstring); returns their paths by kind."""
+    files = {"heatmap": os.path.join(out, f"{stem}_heatmap.png")}
+    save_heatmap(prediction.image, None, prediction.anomaly_map, 1.0, files["heatmap"],
+                 f"{Path(prediction.name).name}: {prediction.label}, score {prediction.pred_score:.3f}",
+                 pred_mask=prediction.pred_mask)
+    if save_maps:
+        files["map"] = os.path.join(out, f"{stem}_map.npz")
+        files["mask"] = os.path.join(out, f"{stem}_mask.png")
+        np.savez_compressed(files["map"], anomaly_map=prediction.anomaly_map.astype(np.float32),
+                            raw_map=prediction.raw_map, pred_mask=prediction.pred_mask)
+        Image.fromarray(prediction.pred_mask.astype(np.uint8) * 255).save(files["mask"])
+    return files
+
+
+def save_predictions(predictions: Predictions, out: str, save_maps: bool = False) -> list[dict[str, Any]]:
+    """Writes every prediction's files to ``out``; returns a record per prediction: its ``image``
+    name, ``score`` (``pred_score``), ``label`` (normal or anomalous) and file paths."""
     os.makedirs(out, exist_ok=True)
-    results = []
-    for path in images:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image not found: {path}")
-        x = load_image(path, channels, size)
-        s = fast_score(model, x[None].to(device), speed, ali_reduction=scorer.ali_reduction,
-                       anomaly_map=scorer.anomaly_map)
-        maps = s.error_map.cpu().numpy()
-        feat = s.feat.cpu().numpy() if s.feat is not None else None
-        score = float(scorer.score(maps, feat)[0])
-        heatmap = os.path.join(out, f"{Path(path).stem}_heatmap.png")
-        save_heatmap(x, s.reconstruction[0], maps[0], scorer.calibration["map_max"], heatmap,
-                     f"{Path(path).name}: score {score:.3f}")
-        results.append({"image": path, "score": score, "rec": float(maps[0].mean(dtype="float64")),
-                        "feat": None if feat is None else float(feat[0]), "heatmap": heatmap})
-    return results
+    return [{"image": p.name, "score": p.pred_score, "label": p.label, **save_prediction(p, out, stem, save_maps)}
+            for p, stem in zip(predictions, output_stems([p.name for p in predictions]))]

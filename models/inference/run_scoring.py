@@ -1,6 +1,7 @@
 """What a training run measures with its networks (:class:`models.training.RunHooks`): the
-validation error every epoch, test metrics every few epochs, the calibration of the scores on the
-training images at the end, the learning curves, and a warning when the model has not learnt."""
+validation error every epoch, test metrics every few epochs, the calibration of the scores at the
+end (on the held-out validation images, else the training images), the learning curves, and a
+warning when the model has not learnt."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ from ..data import OneClassDataset
 from ..networks import AnomalyDetector
 from ..networks.acceleration import PLAIN, SpeedOptions, inference_model
 from ..training import TrainConfig
+from .calibration import calibrate
 from .plots import save_learning_curves
 from .scorer import Scorer
 from .scores import collect_scores, compute_metrics
@@ -64,7 +66,8 @@ def reconstruction_statistics(model: AnomalyDetector, dataset: OneClassDataset, 
 
 class RunScoring:
     """The :class:`~models.training.RunHooks` of a run. Its validation and test sets are built (and
-    their files checked) when first needed; the calibration scores the training images unflipped.
+    their files checked) when first needed; the calibration scores the validation images (held out
+    from training) where the run has them, else the training images unflipped.
     Test metrics and calibration run the model as ``speed`` says (as prediction will)."""
 
     def __init__(self, config: TrainConfig, train_set: OneClassDataset, device: torch.device,
@@ -93,13 +96,16 @@ class RunScoring:
         return {"val_error": reconstruction_statistics(model, self._set("val"), self.device, self.config.batch)["error"]}
 
     def calibrate(self, model: AnomalyDetector) -> dict[str, float]:
-        scores = collect_scores(inference_model(model, self.speed), self.train_set.without_augmentation(),
-                                self.device, self.scorer, self.config.batch, self.speed)
-        return self.scorer.calibrate(scores.maps, scores.feat)
+        scores = collect_scores(inference_model(model, self.speed), self._normal_images(), self.device,
+                                self.scorer, self.config.batch, self.speed)
+        return calibrate(self.scorer, scores)
+
+    def _normal_images(self) -> OneClassDataset:
+        """The held-out normal images: the validation split, else the training images unflipped."""
+        return self._set("val") if self.config.val_ratio else self.train_set.without_augmentation()
 
     def finish(self, model: AnomalyDetector, history: list[dict[str, Any]], out: str) -> None:
-        images = self._set("val") if self.config.val_ratio else self.train_set.without_augmentation()
-        stats = reconstruction_statistics(model, images, self.device, self.config.batch)
+        stats = reconstruction_statistics(model, self._normal_images(), self.device, self.config.batch)
         why = []
         if stats["variance_ratio"] < FLAT_VARIANCE_RATIO:
             why.append(f"its reconstructions are flat (their variance is {stats['variance_ratio']:.0%} of the "

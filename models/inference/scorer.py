@@ -1,11 +1,17 @@
 """The one place that turns anomaly maps and feature distances into image scores (paper Sec. 3.4).
 
 A(x) = gamma * R(x) + (1 - gamma) * L(x), with R and L each min-max scaled to [0, 1]: over the
-scored set itself (the paper's protocol), or by the ranges of a calibration measured on the
-training images (to score images one at a time). R is the image score of the pixel anomaly map
-(:mod:`models.networks.maps`: the squared error per pixel, or SSIM's): ``"mean"``, its mean (the paper's R), or ``"max"``, the maximum of
-the map smoothed by a Gaussian of ``sigma`` pixels (anomalib's image score: a small defect is not
-drowned by the background's error). L is the feature distance, reduced as the run's L_ali
+scored set itself (the paper's protocol), or by the ranges of a calibration measured on held-out
+normal images (to score images one at a time). A calibration (:mod:`.calibration`) also holds the
+decision: an image threshold of A(x) and a pixel threshold of the map, each with the span that
+normalises it as anomalib does, ``(value - threshold) / span + 0.5`` clipped to [0, 1], so that
+0.5 is the boundary between normal and anomalous (:func:`normalise`). :meth:`Scorer.score` and
+:meth:`Scorer.score_torch` return that ``pred_score``, :meth:`Scorer.fuse` the raw A(x).
+
+R is the image score of the pixel anomaly map (:mod:`models.networks.maps`: the squared error per
+pixel, or SSIM's): ``"mean"``, its mean (the paper's R), or ``"max"``, the maximum of the map
+smoothed by a Gaussian of ``sigma`` pixels (anomalib's image score: a small defect is not drowned
+by the background's error). L is the feature distance, reduced as the run's L_ali
 (``ali_reduction``).
 
 :class:`Scorer` owns these choices and has two implementations that agree (tested): NumPy, in
@@ -43,8 +49,15 @@ SIGMA_AT_256 = 4.0
 TRUNCATE = 4.0
 #: The calibration's range of each raw score: its (low, high) keys.
 RANGE_KEYS = {"mean": ("rec_min", "rec_max"), "max": ("max_min", "max_max"), "feat": ("feat_min", "feat_max")}
-#: Quantile of the training images' pixel errors that fixes the heat maps' colour scale.
+#: Quantile of the calibration images' pixel errors that fixes the heat maps' colour scale.
 MAP_QUANTILE = 0.999
+#: The calibration's decision on each image score: the threshold of A(x) and its normalising span.
+DECISION_KEYS = {"mean": ("image_threshold_mean", "image_span_mean"),
+                 "max": ("image_threshold_max", "image_span_max")}
+#: The calibration's decision on the pixels of the (raw, unsmoothed) anomaly map.
+PIXEL_KEYS = ("pixel_threshold", "pixel_span")
+#: The normalised value that is the boundary: anomalous at or above it (anomalib's).
+BOUNDARY = 0.5
 
 
 def default_sigma(size: int) -> float:
@@ -73,6 +86,17 @@ def min_max_torch(values: torch.Tensor, low: Optional[float] = None, high: Optio
     span_t = high_t - low_t
     safe = torch.where(span_t > 0, span_t, torch.ones_like(span_t))
     return torch.where(span_t > 0, (values - low_t) / safe, torch.zeros_like(values))
+
+
+def normalise(values: np.ndarray, threshold: float, span: float) -> np.ndarray:
+    """anomalib's normalisation of scores or maps: ``threshold`` goes to 0.5, a ``span`` above it to
+    1 (clipped to [0, 1]); a value is anomalous where the result is >= :data:`BOUNDARY`."""
+    return np.clip((np.asarray(values, dtype=np.float64) - threshold) / span + BOUNDARY, 0.0, 1.0)
+
+
+def normalise_torch(values: torch.Tensor, threshold: float, span: float) -> torch.Tensor:
+    """:func:`normalise` in torch (plain arithmetic in an exported graph)."""
+    return ((values - threshold) / span + BOUNDARY).clamp(0.0, 1.0)
 
 
 def gaussian_taps(sigma: float) -> np.ndarray:
@@ -105,8 +129,9 @@ class ImageScores(NamedTuple):
 class Scorer:
     """How maps and feature distances become image scores (see the module docstring).
 
-    ``calibration`` (a dict of plain floats, as checkpoints store it: :meth:`calibrate`) fixes the
-    ranges that scale R and L; without it each set is scaled by its own range.
+    ``calibration`` (a dict of plain floats, as checkpoints store it: :mod:`.calibration`) fixes the
+    ranges that scale R and L and, where it has them, the thresholds that normalise the scores and
+    maps (:meth:`decides`); without it each set is scaled by its own range.
     """
 
     gamma: float = 1.0
@@ -127,6 +152,18 @@ class Scorer:
         if self.calibration is not None and RANGE_KEYS[self.image_score][0] not in self.calibration:
             raise ValueError(f"the calibration has no range of the {self.image_score!r} image score (it was "
                              "measured before that score existed): use the image score 'mean'")
+        for name in ("gamma", "sigma"):  # the thresholds hold only for the scoring they were measured with
+            measured = (self.calibration or {}).get(name)
+            if measured is not None and abs(measured - getattr(self, name)) > 1e-9:
+                raise ValueError(f"the calibration's thresholds were measured with {name} {measured:g}, not "
+                                 f"{getattr(self, name):g}: score with the run's {name}, or calibrate again")
+
+    @property
+    def decides(self) -> bool:
+        """Whether the calibration holds the thresholds of this image score and of the pixels (a
+        calibration written before thresholds existed has ranges only)."""
+        keys = (*DECISION_KEYS[self.image_score], *PIXEL_KEYS)
+        return self.calibration is not None and all(k in self.calibration for k in keys)
 
     @classmethod
     def for_run(cls, config: "TrainConfig", image_score: str = DEFAULT_IMAGE_SCORE, sigma: Optional[float] = None,
@@ -149,9 +186,14 @@ class Scorer:
             raise ValueError(f"{source} has no calibration (its training did not finish): resume it to the "
                              "end, or use daad-evaluate on a test set")
         try:
-            return cls.for_run(config, image_score, calibration=calibration)
+            scorer = cls.for_run(config, image_score, calibration=calibration)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
+        if not scorer.decides:
+            raise ValueError(f"{source} has a calibration without decision thresholds (written before they "
+                             "existed): add them with python -m models.calibrate --checkpoint "
+                             f"{source} --normal-dir FOLDER_OF_NORMAL_IMAGES")
+        return scorer
 
     def _range(self, name: str) -> tuple[Optional[float], Optional[float]]:
         if self.calibration is None:
@@ -185,12 +227,28 @@ class Scorer:
         return self.gamma * score + (1.0 - self.gamma) * min_max(feat, *self._range("feat"))
 
     def score(self, maps: np.ndarray, feat: Optional[np.ndarray]) -> np.ndarray:
-        """A(x) of each map of ``maps`` (n, H, W) with its feature distance."""
-        return self.image_scores(maps, feat).fused
+        """The score of each map of ``maps`` (n, H, W) with its feature distance: A(x), normalised
+        to ``pred_score`` (0.5 the boundary) where the scorer :meth:`decides`."""
+        fused = self.image_scores(maps, feat).fused
+        return normalise(fused, *self.decision()) if self.decides else fused
+
+    def decision(self, pixels: bool = False) -> tuple[float, float]:
+        """The calibration's threshold and span of A(x) with this image score, or of the pixels."""
+        threshold, span = PIXEL_KEYS if pixels else DECISION_KEYS[self.image_score]
+        return self.calibration[threshold], self.calibration[span]
+
+    def normalise_map(self, maps: np.ndarray) -> np.ndarray:
+        """Raw anomaly maps normalised by the pixel threshold: a pixel is anomalous at >= 0.5."""
+        return normalise(maps, *self.decision(pixels=True))
+
+    def normalise_map_torch(self, maps: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalise_map` in torch (for an exported graph)."""
+        return normalise_torch(maps, *self.decision(pixels=True))
 
     def calibrate(self, maps: np.ndarray, feat: Optional[np.ndarray]) -> dict[str, float]:
-        """The ranges of both R and of L on a set of normal images (the training images), and the
-        heat maps' colour scale (a high quantile of their pixel errors): a checkpoint's calibration."""
+        """The ranges of both R and of L on a set of normal images, and the heat maps' colour scale
+        (a high quantile of their pixel errors): the part of a calibration that scales A(x)
+        (:func:`~models.inference.calibration.calibrate` adds the thresholds)."""
         s = self.image_scores(maps, None)
         result = {"rec_min": float(s.mean.min()), "rec_max": float(s.mean.max()),
                   "max_min": float(s.max.min()), "max_max": float(s.max.max()),
@@ -217,6 +275,11 @@ class Scorer:
 
     def score_torch(self, error_map: torch.Tensor, feat: Optional[torch.Tensor]) -> torch.Tensor:
         """:meth:`score` in torch, from a batch of maps (B, H, W) and feature distances (B,)."""
+        fused = self.fuse_torch(error_map, feat)
+        return normalise_torch(fused, *self.decision()) if self.decides else fused
+
+    def fuse_torch(self, error_map: torch.Tensor, feat: Optional[torch.Tensor]) -> torch.Tensor:
+        """A(x) in torch (:meth:`fuse` of the maps' R)."""
         if self.image_score == "mean":
             r = error_map.flatten(1).mean(dim=1)
         else:

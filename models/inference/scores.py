@@ -68,7 +68,7 @@ def compute_metrics(scores: ScoreSet, scorer: Scorer, smooth: bool = False,
 
     Image AUROC of the fused score A(x) (R of the scorer's kind), and of R as the mean, of R as
     the smoothed maximum, of L alone and of A with the smoothed maximum; pixel AUROC of the raw and
-    of the smoothed maps, ``pixel_auroc`` and AUPRO of the maps smoothed where ``smooth``, over the
+    of the smoothed maps, AUPRO of both, ``pixel_auroc`` and ``aupro`` of the maps smoothed where ``smooth``, over the
     images whose mask is known (None where there is none, or no anomalous pixel among
     them); the best image F1 and, given the images' ``names`` (in ``scores`` order), the image
     AUROC of each defect type (:mod:`models.inference.metrics`). The maps are smoothed once.
@@ -89,7 +89,8 @@ def compute_metrics(scores: ScoreSet, scorer: Scorer, smooth: bool = False,
     metrics["pixel_auroc_raw"] = pixel_auroc(masks, raw)
     metrics["pixel_auroc_smoothed"] = pixel_auroc(masks, blurred)
     metrics["pixel_auroc"] = metrics["pixel_auroc_smoothed" if smooth else "pixel_auroc_raw"]
-    metrics["aupro"] = aupro(masks, blurred if smooth else raw)
+    metrics["aupro_raw"], metrics["aupro_smoothed"] = aupro(masks, raw), aupro(masks, blurred)
+    metrics["aupro"] = metrics["aupro_smoothed" if smooth else "aupro_raw"]
     metrics["pixel_smoothed"] = smooth
     metrics["image_f1"], metrics["image_f1_threshold"] = best_f1(scores.labels, image.fused)
     if names is not None:

@@ -24,6 +24,10 @@ def load_records(raw_dir: str) -> list[dict[str, Any]]:
                if f.endswith(".json") and f != "study.json"]
     for r in records:
         r["raw_dir"] = raw_dir
+        # A with R = max is R alone for the models without a discriminator (as A with R = mean is);
+        # the study's pixel_auroc is of the raw maps (runs made before pixel_auroc_raw existed)
+        r["metrics"].setdefault("image_auroc_fused_max", r["metrics"].get("image_auroc_max"))
+        r["metrics"].setdefault("pixel_auroc_raw", r["metrics"].get("pixel_auroc"))
     return records
 
 

@@ -28,45 +28,53 @@ def compare(better: list[dict[str, Any]], worse: list[dict[str, Any]], key: str)
     return ("held" if a[0] > b[0] else "did not hold"), numbers
 
 
-def claim(title: str, pairs: list[tuple[str, list, list]]) -> str:
+#: The metrics each claim is judged by: (metric, name). The first studies read the paper's image
+#: score (A with R = mean) and raw pixel maps; the converged ones the smoothed maximum, the
+#: smoothed maps and AUPRO (issue 21: the score that works, and where the defect is).
+PAPER_KEYS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"))
+CONVERGED_KEYS = (("image_auroc_fused_max", "image AUROC (max of smoothed map)"),
+                  ("pixel_auroc_smoothed", "smoothed pixel AUROC"), ("aupro_smoothed", "AUPRO"))
+
+
+def claim(title: str, pairs: list[tuple[str, list, list]], keys: tuple = PAPER_KEYS) -> str:
     parts = []
     for label, better, worse in pairs:
-        for key, what in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+        for key, what in keys:
             verdict, numbers = compare(better, worse, key)
-            parts.append(f"{label}, {what} AUROC: **{verdict}**" + (f" ({numbers})" if numbers else ""))
+            parts.append(f"{label}, {what}: **{verdict}**" + (f" ({numbers})" if numbers else ""))
     return f"{title}: " + "; ".join(parts) + "."
 
 
-def claims(s: dict[str, Any]) -> list[str]:
-    """Plain statements of which of the paper's claims held, by image and by pixel AUROC."""
+def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
+    """Plain statements of which of the paper's claims held, by each metric of ``keys``."""
     ab = s["ablation"]
     blocks = {r: rs for r, rs in s["blocks"].items() if rs}
     lines = [claim("1. DAAD beats AE and MemAE", [("DAAD vs AE", ab["daad"], ab["ae"]),
-                                                  ("DAAD vs MemAE", ab["daad"], ab["memae"])]),
-             claim("2. Skip connections alone hurt", [("AE vs AE+Skip", ab["ae"], ab["ae+skip"])])]
+                                                  ("DAAD vs MemAE", ab["daad"], ab["memae"])], keys),
+             claim("2. Skip connections alone hurt", [("AE vs AE+Skip", ab["ae"], ab["ae+skip"])], keys)]
     if len(blocks) >= 3:
-        means = {r: metric(rs, "image_auroc")[0] for r, rs in blocks.items()}
+        means = {r: metric(rs, keys[0][0])[0] for r, rs in blocks.items()}
         extremes = (min(blocks), max(blocks))
         # On a tie, prefer an intermediate size: the comparison below then calls it inconclusive.
         best = max(means, key=lambda r: (means[r], r not in extremes))
         if best in extremes:
-            lines.append(f"3. An intermediate block size is best: **did not hold** by image AUROC "
+            lines.append(f"3. An intermediate block size is best: **did not hold** by {keys[0][1]} "
                          f"(best: division {best}).")
         else:
             lines.append(claim(f"3. An intermediate block size is best (division {best} has the "
-                               "highest mean image AUROC)",
-                               [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes]))
+                               f"highest mean {keys[0][1]})",
+                               [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes], keys))
     else:
         lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
     pairs = [(f"{plus_label(DEFAULT_READING)} vs DAAD", ab["daad+"], ab["daad"])]
     pairs += [(f"{plus_label(DEFAULT_READING, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
     pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"])
               for r, rs in s["readings"].items() if r != DEFAULT_READING]
-    lines.append(claim("4. The adversarial representation adds to DAAD", pairs))
+    lines.append(claim("4. The adversarial representation adds to DAAD", pairs, keys))
     if s.get("baseline"):  # not a claim of the paper: whether the data set can show any of the above
         lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
                            [("DAAD vs the baseline", ab["daad"], s["baseline"]),
-                            (f"{plus_label(DEFAULT_READING)} vs the baseline", ab["daad+"], s["baseline"])]))
+                            (f"{plus_label(DEFAULT_READING)} vs the baseline", ab["daad+"], s["baseline"])], keys))
     return lines
 
 

@@ -13,9 +13,19 @@ from .aggregate import load_arrays, metric
 from .plan import Setting
 
 
+def figure_prefix(name: str, setting: Setting) -> str:
+    """The start of the file names of a setting's figures: none for the hazelnut study, ``tile_``
+    for the first magnetic-tile study, the setting's name for the others."""
+    if setting.dataset == "mvtec":
+        return ""
+    return "tile_" if name == "tile" else name + "_"
+
+
 def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str, prefix: str = "") -> None:
     """Writes each figure whose records exist to ``fig_dir``, file names starting with ``prefix``."""
     os.makedirs(fig_dir, exist_ok=True)
+    if setting.until_plateau:
+        draw_learning_curves(s, os.path.join(fig_dir, prefix + "learning_curves.png"))
     draw_reconstructions(s, os.path.join(fig_dir, prefix + "reconstructions_by_block_size.png"))
     draw_score_distributions(s, os.path.join(fig_dir, prefix + "score_distributions.png"))
     draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, prefix + "auroc_vs_block_size.png"))
@@ -75,4 +85,31 @@ def draw_auroc_by_block_size(s: dict[str, Any], setting: Setting, path: str) -> 
     ax.set_xlabel("block size at H/2 (feature pixels)")
     ax.set_ylabel(f"image AUROC ({'magnetic tile' if setting.dataset == 'tile' else 'hazelnut'})")
     ax.set_title("DAAD: AUROC against block size", fontsize=9)
+    save_figure(fig, path)
+
+
+def draw_learning_curves(s: dict[str, Any], path: str) -> None:
+    """Seed 0 of each model of the ablation: the validation error (held-out normal images,
+    relative to its first epoch) and the test image AUROC (R = max of the smoothed map, on the
+    fixed test subset) against the optimisation step; a marker where each run stopped."""
+    runs = {m: next((r for r in rs if r["run"]["seed"] == 0), None) for m, rs in s["ablation"].items()}
+    runs = {m: r for m, r in runs.items() if r and r.get("history")}
+    if not runs:
+        return
+    fig, (val, test) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, r in runs.items():
+        steps = [h["step"] for h in r["history"] if "val_error" in h]
+        errors = [h["val_error"] for h in r["history"] if "val_error" in h]
+        if errors:
+            line, = val.plot(steps, [e / errors[0] for e in errors], label=m)
+            val.plot(steps[-1], errors[-1] / errors[0], "o", color=line.get_color())
+        evals = [(h["step"], h["image_auroc_max"]) for h in r["history"] if "image_auroc_max" in h]
+        if evals:
+            test.plot(*zip(*evals), marker=".", label=m)
+    val.set_yscale("log")
+    val.set(xlabel="step", ylabel="validation error / first epoch's", title="held-out normal images")
+    test.set(xlabel="step", ylabel="image AUROC (max of smoothed map)", title="fixed test subset")
+    test.axhline(0.5, color="grey", lw=0.5)
+    for ax in (val, test):
+        ax.legend(fontsize=7)
     save_figure(fig, path)

@@ -5,7 +5,8 @@ log, wall time; no path of the machine) and, for the image data sets, ``<run nam
 (compressed arrays: every test image's scores and defect type and, for seed 0, reconstructions of
 four fixed test images for the figures; MNIST's tables need only the metrics, so its 5,000 test
 scores a run are not kept). The JSON is written last, so a run whose JSON exists is finished and never repeated: an interrupted
-study resumes where it stopped.
+study resumes where it stopped; a run cut short resumes from its last epoch (its checkpoint in
+``OUT/raw/<setting>/work/<run name>/`` until it finishes).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -28,8 +29,9 @@ import torch
 from ..data import layout
 from ..inference import RunScoring, Scorer, collect_scores, compute_metrics
 from ..networks import ModelConfig, fit_mean_image
-from ..training import LOSS_READINGS, TrainConfig, train
+from ..training import CHECKPOINT, LOSS_READINGS, Resume, TrainConfig, train
 from ..training.atomic import atomic_write, write_json
+from ..training.checkpoint import load_checkpoint
 from ..training.distributed import DistContext
 from .plan import BASELINE, SETTINGS, Run, Setting, plan
 
@@ -80,17 +82,22 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
     start = time.perf_counter()
     log_path = os.path.join(raw_dir, "logs", run.name + ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            tempfile.TemporaryDirectory() as tmp:
+    # The run trains in OUT/raw/<setting>/work/<run>/, saving a checkpoint every epoch: a run cut
+    # short (the machine's session ended) goes on from its last epoch when the study is rerun.
+    work = os.path.join(raw_dir, "work", run.name)
+    checkpoint = os.path.join(work, CHECKPOINT)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train_set = config.dataset_split("train", augment=True)
         trained = run.model != BASELINE
         if not trained:
             model, history = fit_mean_image(train_set.without_augmentation()), []
         else:
             cpu = DistContext(0, 1, torch.device("cpu"))
-            trainer = train(config, tmp, cpu, train_set, RunScoring(config, train_set, cpu.device))
+            resume = Resume(load_checkpoint(checkpoint), checkpoint) if os.path.exists(checkpoint) else None
+            trainer = train(config, work, cpu, train_set, RunScoring(config, train_set, cpu.device), resume)
             model, history = trainer.model, trainer.history
-    train_s = time.perf_counter() - start
+    # the epochs' own times where the training spanned several processes
+    train_s = sum(h.get("time_s", 0.0) for h in history) if history else time.perf_counter() - start
     test_set = config.dataset_split("test")
     scorer = Scorer.for_run(config, "mean")  # the paper's reading in image_auroc; both Rs are reported
     scores = collect_scores(model, test_set, torch.device("cpu"), scorer)
@@ -127,6 +134,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
               "stopped": history[-1].get("stopped") if history else None, "history": history,
               "arrays": run.name + ".npz" if keep else None, **types, **({"figure": figure} if figure else {})}
     write_json(os.path.join(raw_dir, run.name + ".json"), record)
+    shutil.rmtree(work, ignore_errors=True)  # finished: its record holds what the tables read
     return record
 
 
