@@ -172,11 +172,12 @@ def test_openvino_bf16_runs(trained, tmp_path):
 
     checkpoint, pixels = trained[:2]
     path = export.main(["--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(tmp_path)])
-    _, fp32 = load_runtime(path).run(pixels[:4])
-    _, bf16 = load_runtime(path, precision="bf16").run(pixels[:4])
-    np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
+    fp32 = load_runtime(path).run(pixels[:4])
+    bf16 = load_runtime(path, precision="bf16").run(pixels[:4])
+    for got, want in zip(bf16, fp32):
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
     if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        assert not np.array_equal(bf16, fp32)  # the hint took effect
+        assert not np.array_equal(bf16[0], fp32[0])  # the hint took effect (on the raw maps: scores clip at 0 and 1)
     with pytest.raises(ValueError, match="fp32"):
         load_runtime(path, precision="fp16")
 
