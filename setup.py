@@ -2,6 +2,7 @@
 
     pip install --no-build-isolation .        # against your torch; -e for development
     pip install ".[models]"                   # also the detector's dependencies
+    pip install ".[models,onnx,openvino]"     # and daad-export's formats with their runtimes
 
 The CPU kernel is always built. The CUDA kernels (csrc/cuda/*.cu) are built when a CUDA toolkit is
 found (daad_ext/toolkit.py: ``CUDA_HOME``, ``CUDA_PATH``, the nvcc on the PATH, /usr/local/cuda;
@@ -93,9 +94,10 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"models": ["torchvision", "scikit-learn", "scipy", "tqdm", "matplotlib"],
-                    "onnx": ["onnx", "onnxscript"],
+                    "onnx": ["onnx", "onnxscript", "onnxruntime"],
+                    "openvino": ["openvino"],
                     "tensorboard": ["tensorboard"],
-                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"]},
+                    "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "openvino"]},
     entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
                                       for command in ("train", "evaluate", "predict", "export", "reproduce")]},
     ext_modules=[_extension()],

@@ -7,8 +7,11 @@ Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8
 ``study`` (64x64, width 16, division 2x2x1, the reproduction study's). Inference is the graph
 ``models.export`` writes (generator, discriminator features, anomaly map and calibrated score), in
 eval mode, for each :class:`models.networks.acceleration.SpeedOptions` variant, on the reference memories,
-and in ONNX Runtime (the exported float32 graph). One training step is ``Trainer.train_step``
-(generator step and discriminator step, Adam), each variant with its own trainer.
+and the graph exported by ``models.export`` in ONNX Runtime (float32) and OpenVINO (float32, and
+bfloat16 where the CPU has it), through :func:`models.inference.runtimes.load_runtime`. Its input
+is a batch of uint8 images at the model's size (the graph's resize is then the identity, as two
+small matrix products). One training step is ``Trainer.train_step`` (generator step and
+discriminator step, Adam), each variant with its own trainer, on the same images prepared.
 
 Every row is reported as images per second, achieved GFLOP/s and the fraction of the peak of its
 dtype. The peaks are a 2048 x 2048 matrix product in float32 and in bfloat16, run as two more
@@ -47,7 +50,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from models import AnomalyDetector, ModelConfig, Scorer, TrainConfig, Trainer, build_dataset  # noqa: E402
 from models.networks.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
                                  inference_model, inference_context)
-from models.inference.graph import OPSET, ScoringGraph, export_program  # noqa: E402
+from models.data.preprocess import to_model_input  # noqa: E402
+from models.inference.graph import ScoringGraph, export_graph  # noqa: E402
+from models.inference.runtimes import load_runtime  # noqa: E402
 
 import daad_ext  # noqa: E402,F401  (registers torch.ops.daad_ext)
 
@@ -139,9 +144,9 @@ def detector(config: TrainConfig, backend: str, state: dict) -> AnomalyDetector:
     return model
 
 
-def inference_variants(config: TrainConfig, state: dict, x: torch.Tensor, skip: set[str]
+def inference_variants(config: TrainConfig, state: dict, images: torch.Tensor, skip: set[str]
                        ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
-    """The inference callables and their dtypes."""
+    """The inference callables on uint8 ``images`` (B, S, S, C) and their dtypes."""
     scorer = Scorer.for_run(config, calibration=CALIBRATION)  # predict's default image score
     variants, dtypes = {}, {}
     for name, (backend, options) in INFERENCE.items():
@@ -150,29 +155,36 @@ def inference_variants(config: TrainConfig, state: dict, x: torch.Tensor, skip: 
         graph = ScoringGraph(inference_model(detector(config, backend, state), options), scorer)
 
         def run(graph=graph, options=options):
-            with inference_context(options, x.device):
-                return graph(x)
-        variants[name], dtypes[name] = run, "bf16" if autocast_dtype(options, x.device) else "fp32"
-    if x.device.type == "cpu" and "onnxruntime" not in skip:
+            with inference_context(options, images.device):
+                return graph(images)
+        variants[name], dtypes[name] = run, "bf16" if autocast_dtype(options, images.device) else "fp32"
+    if images.device.type == "cpu":
         graph = ScoringGraph(detector(config, "auto", state), scorer)
-        variants["onnxruntime"], dtypes["onnxruntime"] = onnx_session(graph, x), "fp32"
+        for name, (run, dtype) in exported_runtimes(graph, images, skip).items():
+            variants[name], dtypes[name] = run, dtype
     return variants, dtypes
 
 
-def onnx_session(graph: ScoringGraph, x: torch.Tensor) -> Callable[[], object]:
-    """ONNX Runtime on the graph ``models.export`` writes (memories in standard operators)."""
-    import onnxruntime as ort
+def exported_runtimes(graph: ScoringGraph, images: torch.Tensor, skip: set[str]
+                      ) -> dict[str, tuple[Callable[[], object], str]]:
+    """The rows of the graph ``models.export`` writes (memories in standard operators) in the
+    runtimes of :mod:`models.inference.runtimes`, on this process's thread count: name ->
+    (callable, dtype). bf16 in OpenVINO only where the CPU has it."""
+    import openvino
 
-    program = export_program(graph, x)
-    onnx_program = torch.onnx.export(program, (x,), input_names=["image"], opset_version=OPSET,
-                                     dynamo=True, verbose=False)
-    path = os.path.join(tempfile.mkdtemp(), "detector.onnx")
-    onnx_program.save(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"image": x.cpu().numpy()}
-    return lambda: session.run(None, feed)
+    rows = {"onnxruntime": ("onnx", "fp32"), "openvino": ("openvino", "fp32")}
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        rows["openvino bf16"] = ("openvino", "bf16")
+    batch, folders, runs = images.numpy(), {}, {}
+    for name, (fmt, precision) in rows.items():
+        if name in skip:
+            continue
+        if fmt not in folders:
+            folders[fmt] = os.path.join(tempfile.mkdtemp(), fmt)
+            export_graph(graph, fmt, folders[fmt], {})
+        runtime = load_runtime(folders[fmt], precision, threads=torch.get_num_threads())
+        runs[name] = (lambda runtime=runtime: runtime.run(batch)), precision
+    return runs
 
 
 def training_variants(config: TrainConfig, x: torch.Tensor, skip: set[str]
@@ -252,12 +264,14 @@ def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     config = TrainConfig(model=ModelConfig(model=args.model, num_items=args.num_items, **settings))
     torch.manual_seed(0)
     state = AnomalyDetector(config.model).state_dict()
-    x = torch.rand(args.batch, 3, settings["size"], settings["size"], device=device) * 2 - 1
+    images = torch.randint(0, 256, (args.batch, settings["size"], settings["size"], 3), dtype=torch.uint8,
+                           device=device)
+    x = to_model_input(images.permute(0, 3, 1, 2), settings["size"])
     skip = set(args.skip) | set(args.skip_paper if name == "paper" else [])
     print(f"\n== {name}: {args.model}, {settings}, N={args.num_items}, batch {args.batch}, {device}, "
           f"{torch.get_num_threads()} threads; skipping {sorted(skip) or 'nothing'}", flush=True)
     result = {"settings": {**settings, "model": args.model, "num_items": args.num_items, "batch": args.batch}}
-    variants, dtypes = inference_variants(config, {k: v.to(device) for k, v in state.items()}, x, skip)
+    variants, dtypes = inference_variants(config, {k: v.to(device) for k, v in state.items()}, images, skip)
     if args.data and os.path.isdir(args.data):
         result["data_loading"] = loading_rate(args.data, settings["size"], args.batch)
     repeats = args.repeats or REPEATS[name]

@@ -1,7 +1,7 @@
-"""Export a detector: ``python -m models.export --checkpoint CK --format onnx|pt2 --out DIR``.
+"""Export a detector: ``python -m models.export --checkpoint CK --format onnx|openvino|pt2 --out DIR``.
 
-Writes one self-contained graph that maps a batch of images (B, C, S, S), prepared as
-:func:`models.data.load_image` does (resized to S, scaled to [-1, 1]), to
+Writes one self-contained graph that maps a batch of images as decoded, uint8 (B, H, W, C) of
+any height and width (C = 3, or 1 for grayscale models), to
 
 * ``anomaly_map`` (B, S, S): the squared pixel error averaged over channels (the heat map of
   ``models.predict``, whose colour scale ``map_max`` is in ``detector.json``);
@@ -9,10 +9,17 @@ Writes one self-contained graph that maps a batch of images (B, C, S, S), prepar
   training images, exactly as ``models.predict`` computes it (normal images about 0..1, anomalies
   above).
 
-The generator, the discriminator's features (for the "+" variants) and the scoring are all in
-the graph (:mod:`models.inference.graph`); ONNX Runtime, OpenVINO or ``torch.export.load`` need
-neither daad_ext nor this package. Beside it, ``detector.json`` records the input size and
-channels, the scoring and its calibration and the output names. The batch size is dynamic.
+The resize to S and the scaling to [-1, 1] of ``models.predict``
+(:func:`models.data.preprocess.to_model_input`), the generator, the discriminator's features
+(for the "+" variants) and the scoring are all in the graph (:mod:`models.inference.graph`), so
+an image fed at its own size scores as ``predict`` scores its file. ONNX Runtime, OpenVINO or
+``torch.export.load`` need neither daad_ext nor this package; :func:`models.inference.runtimes.load_runtime`
+runs any of them. Beside it, ``detector.json`` records the model's size and channels, the input's
+layout, the scoring and its calibration and the output names. The batch, height and width are
+dynamic. The folder is written all or nothing, once the graph, run in its runtime on images of
+another size, has computed what PyTorch computes (maps and scores within 1e-4 of the largest).
+``onnx`` needs the ``[onnx]`` extra, ``openvino`` (OpenVINO's IR, ``detector.xml`` and ``.bin``)
+the ``[openvino]`` extra.
 
 Example:
     python -m models.export --checkpoint runs/hazelnut/checkpoint.pt --format onnx --out runs/hazelnut/onnx
@@ -27,14 +34,14 @@ import torch
 
 from .cli import add_image_score_option, command_parser, program
 from .inference import DEFAULT_IMAGE_SCORE, Scorer
-from .inference.graph import FORMATS, ScoringGraph, export_graph
+from .inference.graph import FORMATS, ScoringGraph, export_graph, require_format
+from .inference.runtimes import MissingExtraError
 from .training import load_detector
 
 
 def export(checkpoint: str, fmt: str, out: str, image_score: str = DEFAULT_IMAGE_SCORE) -> str:
-    """Writes ``<out>/detector.onnx`` or ``detector.pt2`` and ``detector.json``; returns the graph's path."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {tuple(FORMATS)}")
+    """Writes the graph of format ``fmt`` and ``detector.json`` to ``out``; returns the graph's path."""
+    require_format(fmt)  # before the checkpoint is read: a missing package fails at once
     model, config, state = load_detector(checkpoint, torch.device("cpu"))
     scorer = Scorer.calibrated(config, state, checkpoint, image_score)
     info = {"checkpoint": os.path.abspath(checkpoint), "model": config.model.model}
@@ -44,8 +51,8 @@ def export(checkpoint: str, fmt: str, out: str, image_score: str = DEFAULT_IMAGE
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser(__doc__, __package__, "export")
     p.add_argument("--checkpoint", required=True, help=f"checkpoint.pt written by {program(__package__, 'train')}")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime, OpenVINO) or "
-                   "pt2 (torch.export.load)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime; extra [onnx]), openvino "
+                   "(OpenVINO's IR; extra [openvino]) or pt2 (torch.export.load)")
     p.add_argument("--out", required=True, help="output folder")
     add_image_score_option(p)
     return p
@@ -56,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.out, args.image_score)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MissingExtraError) as e:
         parser.error(str(e))
     print(path)
     return path

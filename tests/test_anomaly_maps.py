@@ -59,6 +59,7 @@ def test_ssim_against_a_direct_computation():
 
 def test_a_run_trained_and_scored_by_ssim(hazelnut, tmp_path):
     from models import evaluate, export, train
+    from models.data.preprocess import to_model_input
     from models.inference import Scorer
     from models.inference.run_scoring import UntrainedWarning
     from models.training import load_detector
@@ -76,9 +77,10 @@ def test_a_run_trained_and_scored_by_ssim(hazelnut, tmp_path):
     path = export.main(["--checkpoint", str(out / "checkpoint.pt"), "--format", "pt2", "--out", str(tmp_path / "g")])
     assert json.loads((tmp_path / "g" / "detector.json").read_text())["anomaly_map"] == "ssim"
     model, config, state = load_detector(str(out / "checkpoint.pt"), torch.device("cpu"))
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    pixels = torch.randint(0, 256, (3, 40, 48, 3), dtype=torch.uint8)  # as decoded: the graph resizes them
+    images = to_model_input(pixels.permute(0, 3, 1, 2), 32)
     with torch.no_grad():
-        maps, scores = torch.export.load(path).module()(images)
+        maps, scores = torch.export.load(path).module()(pixels)
     s = model.score(images, config.ali_loss, "ssim")
     expected = Scorer.calibrated(config, state, "run").score(s.error_map.numpy(), s.feat.numpy())
     np.testing.assert_allclose(maps.numpy(), s.error_map.numpy(), rtol=0, atol=1e-5)

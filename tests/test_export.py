@@ -1,8 +1,11 @@
-"""Export: the fused op's decomposition (daad_ext/export.py) and ``python -m models.export``
-(pt2 through torch.export, onnx through ONNX Runtime) on the hazelnut subset, against PyTorch."""
+"""Export: the fused op's decomposition (daad_ext/export.py) and ``python -m models.export`` on the
+hazelnut subset, against PyTorch: pt2 through torch.export, onnx through ONNX Runtime, openvino
+through OpenVINO (models/inference/runtimes.py), each fed the decoded images at their own size;
+the extras a format needs, and a failed export that leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -74,9 +77,12 @@ def test_exported_layer_uses_standard_operators_eager_and_compiled_the_fused_ker
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A daad+ checkpoint trained for one epoch on the hazelnut subset, and its test images."""
+    """A daad+ checkpoint trained for one epoch on the hazelnut subset, its test images as decoded
+    (uint8 (N, 512, 512, 3)) and as the data set prepares them ((N, 3, 32, 32) in [-1, 1]), and
+    their labels."""
     from models import train
     from models.data import data_root
+    from models.data.images import read_pixels
 
     hazelnut = data_root() / "mvtec_hazelnut_subset"
     if not hazelnut.is_dir():
@@ -86,8 +92,9 @@ def trained(tmp_path_factory):
                           "--division", "2", "2", "1", "--num-items", "20", "--batch", "8",
                           "--device", "cpu", "--model", "daad+", "--epochs", "1", "--out", str(out)])
     test_set = trainer.config.dataset_split("test")
+    pixels = np.stack([read_pixels(name, 3) for name in test_set.names])
     images = torch.stack([test_set[i]["image"] for i in range(len(test_set))])
-    return out / "checkpoint.pt", images, np.array(test_set.labels)
+    return out / "checkpoint.pt", pixels, images, np.array(test_set.labels)
 
 
 def pytorch_scores(checkpoint, images, image_score="max"):  # export's default image score
@@ -101,9 +108,10 @@ def pytorch_scores(checkpoint, images, image_score="max"):  # export's default i
     return s.error_map.numpy(), scorer.score(s.error_map.numpy(), s.feat.numpy())
 
 
-def check_against_pytorch(maps, scores, checkpoint, images, labels):
+def check_against_pytorch(maps, scores, trained):
     from models.inference.metrics import image_auroc
 
+    checkpoint, _, images, labels = trained
     ref_maps, ref_scores = pytorch_scores(checkpoint, images)
     np.testing.assert_allclose(maps, ref_maps, rtol=0, atol=1e-4)
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-4)
@@ -114,30 +122,119 @@ def check_against_pytorch(maps, scores, checkpoint, images, labels):
 def test_export_pt2(trained, tmp_path):
     from models import export
 
-    checkpoint, images, labels = trained
+    checkpoint, pixels = trained[:2]
     path = export.main(["--checkpoint", str(checkpoint), "--format", "pt2", "--out", str(tmp_path)])
     program = torch.export.load(path)
     assert not any("daad_ext" in t for t in op_targets(program.graph))
-    maps, scores = program.module()(images)  # the whole test set in one batch: a dynamic batch
-    check_against_pytorch(maps.detach().numpy(), scores.detach().numpy(), checkpoint, images, labels)
+    maps, scores = program.module()(torch.from_numpy(pixels))  # the whole test set in one batch: a dynamic batch
+    check_against_pytorch(maps.detach().numpy(), scores.detach().numpy(), trained)
     info = json.loads((tmp_path / "detector.json").read_text())
     assert info["size"] == 32 and info["outputs"] == ["anomaly_map", "score"] and info["format"] == "pt2"
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_export_onnx_runs_in_onnx_runtime(trained, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+@pytest.mark.parametrize("fmt,files", [("onnx", ["detector.onnx"]), ("openvino", ["detector.bin", "detector.xml"])])
+def test_export_runs_in_its_runtime(trained, tmp_path, fmt, files):
+    """ONNX Runtime and OpenVINO (float32) on the exported graph: the maps and scores of PyTorch,
+    the same AUROC; another batch size and another image size run too. Not skipped where a
+    runtime is missing: requirements.txt installs both, and CI checks them."""
+    from models import export
+    from models.data.preprocess import to_model_input
+    from models.inference.runtimes import load_runtime
+
+    checkpoint, pixels = trained[:2]
+    out = tmp_path / fmt
+    path = export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["detector.json"])
+    runtime = load_runtime(path)
+    assert runtime.info["format"] == fmt and runtime.info["input_layout"] == "NHWC"
+    maps, scores = runtime.run(pixels)
+    check_against_pytorch(maps, scores, trained)
+    one_map, one_score = load_runtime(str(out)).run(pixels[:1])  # the folder; another batch size
+    np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
+    crop = pixels[:2, :200, :300]  # another size, not square: resized in the graph as the loader resizes
+    small_maps, small_scores = runtime.run(crop)
+    ref_maps, ref_scores = pytorch_scores(checkpoint, to_model_input(torch.from_numpy(crop).permute(0, 3, 1, 2), 32))
+    np.testing.assert_allclose(small_maps, ref_maps, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(small_scores, ref_scores, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8 images"):
+        runtime.run(pixels.astype(np.float32))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_openvino_bf16_runs(trained, tmp_path):
+    """bf16 (the benchmark's row) runs and stays near float32, and differs from it where the CPU has
+    bfloat16 (elsewhere OpenVINO computes in float32)."""
+    import openvino
+
+    from models import export
+    from models.inference.runtimes import load_runtime
+
+    checkpoint, pixels = trained[:2]
+    path = export.main(["--checkpoint", str(checkpoint), "--format", "openvino", "--out", str(tmp_path)])
+    fp32 = load_runtime(path).run(pixels[:4])
+    bf16 = load_runtime(path, precision="bf16").run(pixels[:4])
+    for got, want in zip(bf16, fp32):
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert not np.array_equal(bf16[0], fp32[0])  # the hint took effect (on the raw maps: scores clip at 0 and 1)
+    with pytest.raises(ValueError, match="fp32"):
+        load_runtime(path, precision="fp16")
+
+
+@pytest.mark.parametrize("fmt,module,extra", [("onnx", "onnxscript", "onnx"), ("openvino", "openvino", "openvino")])
+def test_a_missing_extra_is_named_and_nothing_is_written(trained, tmp_path, capsys, monkeypatch, fmt, module, extra):
     from models import export
 
-    checkpoint, images, labels = trained
-    path = export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path)])
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score"]
-    maps, scores = session.run(None, {"image": images.numpy()})
-    check_against_pytorch(maps, scores, checkpoint, images, labels)
-    one_map, one_score = session.run(None, {"image": images[:1].numpy()})  # another batch size
-    np.testing.assert_allclose(one_score, scores[:1], rtol=0, atol=1e-5)
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "graph"
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(trained[0]), "--format", fmt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"pip install 'daad-ext[{extra}]'" in err and module in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_runtime_is_named(tmp_path, monkeypatch):
+    from models.inference.runtimes import MissingExtraError, load_runtime
+
+    (tmp_path / "detector.json").write_text(json.dumps({"format": "onnx", "input_dtype": "uint8", "file": "detector.onnx"}))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingExtraError, match=r"onnxruntime.*pip install 'daad-ext\[onnx\]'"):
+        load_runtime(str(tmp_path))
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(trained, tmp_path, monkeypatch):
+    """Into a new folder: nothing; into an existing one: its files untouched; no temporaries."""
+    from models import export
+    from models.inference import graph
+
+    def fail(program, images, path):
+        open(path, "wb").write(b"half a graph")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(graph.WRITERS, "pt2", fail)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "detector.json").write_text("{}")
+    for out in (tmp_path / "new", kept):
+        with pytest.raises(OSError, match="disk full"):
+            export.export(str(trained[0]), "pt2", str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert [p.name for p in kept.iterdir()] == ["detector.json"] and (kept / "detector.json").read_text() == "{}"
+
+
+def test_an_export_that_computes_otherwise_is_refused(trained, tmp_path, capsys, monkeypatch):
+    """export runs what it wrote in its runtime before it keeps it: scores 1e-3 off are refused."""
+    from models import export
+    from models.inference.runtimes import TorchRuntime
+
+    run = TorchRuntime.outputs
+    monkeypatch.setattr(TorchRuntime, "outputs", lambda self, images: (run(self, images)[0], run(self, images)[1] + 1e-3))
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(trained[0]), "--format", "pt2", "--out", str(tmp_path / "graph")])
+    assert "the pt2 export computes score up to 0.001 away from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
@@ -156,15 +253,16 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
 @pytest.mark.parametrize("image_score", ["mean", "max"])
 def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
     """One calibration behind every path: ``evaluate``'s per-image score, ``predict``'s, the Python
-    API's (NumPy, float64) and the exported graphs' (torch, float32; pt2 and ONNX) are the same
-    ``pred_score`` and give the same label; evaluate's AUROC is that of the raw fused scores."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    API's (NumPy, float64) and the exported graphs' (float32; pt2, ONNX and OpenVINO, fed the
+    decoded 512 x 512 pixels, resized in the graph) are the same ``pred_score`` and give the same
+    label; evaluate's AUROC is that of the raw fused scores."""
     from models import Detector, evaluate, export, predict
     from models.data import data_root, load_image
+    from models.data.images import read_pixels
     from models.inference.metrics import image_auroc
+    from models.inference.runtimes import load_runtime
 
-    checkpoint, _, _ = trained
+    checkpoint = trained[0]
     root = data_root() / "mvtec_hazelnut_subset"
     # Images with both labels and scores between 0 and 1 by either image score (this seeded run's).
     files = [str(root / "test" / kind / name) for kind, name in (("colour", "00.jpg"), ("colour", "03.jpg"),
@@ -174,16 +272,13 @@ def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
     predicted = np.array([r["score"] for r in report["predictions"]])
     api = Detector.load(checkpoint, "cpu", image_score, fast=False).predict(files)
     batch = torch.stack([load_image(f, 3, 32) for f in files])
+    pixels = np.stack([read_pixels(f, 3) for f in files])
     graphs = {}
-    for fmt in ("pt2", "onnx"):
+    for fmt in ("pt2", "onnx", "openvino"):
         path = export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path / fmt),
                             "--image-score", image_score])
         assert json.loads((tmp_path / fmt / "detector.json").read_text())["image_score"] == image_score
-        if fmt == "pt2":
-            graphs[fmt] = torch.export.load(path).module()(batch)[1].detach().numpy()
-        else:
-            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            graphs[fmt] = session.run(None, {"image": batch.numpy()})[1]
+        graphs[fmt] = load_runtime(path).run(pixels)[1]
     result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
                             "--image-score", image_score, "--num-heatmaps", "0", "--no-fast"])
     by_name = {i["name"]: i for i in result["images"]}

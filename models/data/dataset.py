@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .images import BadImageError, decoded_size, read_mask, read_pixels, scaled_copy
+from .preprocess import to_model_input
 from .registry import option
 
 #: Environment variable naming the folder that holds the real data sets.
@@ -50,12 +51,11 @@ def data_root() -> Path:
 
 
 def prepare(image: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
-    """uint8 (C, H, W) -> float (C, size, size); images to [-1, 1], masks (mode "nearest-exact") to {0, 1}."""
-    x = image.float().unsqueeze(0)
+    """uint8 (C, H, W) -> float (C, size, size); images to [-1, 1] (:func:`~models.data.preprocess.to_model_input`),
+    masks (mode "nearest-exact") to {0, 1}."""
     if mode == "bilinear":
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return (x[0] / 127.5 - 1.0).clamp(-1.0, 1.0)
-    return (F.interpolate(x, size=(size, size), mode=mode)[0] > 127).float()
+        return to_model_input(image[None], size)[0]
+    return (F.interpolate(image.float()[None], size=(size, size), mode=mode)[0] > 127).float()
 
 
 def _as_chw(array: np.ndarray) -> torch.Tensor:

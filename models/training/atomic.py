@@ -19,15 +19,22 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
-from typing import IO, Any, Callable, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,9 +113,7 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
             write(f)
             f.flush()
             os.fsync(watched.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
@@ -122,3 +127,26 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
 def write_json(path: PathLike, payload: Any, indent: Optional[int] = None) -> None:
     """Writes ``payload`` atomically: a reader never sees half a file, a crash never loses the old one."""
     atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: PathLike) -> Iterator[str]:
+    """A folder of files written all or not at all: yields an empty temporary folder beside
+    ``out`` to write into. When the block succeeds, the temporary folder becomes ``out`` in one
+    rename (or, where ``out`` exists, its files replace those of the same names in ``out``, the
+    ``.json`` ones last, so that a reader who finds the description finds what it describes).
+    When it fails, the temporary folder is removed and ``out`` is left as it was."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.{os.getpid()}-{_host()}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; ``out`` gets a plain mkdir's permissions
+        if not os.path.exists(out):
+            os.rename(tmp, out)
+            return
+        for name in sorted(os.listdir(tmp), key=lambda name: name.endswith(".json")):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
