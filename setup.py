@@ -13,7 +13,7 @@ architectures default to ``TORCH_CUDA_ARCH_LIST=9.0`` (Hopper); set it for other
 What the build used is written to ``daad_ext/_build_info.py`` (``python -m daad_ext`` shows it).
 The detector's source folder ``models/`` installs as the package ``daad_models`` (``models`` is
 too common a name to claim), with the commands daad-train, daad-evaluate, daad-predict,
-daad-export and daad-reproduce.
+daad-calibrate, daad-export and daad-reproduce.
 """
 import glob
 import importlib.util
@@ -99,7 +99,8 @@ setup(
                     "tensorboard": ["tensorboard"],
                     "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "openvino"]},
     entry_points={"console_scripts": [f"daad-{command}=daad_models.cli:{command}"
-                                      for command in ("train", "evaluate", "predict", "export", "reproduce")]},
+                                      for command in ("train", "evaluate", "predict", "calibrate", "export",
+                                                      "reproduce")]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

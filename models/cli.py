@@ -56,11 +56,13 @@ def calibrate() -> None:
     main()
 
 
-def add_image_score_option(parser: argparse.ArgumentParser) -> None:
-    """The commands' ``--image-score``: which R the score A(x) fuses (models/inference/scorer.py)."""
-    parser.add_argument("--image-score", choices=IMAGE_SCORES, default=DEFAULT_IMAGE_SCORE,
+def add_image_score_option(parser: argparse.ArgumentParser, exports: bool = False) -> None:
+    """The commands' ``--image-score``: which R the score A(x) fuses (models/inference/scorer.py);
+    ``exports``: the command also runs exports, scored as they were exported (default None)."""
+    default = f"{DEFAULT_IMAGE_SCORE}; an export's: the one it was exported with" if exports else DEFAULT_IMAGE_SCORE
+    parser.add_argument("--image-score", choices=IMAGE_SCORES, default=None if exports else DEFAULT_IMAGE_SCORE,
                         help="R of the image score: max of the anomaly map smoothed by a Gaussian (anomalib's; "
-                             f"small defects) or its mean (the paper's) (default: {DEFAULT_IMAGE_SCORE})")
+                             f"small defects) or its mean (the paper's) (default: {default})")
 
 
 def add_speed_option(parser: argparse.ArgumentParser, fast: str) -> None:

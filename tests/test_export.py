@@ -254,8 +254,8 @@ def test_export_refuses_an_unfinished_run(trained, tmp_path, capsys):
 def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
     """One calibration behind every path: ``evaluate``'s per-image score, ``predict``'s, the Python
     API's (NumPy, float64) and the exported graphs' (float32; pt2, ONNX and OpenVINO, fed the
-    decoded 512 x 512 pixels, resized in the graph) are the same ``pred_score`` and give the same
-    label; evaluate's AUROC is that of the raw fused scores."""
+    decoded 512 x 512 pixels, resized in the graph, directly and through the API) are the same
+    ``pred_score`` and give the same label; evaluate's AUROC is that of the raw fused scores."""
     from models import Detector, evaluate, export, predict
     from models.data import data_root, load_image
     from models.data.images import read_pixels
@@ -279,6 +279,10 @@ def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
                             "--image-score", image_score])
         assert json.loads((tmp_path / fmt / "detector.json").read_text())["image_score"] == image_score
         graphs[fmt] = load_runtime(path).run(pixels)[1]
+        deployed = Detector.load(tmp_path / fmt, fast=False).predict(files)  # the API on the export folder
+        graphs[f"api, {fmt}"] = np.array([r.pred_score for r in deployed])
+        for mine, theirs in zip(api, deployed):  # the maps too, normalised at the images' own resolution
+            np.testing.assert_allclose(theirs.anomaly_map, mine.anomaly_map, rtol=0, atol=1e-4, err_msg=fmt)
     result = evaluate.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--device", "cpu",
                             "--image-score", image_score, "--num-heatmaps", "0", "--no-fast"])
     by_name = {i["name"]: i for i in result["images"]}
@@ -300,3 +304,19 @@ def test_every_path_scores_an_image_alike(trained, tmp_path, image_score):
     decided = np.array([i["pred_label"] for i in written["images"]])
     assert (counts["tp"], counts["fp"]) == (int((decided & (labels == 1)).sum()), int((decided & (labels == 0)).sum()))
     assert counts["tp"] + counts["fp"] + counts["tn"] + counts["fn"] == len(labels)
+
+
+def test_predict_runs_an_export_folder_scored_as_exported(trained, tmp_path, capsys):
+    """daad-predict and Detector.load take an export folder: it keeps the image score it was
+    exported with, and another one is refused by name."""
+    from models import Detector, export, predict
+    from models.data import data_root
+
+    folder = tmp_path / "graph"
+    export.main(["--checkpoint", str(trained[0]), "--format", "pt2", "--out", str(folder), "--image-score", "mean"])
+    image = str(data_root() / "mvtec_hazelnut_subset" / "test" / "colour" / "00.jpg")
+    report = predict.main([str(folder), image, "--out", str(tmp_path / "pred")])
+    assert report["image_score"] == "mean" and len(report["predictions"]) == 1
+    assert "score=" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="exported with the image score 'mean'"):
+        Detector.load(folder, image_score="max")

@@ -131,7 +131,8 @@ def test_console_commands_from_another_directory(installed, hazelnut, tmp_path):
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(installed)) for line in where.stdout.split())  # not the checkout
-    for command in ("daad-train", "daad-evaluate", "daad-predict", "daad-export", "daad-reproduce"):
+    for command in ("daad-train", "daad-evaluate", "daad-predict", "daad-calibrate", "daad-export",
+                    "daad-reproduce"):
         help_text = run(command, "--help")  # names the installed command, not `python -m models.*`
         assert help_text.startswith(f"usage: {command}") and "python -m models" not in help_text
     run("daad-train", "--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4",

@@ -8,22 +8,25 @@ The map is resized back to the image's own height and width. Files that cannot b
 listed in ``failures`` of the result, by name, and the other images are scored; only when no
 image at all could be read does it raise.
 
-The scoring runs in an :class:`Engine`: a batch of images prepared for the model -> raw anomaly
-maps and calibrated scores. :class:`TorchEngine` runs a checkpoint in PyTorch; an exported graph
-(``models.export``: same inputs, same outputs) fits the same protocol.
+The scoring runs in an :class:`Engine`: decoded images (uint8, each its own size) -> raw anomaly
+maps at the model's size and calibrated scores. :class:`TorchEngine` runs a checkpoint in
+PyTorch; :class:`RuntimeEngine` an exported graph (``models.export``: ONNX Runtime, OpenVINO or
+``torch.export``), which resizes and scales the images inside the graph.
 
 Example:
     >>> from models import Detector
     >>> detector = Detector.load("runs/hazelnut/checkpoint.pt", device="cpu")  # doctest: +SKIP
+    >>> deployed = Detector.load("runs/hazelnut/openvino")  # an export folder  # doctest: +SKIP
     >>> results = detector.predict("shots/*.png")                              # doctest: +SKIP
     >>> [(r.name, round(r.pred_score, 3), r.label) for r in results]           # doctest: +SKIP
     [('shots/000.png', 0.312, 'normal'), ('shots/001.png', 0.871, 'anomalous')]
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,23 +35,27 @@ from torch import nn
 
 from ..data.dataset import prepare
 from ..data.images import BadImageError, PathLike
-from ..networks.acceleration import FAST_INFERENCE, PLAIN, SpeedOptions, fast_score, inference_model
+from ..networks.acceleration import FAST_INFERENCE, PLAIN, SpeedOptions, fast_score, has_native_bf16, inference_model
 from ..training import load_detector
 from ..training.distributed import resolve_device
 from .inputs import ImageInput, ImageSource, expand
+from .runtimes import RUNTIMES, Runtime, export_info, load_runtime
 from .scorer import BOUNDARY, DEFAULT_IMAGE_SCORE, Scorer
+
+#: Graph files of an export (``models.export``): a path with one of these is loaded in its runtime.
+EXPORT_SUFFIXES = (".onnx", ".xml", ".pt2")
 
 
 class Engine(Protocol):
-    """What scores images prepared for the model: (B, ``channels``, ``size``, ``size``) in [-1, 1]
-    -> the raw anomaly maps (B, size, size) and the calibrated ``pred_score`` (B,), as the
+    """What scores decoded images: uint8 (H, W, ``channels``), or (H, W) for one channel, each its
+    own size -> the raw anomaly maps (B, size, size) and the calibrated ``pred_score`` (B,), as the
     exported graph's outputs; ``scorer`` holds the calibration that normalises the maps."""
 
     channels: int
     size: int
     scorer: Scorer
 
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         ...
 
 
@@ -63,11 +70,31 @@ class TorchEngine:
         self.model, self.scorer, self.device, self.speed = model, scorer, device, speed
         self.channels, self.size = channels, size
 
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        s = fast_score(self.model, images.to(self.device), self.speed, ali_reduction=self.scorer.ali_reduction,
+    @torch.no_grad()
+    def __call__(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        images = torch.stack([model_input(p, self.size) for p in pixels]).to(self.device)
+        s = fast_score(self.model, images, self.speed, ali_reduction=self.scorer.ali_reduction,
                        anomaly_map=self.scorer.anomaly_map)
         maps = s.error_map.cpu().numpy()
         return maps, self.scorer.score(maps, None if s.feat is None else s.feat.cpu().numpy())
+
+
+class RuntimeEngine:
+    """An exported detector in its runtime (:func:`~models.inference.runtimes.load_runtime`), with
+    the scorer its ``detector.json`` describes (the calibration the graph applies)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        info = runtime.info
+        self.runtime, self.channels, self.size = runtime, info["in_channels"], info["size"]
+        self.scorer = Scorer(gamma=info["gamma"], image_score=info["image_score"], sigma=info["sigma"],
+                             anomaly_map=info["anomaly_map"], calibration=info["calibration"])
+
+    def __call__(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        # the graph takes a batch of one height and width: consecutive images of one shape together
+        parts = [self.runtime.run(np.stack([p.reshape(*p.shape[:2], self.channels) for p in same]))
+                 for _, group in itertools.groupby(pixels, key=lambda p: p.shape)
+                 for same in [list(group)]]
+        return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
 
 
 @dataclass
@@ -125,14 +152,25 @@ class Detector:
         self.engine, self.batch = engine, batch
 
     @classmethod
-    def load(cls, checkpoint: PathLike, device: Union[str, torch.device] = "auto",
-             image_score: str = DEFAULT_IMAGE_SCORE, fast: bool = True, batch: int = 16) -> "Detector":
-        """The detector of a checkpoint of ``models.train`` with its stored calibration, on ``device``
-        (auto, cpu, cuda, cuda:K); ``fast``: :data:`~models.networks.acceleration.FAST_INFERENCE`
-        (bfloat16 autocast where the CPU has it), else the plain float32 model."""
+    def load(cls, path: PathLike, device: Union[str, torch.device] = "auto",
+             image_score: Optional[str] = None, fast: bool = True, batch: int = 16) -> "Detector":
+        """The detector of a checkpoint of ``models.train``, with its stored calibration, on
+        ``device`` (auto, cpu, cuda, cuda:K), or of a folder (or graph file) of ``models.export``
+        in its runtime on the CPU. ``image_score``: R of the score (default: max; an export's is
+        the one it was exported with). ``fast``: for a checkpoint
+        :data:`~models.networks.acceleration.FAST_INFERENCE`, for an OpenVINO export its bf16
+        precision, each where the CPU does bfloat16 in hardware; else plain float32."""
+        if os.path.isdir(path) or os.path.splitext(path)[1] in EXPORT_SUFFIXES:
+            _, info = export_info(os.fspath(path))
+            bf16 = fast and "bf16" in RUNTIMES[info["format"]].precisions and has_native_bf16("cpu")
+            runtime = load_runtime(os.fspath(path), precision="bf16" if bf16 else "fp32")
+            if image_score not in (None, runtime.info["image_score"]):
+                raise ValueError(f"{path} was exported with the image score {runtime.info['image_score']!r}; "
+                                 f"export it again with --image-score {image_score} to score by it")
+            return cls(RuntimeEngine(runtime), batch)
         dev = resolve_device(str(device))
-        model, config, state = load_detector(checkpoint, dev)
-        scorer = Scorer.calibrated(config, state, os.fspath(checkpoint), image_score)
+        model, config, state = load_detector(path, dev)
+        scorer = Scorer.calibrated(config, state, os.fspath(path), image_score or DEFAULT_IMAGE_SCORE)
         speed = FAST_INFERENCE if fast else PLAIN
         engine = TorchEngine(inference_model(model, speed), scorer, dev, config.model.in_channels, config.model.size,
                              speed)
@@ -164,7 +202,7 @@ class Detector:
                 failures += e.problems
         if not read:
             return []
-        maps, scores = self.engine(torch.stack([model_input(pixels, self.engine.size) for _, pixels in read]))
+        maps, scores = self.engine([pixels for _, pixels in read])
         return [self._prediction(name, pixels, raw, float(score))
                 for (name, pixels), raw, score in zip(read, maps, scores)]
 

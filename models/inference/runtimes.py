@@ -130,10 +130,9 @@ class TorchRuntime(Runtime):
 RUNTIMES = {"onnx": OnnxRuntime, "openvino": OpenVinoRuntime, "pt2": TorchRuntime}
 
 
-def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = None) -> Runtime:
-    """The export in folder ``path`` (or the folder of the graph file ``path``) in its format's
-    runtime, computing in ``precision`` (:data:`PRECISIONS`); ``threads`` sets ONNX Runtime's and
-    OpenVINO's intra-op threads (default: theirs, one a core)."""
+def export_info(path: str) -> tuple[str, dict]:
+    """The folder of an export (``path``, or the folder of the graph file ``path``) and its
+    ``detector.json``; raises when it is not a current export of ``models.export``."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     info_path = os.path.join(folder, INFO_FILE)
     if not os.path.isfile(info_path):
@@ -142,4 +141,12 @@ def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = No
         info = json.load(f)
     if info.get("format") not in RUNTIMES or info.get("input_dtype") != "uint8":
         raise ValueError(f"{info_path}: a {info.get('format')} export of an older or unknown kind; export it again")
+    return folder, info
+
+
+def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = None) -> Runtime:
+    """The export in folder ``path`` (or the folder of the graph file ``path``) in its format's
+    runtime, computing in ``precision`` (:data:`PRECISIONS`); ``threads`` sets ONNX Runtime's and
+    OpenVINO's intra-op threads (default: theirs, one a core)."""
+    folder, info = export_info(path)
     return RUNTIMES[info["format"]](os.path.join(folder, info["file"]), info, precision, threads)
