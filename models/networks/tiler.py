@@ -6,7 +6,7 @@ tile), the network scores every tile as one batch, and the tiles' maps and recon
 stitched back into one of the working resolution, each pixel the mean of the tiles that cover
 it. The tiles must cover the image exactly: ``size - tile`` a multiple of ``stride`` (anomalib
 pads or resizes the image to make it so; here the options must fit, and a clear error says which
-strides do). Tiling and stitching are ``F.unfold`` / ``F.fold`` (one call each, exportable).
+strides do). Tiling is ``F.unfold``, stitching two matrix products (exportable to ONNX and OpenVINO).
 
 Example:
     >>> import torch
@@ -54,9 +54,14 @@ class Tiling:
                              f"{self.size - self.tile}; strides that fit: {', '.join(map(str, fitting[-6:]))}")
 
     @property
+    def per_side(self) -> int:
+        """Tiles along each side."""
+        return (self.size - self.tile) // self.stride + 1
+
+    @property
     def count(self) -> int:
         """Tiles per image."""
-        return ((self.size - self.tile) // self.stride + 1) ** 2
+        return self.per_side ** 2
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, size, size) -> (B * count, C, tile, tile), image by image, each row by row."""
@@ -67,14 +72,22 @@ class Tiling:
         columns = F.unfold(x, self.tile, stride=self.stride)  # (B, C * tile * tile, count)
         return columns.transpose(1, 2).reshape(-1, channels, self.tile, self.tile)
 
+    def placement(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(per_side * tile, size): row ``i * tile + a`` is one at pixel ``i * stride + a``, where
+        row ``a`` of the ``i``-th tile along a side lies in the image."""
+        rows = torch.arange(self.per_side * self.tile, device=device)
+        return F.one_hot((rows // self.tile) * self.stride + rows % self.tile, self.size).to(dtype)
+
     def merge(self, tiles: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`split`: (B * count, C, tile, tile) -> (B, C, size, size), each
-        pixel the mean of the tiles that cover it."""
-        channels = tiles.shape[1]
-        columns = tiles.reshape(-1, self.count, channels * self.tile * self.tile).transpose(1, 2)
-        ones = torch.ones(1, self.tile * self.tile, self.count, dtype=tiles.dtype, device=tiles.device)
-        total, covered = (F.fold(c, (self.size, self.size), self.tile, stride=self.stride) for c in (columns, ones))
-        return total / covered
+        pixel the mean of the tiles that cover it. The tiles are placed by two products with
+        :meth:`placement` (rows, then columns): matrix products export to every runtime, where
+        ``F.fold``'s scatter does not convert to OpenVINO."""
+        channels, n, t = tiles.shape[1], self.per_side, self.tile
+        grid = tiles.reshape(-1, n, n, channels, t, t).permute(0, 3, 1, 4, 2, 5).reshape(-1, channels, n * t, n * t)
+        place = self.placement(tiles.dtype, tiles.device)
+        covered = place.sum(0)  # tiles over each row (and column) of the image
+        return (place.T @ grid @ place) / (covered[:, None] * covered[None, :])
 
 
 class TiledDetector(nn.Module):
