@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         result = evaluate(args.checkpoint, args.out, args.root, args.gamma, args.num_heatmaps,
                           args.batch, args.device, args.skip_bad_images, args.image_score, args.sigma,
                           args.smooth_maps, args.anomaly_map, not args.no_fast)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, an --out that cannot be written
         parser.error(str(e))
     summary = {k: result.get(k) for k in ("model", "num_images", "image_auroc", "pixel_auroc", "aupro",
                                           "image_f1", "image_decision", "image_auroc_per_defect")}

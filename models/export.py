@@ -3,11 +3,11 @@
 Writes one self-contained graph that maps a batch of images as decoded, uint8 (B, H, W, C) of
 any height and width (C = 3, or 1 for grayscale models), to
 
-* ``anomaly_map`` (B, S, S): the squared pixel error averaged over channels (the heat map of
-  ``models.predict``, whose colour scale ``map_max`` is in ``detector.json``);
-* ``score`` (B,): the fused score A(x), R (``--image-score``) and L scaled by their range on the
-  training images, exactly as ``models.predict`` computes it (normal images about 0..1, anomalies
-  above).
+* ``anomaly_map`` (B, S, S): the raw pixel map (the squared error averaged over channels, or
+  SSIM's), which ``models.predict`` normalises by the calibration's pixel threshold and span
+  (both in ``detector.json``) for its heat map;
+* ``score`` (B,): the calibrated ``pred_score`` in [0, 1] (0.5 the decision boundary), exactly
+  as ``models.predict`` computes it.
 
 The resize to S and the scaling to [-1, 1] of ``models.predict``
 (:func:`models.data.preprocess.to_model_input`), the generator, the discriminator's features
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.out, args.image_score)
-    except (ValueError, FileNotFoundError, MissingExtraError) as e:
+    except (ValueError, OSError, MissingExtraError) as e:  # OSError: also an --out that cannot be written
         parser.error(str(e))
     print(path)
     return path

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 from .cli import add_image_score_option, add_speed_option, command_parser, program
 from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import Detector
+from .inference.runtimes import MissingExtraError
 from .inference.prediction import save_predictions
 from .training.atomic import write_json
 
@@ -69,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     try:
         report = predict(args.checkpoint, args.images, args.out, args.device, args.image_score, not args.no_fast,
                          args.save_maps, args.batch)
-    except (ValueError, OSError) as e:  # ValueError: also no readable image (BadImageError)
+    except (ValueError, OSError, MissingExtraError) as e:  # ValueError: also no readable image (BadImageError)
         parser.error(str(e))
     for failure in report["failures"]:
         print(f"cannot read {failure['image']}: {failure['reason']}", file=sys.stderr)

@@ -29,11 +29,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def _real_data(name: str) -> Path:
+    """The real data set ``name``; absent, its tests skip, except under CI (which has the data:
+    a missing folder there would silently skip every end-to-end test of the detector)."""
+    from daad_ext import extension
     from models.data import DATA_ROOT_ENV, data_root  # here: the other tests need not import models
 
     path = data_root() / name
     if not path.is_dir():
-        pytest.skip(f"real data absent: {path} (set {DATA_ROOT_ENV} to the folder that holds {name}/)")
+        reason = f"real data absent: {path} (set {DATA_ROOT_ENV} to the folder that holds {name}/)"
+        if extension.required():
+            pytest.fail(reason + f"; CI=true or {extension.REQUIRE_ENV}=1 requires it")
+        pytest.skip(reason)
     return path
 
 

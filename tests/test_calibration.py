@@ -135,7 +135,7 @@ def test_a_checkpoint_without_thresholds_is_refused_clearly_and_can_be_calibrate
 
     checkpoint, _, hazelnut = run
     state = load_checkpoint(checkpoint)
-    old_keys = ("rec_min", "rec_max", "max_min", "max_max", "map_max", "feat_min", "feat_max")
+    old_keys = ("rec_min", "rec_max", "max_min", "max_max", "feat_min", "feat_max")
     state["calibration"] = {k: state["calibration"][k] for k in old_keys}  # as written before thresholds
     old = tmp_path / "old.pt"
     save_checkpoint(state, old)
@@ -159,3 +159,19 @@ def test_the_calibrate_command_refuses_bad_requests(run, capsys):
         with pytest.raises(SystemExit):
             calibrate_command.main(argv)
         assert message in capsys.readouterr().err, argv
+
+
+def test_a_resumed_run_does_not_keep_the_calibration_of_its_older_weights(tiny_run):
+    """The calibration belongs to the weights it was measured on: a run resumed past its end
+    holds none until its new last epoch measures one (then every path refuses the checkpoint
+    in between, rather than deciding with old thresholds)."""
+    from models.training import load_checkpoint
+    from models.training.trainer import Trainer
+
+    checkpoint, trainer = tiny_run
+    state = load_checkpoint(checkpoint)
+    assert state["calibration"] is not None
+    resumed = Trainer(trainer.config, torch.device("cpu"))
+    resumed.load_state_dict(state, str(checkpoint))
+    resumed.end_epoch({"epoch": state["epoch"] + 1})  # an epoch that is not the last
+    assert resumed.state_dict()["calibration"] is None

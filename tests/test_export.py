@@ -196,9 +196,10 @@ def test_a_missing_extra_is_named_and_nothing_is_written(trained, tmp_path, caps
 
 
 def test_a_missing_runtime_is_named(tmp_path, monkeypatch):
-    from models.inference.runtimes import MissingExtraError, load_runtime
+    from models.inference.runtimes import INFO_KEYS, MissingExtraError, load_runtime
 
-    (tmp_path / "detector.json").write_text(json.dumps({"format": "onnx", "input_dtype": "uint8", "file": "detector.onnx"}))
+    info = {**dict.fromkeys(INFO_KEYS, 0), "format": "onnx", "input_dtype": "uint8", "file": "detector.onnx"}
+    (tmp_path / "detector.json").write_text(json.dumps(info))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingExtraError, match=r"onnxruntime.*pip install 'daad-ext\[onnx\]'"):
         load_runtime(str(tmp_path))
@@ -320,3 +321,39 @@ def test_predict_runs_an_export_folder_scored_as_exported(trained, tmp_path, cap
     assert "score=" in capsys.readouterr().out
     with pytest.raises(ValueError, match="exported with the image score 'mean'"):
         Detector.load(folder, image_score="max")
+    # a damaged export folder: one clear error naming the file, never the runtime's traceback
+    (folder / "detector.pt2").write_bytes(b"not a graph")
+    with pytest.raises(SystemExit):
+        predict.main([str(folder), image, "--out", str(tmp_path / "pred")])
+    assert f"{folder / 'detector.pt2'} cannot be loaded" in capsys.readouterr().err
+    (folder / "detector.json").write_text("{not json")
+    with pytest.raises(ValueError, match="detector.json cannot be read"):
+        Detector.load(folder)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_grayscale_detector_through_the_api_and_its_export(mnist, tmp_path):
+    """One channel end to end: (H, W) pixels into the API on the checkpoint and on the ONNX
+    export (whose graph takes (B, H, W, 1)), the same scores and maps."""
+    import warnings
+
+    from models import Detector, export, train
+    from models.inference.run_scoring import UntrainedWarning
+    from models.inference.runtimes import load_runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWarning)
+        train.main(["--dataset", "mnist", "--root", str(mnist), "--normal-class", "1", "--size", "32",
+                    "--width", "4", "--division", "2", "2", "1", "--num-items", "20", "--model", "ae",
+                    "--steps", "2", "--no-fast", "--device", "cpu", "--out", str(tmp_path / "run")])
+    export.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "onnx")])
+    digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)  # (B, H, W): grayscale
+    local = Detector.load(tmp_path / "run" / "checkpoint.pt", "cpu", fast=False).predict(list(digits))
+    deployed = Detector.load(tmp_path / "onnx").predict(list(digits))
+    for mine, theirs in zip(local, deployed):
+        assert theirs.image.shape == (28, 28) and theirs.anomaly_map.shape == (28, 28)
+        assert theirs.pred_score == pytest.approx(mine.pred_score, abs=1e-5)
+        np.testing.assert_allclose(theirs.anomaly_map, mine.anomaly_map, rtol=0, atol=1e-4)
+    maps, _ = load_runtime(str(tmp_path / "onnx")).run(digits)  # (B, H, W) taken as one channel
+    assert maps.shape == (3, 32, 32)

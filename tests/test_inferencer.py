@@ -136,3 +136,16 @@ def test_bad_inputs_are_refused_clearly(detector):
         detector.predict(np.zeros((8, 8, 3), np.int32))
     with pytest.raises(ValueError, match=r"must be in \[0, 1\].*\[-1, 1\]"):
         detector.predict(torch.full((1, 3, 8, 8), -0.5))
+
+
+def test_a_16_bit_image_in_memory_reads_as_its_file(detector, tmp_path):
+    """PIL's own conversion would clip 16-bit values at 255 (a white image): in memory as from a
+    file, they are scaled to 8 bits."""
+    path = tmp_path / "deep.png"
+    values = np.linspace(0, 65535, 48 * 72).reshape(48, 72).astype(np.uint16)
+    Image.fromarray(values).save(path)
+    from_file = detector.predict(str(path))[0]
+    in_memory = detector.predict(Image.open(path))[0]
+    np.testing.assert_array_equal(in_memory.image, from_file.image)
+    assert in_memory.pred_score == pytest.approx(from_file.pred_score, abs=1e-6)
+    assert 0 < from_file.image.mean() < 255

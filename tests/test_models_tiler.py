@@ -40,11 +40,13 @@ def test_split_then_merge_gives_the_image_back_and_averages_overlaps(size, tile,
     gen = torch.Generator().manual_seed(size + tile + stride)
     # Multiples of 1/64: sums of up to 16 of them and their division by the count are exact in
     # float32, so stitching gives them back exactly; other values within float32 rounding (the sum
-    # of k equal values rounds; ONNX Runtime's Col2Im has no float64 kernel to sum in).
+    # of k equal values rounds).
     dyadic = torch.randint(-64, 64, (2, 3, size, size), generator=gen).float() / 64
     tiles = tiling.split(dyadic)
     assert tiles.shape == (2 * tiling.count, 3, tile, tile)
     assert torch.equal(tiling.merge(tiles), dyadic)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # stitched in float32 under autocast too
+        assert torch.equal(tiling.merge(tiles), dyadic)
     constant = torch.full((1, 1, size, size), 0.375)
     assert torch.equal(tiling.merge(tiling.split(constant)), constant)
     x = torch.randn(2, 3, size, size, generator=gen)
@@ -209,19 +211,26 @@ def test_a_tiled_run_evaluates_and_predicts_at_the_working_size(tiled_run, tmp_p
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx", "openvino"])
 def test_a_tiled_run_exports(tiled_run, tmp_path, fmt):
-    """The exported graph (decoded uint8 images in, resized inside) stitches the tiles as the
-    eager tiled detector does (ONNX: by its Col2Im)."""
-    from models import export
+    """The exported graph (decoded uint8 images of another size in, resized inside) stitches the
+    tiles and scores as the eager tiled detector and the API on the checkpoint do, and the API on
+    the export folder gives the same scores."""
+    from models import Detector, export
     from models.data.preprocess import to_model_input
     from models.inference.runtimes import load_runtime
 
     _, checkpoint, images, _ = tiled_run
-    pixels = ((images + 1) * 127.5).round().to(torch.uint8)  # (B, C, 64, 64) as a file would hold them
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 70, 90), dtype=torch.uint8, generator=gen)  # not 64 x 64
     export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(tmp_path)])
-    maps, _ = load_runtime(str(tmp_path)).run(pixels.permute(0, 2, 3, 1).numpy())
+    nhwc = pixels.permute(0, 2, 3, 1).numpy()
+    maps, scores = load_runtime(str(tmp_path)).run(nhwc)
     model, config, _ = load_detector(checkpoint, torch.device("cpu"))
     eager = model.score(to_model_input(pixels, 64), config.ali_loss).error_map.numpy()
     np.testing.assert_allclose(maps, eager, rtol=0, atol=1e-5)
+    api = Detector.load(checkpoint, "cpu", fast=False).predict(list(nhwc))
+    np.testing.assert_allclose(scores, [r.pred_score for r in api], rtol=0, atol=1e-5)
+    deployed = Detector.load(tmp_path, fast=False).predict(list(nhwc))
+    np.testing.assert_allclose([r.pred_score for r in deployed], scores, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "detector.json").read_text())["size"] == 64
 
 

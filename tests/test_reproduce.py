@@ -10,10 +10,10 @@ import torch
 
 from models import reproduce
 from models.networks import fit_mean_image
-from models.training.atomic import write_json
+from models.training.atomic import write_json, write_npz
 from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
-from models.study.run import defect_types, execute, portable_command, run_config, run_study, save_arrays
+from models.study.run import defect_types, execute, portable_command, run_config, run_study
 from models.study.claims import compare, mnist_claims, near_chance
 from models.study.document import build_tables
 from models.study.tables import mnist_table
@@ -70,7 +70,7 @@ def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> di
     if feat:
         metrics["image_auroc_feat"] = 0.5
         arrays["feat"] = np.array([1.0, 2.0, 3.0], np.float32)
-    save_arrays(str(raw / f"{run.name}.npz"), **arrays)
+    write_npz(str(raw / f"{run.name}.npz"), **arrays)
     history = [{"epoch": 1, "rec": 0.1, "adv": 1.0, "ali": 2.0, "d": 0.5, "d_acc": 0.75, "d_reset": 0.0,
                 "grad_share": {"rec": 0.5, "adv": 0.25, "ali": 0.25}}] if feat else []
     return {"run": asdict(run), "name": run.name, "metrics": metrics, "arrays": f"{run.name}.npz",
@@ -304,7 +304,7 @@ def test_defect_types_and_their_aurocs(tmp_path):
     types, kind = defect_types(names, np.array([0, 1, 1, 1]), root)
     assert types == ["MT_X/Imgs", "MT_Y/Imgs"] and kind.tolist() == [-1, 0, 1, 0]
     # normals 0.1 and 0.4; X scores 0.3 and 0.5 (AUROC 3/4 by hand), Y 0.05 (AUROC 0)
-    save_arrays(str(tmp_path / "r.npz"), defect_type=np.array([-1, -1, 0, 0, 1], np.int8),
+    write_npz(str(tmp_path / "r.npz"), defect_type=np.array([-1, -1, 0, 0, 1], np.int8),
                 rec=np.array([0.1, 0.4, 0.3, 0.5, 0.05], np.float32))
     record = {"raw_dir": root, "arrays": "r.npz", "defect_types": ["MT_X/Imgs", "MT_Y/Imgs"]}
     aurocs = defect_type_aurocs([record, record, {"arrays": "old.npz"}], "rec")  # a run without types is left out

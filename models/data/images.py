@@ -122,7 +122,8 @@ def _open(path: PathLike) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _to_uint8(img: Image.Image, channels: int) -> np.ndarray:
+def pil_to_uint8(img: Image.Image, channels: int) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3) when ``channels`` is 3, else (H, W), 16-bit ones scaled."""
     if img.mode in DEEP_MODES:
         # PIL's convert("L") would clip 16-bit values at 255 (a white image); scale them instead.
         deep = np.asarray(img).astype(np.float64)
@@ -134,7 +135,7 @@ def _to_uint8(img: Image.Image, channels: int) -> np.ndarray:
 
 def read_pixels(path: PathLike, channels: int) -> np.ndarray:
     """A file as uint8 (H, W, 3) when ``channels`` is 3, else (H, W) grayscale."""
-    return _decode(path, lambda img: _to_uint8(img, channels))
+    return _decode(path, lambda img: pil_to_uint8(img, channels))
 
 
 def read_mask(path: PathLike) -> np.ndarray:

@@ -147,6 +147,7 @@ def export_graph(graph: ScoringGraph, fmt: str, out: str, info: dict[str, Any]) 
                    {**info, "in_channels": model.config.in_channels, "size": model.config.size, "input": INPUT,
                     "input_layout": "NHWC", "input_dtype": "uint8", "outputs": list(OUTPUTS), "gamma": s.gamma,
                     "image_score": s.image_score, "sigma": s.sigma, "anomaly_map": s.anomaly_map,
+                    "ali_reduction": s.ali_reduction,
                     "calibration": dict(s.calibration), "format": fmt, "file": spec.file}, indent=2)
         check_export(graph, folder, images)
     return os.path.join(out, spec.file)

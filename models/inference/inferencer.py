@@ -87,7 +87,8 @@ class RuntimeEngine:
         info = runtime.info
         self.runtime, self.channels, self.size = runtime, info["in_channels"], info["size"]
         self.scorer = Scorer(gamma=info["gamma"], image_score=info["image_score"], sigma=info["sigma"],
-                             anomaly_map=info["anomaly_map"], calibration=info["calibration"])
+                             ali_reduction=info["ali_reduction"], anomaly_map=info["anomaly_map"],
+                             calibration=info["calibration"])
 
     def __call__(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         # the graph takes a batch of one height and width: consecutive images of one shape together

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import BadImageError, is_image_file, list_images, read_pixels
+from ..data.images import BadImageError, is_image_file, list_images, pil_to_uint8, read_pixels
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 GLOB_CHARACTERS = "*?["
@@ -46,7 +46,7 @@ class ImageSource:
         if self.path is not None:
             return read_pixels(self.path, channels)
         image = self.image if isinstance(self.image, Image.Image) else Image.fromarray(self.image)
-        return np.asarray(image.convert("RGB" if channels == 3 else "L"))
+        return pil_to_uint8(image, channels)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ Example:
 """
 from __future__ import annotations
 
+import io
+import os
 from typing import Optional, Union
 
 import matplotlib
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..training.atomic import write_bytes  # noqa: E402
 from .metrics import image_roc  # noqa: E402
 
 
@@ -34,8 +37,10 @@ def to_display(image: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
 def save_figure(fig: plt.Figure, path: str, dpi: int = 100, top: float = 1.0) -> None:
     """Lays out, writes and closes ``fig``; ``top`` < 1 keeps room for a suptitle."""
     fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=dpi)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())  # atomically: a crash never leaves half an image
 
 
 def save_roc(labels: np.ndarray, scores: np.ndarray, path: str, title: str) -> None:

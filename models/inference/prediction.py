@@ -12,6 +12,7 @@ where two images share a stem):
 """
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ..training.atomic import write_bytes, write_npz
 from .inferencer import Prediction, Predictions
 from .plots import save_heatmap
 
@@ -47,9 +49,11 @@ def save_prediction(prediction: Prediction, out: str, stem: str, save_maps: bool
     if save_maps:
         files["map"] = os.path.join(out, f"{stem}_map.npz")
         files["mask"] = os.path.join(out, f"{stem}_mask.png")
-        np.savez_compressed(files["map"], anomaly_map=prediction.anomaly_map.astype(np.float32),
-                            raw_map=prediction.raw_map, pred_mask=prediction.pred_mask)
-        Image.fromarray(prediction.pred_mask.astype(np.uint8) * 255).save(files["mask"])
+        write_npz(files["map"], anomaly_map=prediction.anomaly_map.astype(np.float32),
+                  raw_map=prediction.raw_map, pred_mask=prediction.pred_mask)
+        png = io.BytesIO()
+        Image.fromarray(prediction.pred_mask.astype(np.uint8) * 255).save(png, format="PNG")
+        write_bytes(files["mask"], png.getvalue())
     return files
 
 

@@ -25,6 +25,9 @@ import torch
 INPUT = "image"
 OUTPUTS = ("anomaly_map", "score")
 INFO_FILE = "detector.json"
+#: What a runtime and :class:`~models.inference.Detector` read of ``detector.json``.
+INFO_KEYS = {"format", "file", "in_channels", "size", "gamma", "image_score", "sigma", "anomaly_map", "ali_reduction",
+             "calibration"}
 
 
 class MissingExtraError(ImportError):
@@ -70,8 +73,11 @@ class Runtime:
         raise NotImplementedError
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (B, H, W, C) -> float32 anomaly maps (B, S, S) and scores (B,)."""
+        """uint8 images (B, H, W, C), or (B, H, W) for one channel -> float32 anomaly maps (B, S, S)
+        and scores (B,)."""
         channels = self.info["in_channels"]
+        if channels == 1 and images.ndim == 3:
+            images = images[..., None]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
             raise ValueError(f"the detector takes uint8 images (batch, height, width, {channels}), "
                              f"got {images.dtype} {images.shape}")
@@ -137,10 +143,15 @@ def export_info(path: str) -> tuple[str, dict]:
     info_path = os.path.join(folder, INFO_FILE)
     if not os.path.isfile(info_path):
         raise FileNotFoundError(f"no {INFO_FILE} in {folder}: not a folder written by models.export")
-    with open(info_path) as f:
-        info = json.load(f)
-    if info.get("format") not in RUNTIMES or info.get("input_dtype") != "uint8":
-        raise ValueError(f"{info_path}: a {info.get('format')} export of an older or unknown kind; export it again")
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{info_path} cannot be read ({e}); export the detector again") from e
+    if not isinstance(info, dict) or info.get("format") not in RUNTIMES or info.get("input_dtype") != "uint8" \
+            or not INFO_KEYS <= info.keys():
+        raise ValueError(f"{info_path}: not a current export of models.export (an older or unknown kind, or keys "
+                         f"missing); export it again")
     return folder, info
 
 
@@ -149,4 +160,11 @@ def load_runtime(path: str, precision: str = "fp32", threads: Optional[int] = No
     runtime, computing in ``precision`` (:data:`PRECISIONS`); ``threads`` sets ONNX Runtime's and
     OpenVINO's intra-op threads (default: theirs, one a core)."""
     folder, info = export_info(path)
-    return RUNTIMES[info["format"]](os.path.join(folder, info["file"]), info, precision, threads)
+    graph = os.path.join(folder, info["file"])
+    try:
+        return RUNTIMES[info["format"]](graph, info, precision, threads)
+    except (ValueError, MissingExtraError):
+        raise
+    except Exception as e:  # the runtimes' own errors (a missing or corrupt graph file) are of their types
+        raise ValueError(f"{graph} cannot be loaded in {info['format']}'s runtime ({type(e).__name__}: {e}); "
+                         "export the detector again") from e

@@ -49,8 +49,6 @@ SIGMA_AT_256 = 4.0
 TRUNCATE = 4.0
 #: The calibration's range of each raw score: its (low, high) keys.
 RANGE_KEYS = {"mean": ("rec_min", "rec_max"), "max": ("max_min", "max_max"), "feat": ("feat_min", "feat_max")}
-#: Quantile of the calibration images' pixel errors that fixes the heat maps' colour scale.
-MAP_QUANTILE = 0.999
 #: The calibration's decision on each image score: the threshold of A(x) and its normalising span.
 DECISION_KEYS = {"mean": ("image_threshold_mean", "image_span_mean"),
                  "max": ("image_threshold_max", "image_span_max")}
@@ -184,7 +182,8 @@ class Scorer:
         calibration = state.get("calibration")
         if calibration is None:
             raise ValueError(f"{source} has no calibration (its training did not finish): resume it to the "
-                             "end, or use daad-evaluate on a test set")
+                             f"end, or measure one with python -m models.calibrate --checkpoint {source} "
+                             "--normal-dir FOLDER_OF_NORMAL_IMAGES")
         try:
             scorer = cls.for_run(config, image_score, calibration=calibration)
         except ValueError as e:
@@ -246,13 +245,11 @@ class Scorer:
         return normalise_torch(maps, *self.decision(pixels=True))
 
     def calibrate(self, maps: np.ndarray, feat: Optional[np.ndarray]) -> dict[str, float]:
-        """The ranges of both R and of L on a set of normal images, and the heat maps' colour scale
-        (a high quantile of their pixel errors): the part of a calibration that scales A(x)
-        (:func:`~models.inference.calibration.calibrate` adds the thresholds)."""
+        """The ranges of both R and of L on a set of normal images: the part of a calibration that
+        scales A(x) (:func:`~models.inference.calibration.calibrate` adds the thresholds)."""
         s = self.image_scores(maps, None)
         result = {"rec_min": float(s.mean.min()), "rec_max": float(s.mean.max()),
-                  "max_min": float(s.max.min()), "max_max": float(s.max.max()),
-                  "map_max": float(np.quantile(maps, MAP_QUANTILE))}
+                  "max_min": float(s.max.min()), "max_max": float(s.max.max())}
         if feat is not None:
             result.update(feat_min=float(np.min(feat)), feat_max=float(np.max(feat)))
         return result

@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -80,14 +81,19 @@ class Tiling:
 
     def merge(self, tiles: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`split`: (B * count, C, tile, tile) -> (B, C, size, size), each
-        pixel the mean of the tiles that cover it. The tiles are placed by two products with
-        :meth:`placement` (rows, then columns): matrix products export to every runtime, where
-        ``F.fold``'s scatter does not convert to OpenVINO."""
+        pixel the mean of the tiles that cover it, in float32. The tiles are placed by two products
+        with :meth:`placement` (rows, then columns): matrix products export to every runtime, where
+        ``F.fold``'s scatter does not convert to OpenVINO. Under autocast they would round the maps
+        to bfloat16, which the untiled detector's float32 maps are not: autocast is off here."""
         channels, n, t = tiles.shape[1], self.per_side, self.tile
-        grid = tiles.reshape(-1, n, n, channels, t, t).permute(0, 3, 1, 4, 2, 5).reshape(-1, channels, n * t, n * t)
-        place = self.placement(tiles.dtype, tiles.device)
+        grid = tiles.float().reshape(-1, n, n, channels, t, t).permute(0, 3, 1, 4, 2, 5)
+        grid = grid.reshape(-1, channels, n * t, n * t)
+        place = self.placement(torch.float32, tiles.device)
         covered = place.sum(0)  # tiles over each row (and column) of the image
-        return (place.T @ grid @ place) / (covered[:, None] * covered[None, :])
+        device = tiles.device.type
+        exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+        with exact:
+            return (place.T @ grid @ place) / (covered[:, None] * covered[None, :])
 
 
 class TiledDetector(nn.Module):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
-import io
 import json
 import multiprocessing
 import os
@@ -30,7 +29,7 @@ from ..data import layout
 from ..inference import RunScoring, Scorer, collect_scores, compute_metrics
 from ..networks import ModelConfig, fit_mean_image
 from ..training import CHECKPOINT, LOSS_READINGS, Resume, TrainConfig, train
-from ..training.atomic import atomic_write, write_json
+from ..training.atomic import write_json, write_npz
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import DistContext
 from .plan import BASELINE, SETTINGS, Run, Setting, plan
@@ -67,13 +66,6 @@ def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[l
     folders = [os.path.relpath(os.path.dirname(n), root) if label else "" for n, label in zip(names, labels)]
     types = list(dict.fromkeys(f for f in folders if f))
     return types, np.array([types.index(f) if f else -1 for f in folders], np.int8)
-
-
-def save_arrays(path: str, **arrays: np.ndarray) -> None:
-    """``arrays`` as one compressed ``.npz``, written atomically."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> dict[str, Any]:
@@ -125,7 +117,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
         figure = {"indices": picks, "labels": [int(scores.labels[i]) for i in picks]}
     keep = run.dataset != "mnist"
     if keep:
-        save_arrays(os.path.join(raw_dir, run.name + ".npz"), **arrays)
+        write_npz(os.path.join(raw_dir, run.name + ".npz"), **arrays)
     losses = {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
     record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
               **({"losses": losses, "lr": config.learning_rate} if trained else {}), "train_s": round(train_s, 1),

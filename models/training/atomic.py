@@ -24,6 +24,8 @@ import socket
 import tempfile
 from typing import IO, Any, Callable, Iterator, Optional, Union
 
+import numpy as np
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -129,13 +131,26 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = None) -> No
     atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
 
 
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """``data`` as the file ``path``, written atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_npz(path: PathLike, **arrays: np.ndarray) -> None:
+    """``arrays`` as one compressed ``.npz``, written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
 @contextlib.contextmanager
 def atomic_folder(out: PathLike) -> Iterator[str]:
-    """A folder of files written all or not at all: yields an empty temporary folder beside
-    ``out`` to write into. When the block succeeds, the temporary folder becomes ``out`` in one
-    rename (or, where ``out`` exists, its files replace those of the same names in ``out``, the
-    ``.json`` ones last, so that a reader who finds the description finds what it describes).
-    When it fails, the temporary folder is removed and ``out`` is left as it was."""
+    """A folder of files written together: yields an empty temporary folder beside ``out`` to
+    write into. When the block succeeds, the temporary folder becomes ``out`` in one rename, all or
+    nothing. Where ``out`` exists already, its files are replaced one by one by those of the same
+    names, the ``.json`` ones last, so that a reader who finds the description finds what it
+    describes; a failure during those renames can leave some replaced, and files of other names
+    stay. When the block fails, the temporary folder is removed and ``out`` is left as it was."""
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)

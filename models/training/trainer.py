@@ -182,12 +182,12 @@ class Trainer:
         return {name: norm / total for name, norm in norms.items()}
 
     def end_epoch(self, record: dict[str, Any], calibration: Optional[dict[str, float]] = None) -> None:
-        """Counts a finished epoch and keeps its log ``record``; after the last epoch, also the
-        ``calibration`` (:meth:`~models.inference.Scorer.calibrate`) that single-image scoring needs."""
+        """Counts a finished epoch and keeps its log ``record`` and the ``calibration`` of the
+        weights it ends with (:mod:`models.inference.calibration`): measured after the last epoch,
+        None after the others, so that a resumed run never keeps one measured on older weights."""
         self.epoch += 1
         self.history.append(record)
-        if calibration is not None:
-            self.calibration = calibration
+        self.calibration = calibration
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint holds, in types that ``torch.load(weights_only=True)`` accepts."""
