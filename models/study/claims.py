@@ -16,13 +16,16 @@ def plus_label(reading: str, lr: float = 0.0) -> str:
 def compare(better: list[dict[str, Any]], worse: list[dict[str, Any]], key: str) -> tuple[str, str]:
     """Verdict on "``better`` scores above ``worse``" by ``key``, and the numbers behind it.
 
-    Inconclusive when either side is missing, or the means differ by no more than the larger
-    standard deviation over seeds (equal means included, as when both are at the ceiling of 1).
+    Inconclusive when either side is missing, when neither has more than one run (no seed spread
+    to judge a difference by), or when the means differ by no more than the larger standard
+    deviation over seeds (equal means included, as when both are at the ceiling of 1).
     """
     a, b = metric(better, key), metric(worse, key)
     if a is None or b is None:
         return "not tested (runs missing)", ""
     numbers = f"{a[0]:.3f} vs {b[0]:.3f}"
+    if max(a[2], b[2]) < 2:
+        return "inconclusive", numbers + ", one run each: no seed spread to judge by"
     if abs(a[0] - b[0]) <= max(a[1], b[1]) or a[0] == b[0]:
         return "inconclusive", numbers + ", within the seed spread"
     return ("held" if a[0] > b[0] else "did not hold"), numbers
