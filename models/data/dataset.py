@@ -58,19 +58,20 @@ def prepare(image: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Ten
     return (F.interpolate(image.float()[None], size=(size, size), mode=mode)[0] > 127).float()
 
 
-def _as_chw(array: np.ndarray) -> torch.Tensor:
+def as_chw(array: np.ndarray) -> torch.Tensor:
+    """uint8 pixels (H, W) or (H, W, C) as a (C, H, W) tensor (a copy)."""
     array = array[..., None] if array.ndim == 2 else array
     return torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a writable copy of PIL's buffer
 
 
 def load_image(path: str, channels: int, size: int) -> torch.Tensor:
     """An image file as a (channels, size, size) tensor in [-1, 1]."""
-    return prepare(_as_chw(read_pixels(path, channels)), size)
+    return prepare(as_chw(read_pixels(path, channels)), size)
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
     """A mask file (any encoding: :func:`~models.data.images.mask_region`) as (1, size, size) in {0, 1}."""
-    return prepare(_as_chw(read_mask(path).astype(np.uint8) * 255), size, mode="nearest-exact")
+    return prepare(as_chw(read_mask(path).astype(np.uint8) * 255), size, mode="nearest-exact")
 
 
 class OneClassDataset(Dataset):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.dataset import prepare
+from ..data.dataset import as_chw, prepare
 from ..data.images import BadImageError, PathLike
 from ..networks.acceleration import FAST_INFERENCE, PLAIN, SpeedOptions, fast_score, has_native_bf16, inference_model
 from ..training import load_detector
@@ -72,7 +72,7 @@ class TorchEngine:
 
     @torch.no_grad()
     def __call__(self, pixels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        images = torch.stack([model_input(p, self.size) for p in pixels]).to(self.device)
+        images = torch.stack([prepare(as_chw(p), self.size) for p in pixels]).to(self.device)
         s = fast_score(self.model, images, self.speed, ali_reduction=self.scorer.ali_reduction,
                        anomaly_map=self.scorer.anomaly_map)
         maps = s.error_map.cpu().numpy()
@@ -129,12 +129,6 @@ class Predictions(list):
     def __init__(self, predictions: Sequence[Prediction], failures: Sequence[tuple[str, str]]) -> None:
         super().__init__(predictions)
         self.failures = list(failures)
-
-
-def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (H, W[, C]) pixels -> (C, size, size) in [-1, 1], as the data sets prepare images."""
-    chw = torch.from_numpy(np.array(pixels if pixels.ndim == 3 else pixels[..., None])).permute(2, 0, 1)
-    return prepare(chw, size)
 
 
 def resize_map(raw_map: np.ndarray, height: int, width: int) -> np.ndarray:
