@@ -1,6 +1,6 @@
 """The whole detector against the machine's limit: inference (the predict path) and one training step.
 
-    python benchmarks/detector.py                                # both sizes, every variant (~25 min on the busy 2 cores)
+    python benchmarks/detector.py                                # both sizes, every variant (~13 min on the 2 quiet cores)
     python benchmarks/detector.py --sizes study --repeats 5      # the study's setting only (~2 min)
 
 Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and

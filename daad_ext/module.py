@@ -75,7 +75,11 @@ class BlockMemory(nn.Module):
         name = self._backends.get(key)
         if name is None:
             check_temperature(self.temperature, x.dtype)
-            name = self._backends[key] = resolve_backend(self.backend, x.device, x.dtype)
+            name = resolve_backend(self.backend, x.device, x.dtype)
+            # Not while torch.compile traces: the graph would be guarded on the key's absence,
+            # and the entry written would fail that guard and recompile it at the next call.
+            if not torch.compiler.is_compiling():
+                self._backends[key] = name
         return name
 
     def forward(self, x: torch.Tensor, return_weights: bool = False):

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import math
 
 import pytest
 import torch
 
 from models.networks import MEAN_IMAGE, MODEL_NAMES, AnomalyDetector, Discriminator, ModelConfig, check_size, parse_model
 from models.training import DivergenceError, TrainConfig, Trainer
+from models.training.trainer import largest_gradient
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,6 +97,17 @@ def test_a_non_finite_loss_or_gradient_stops_the_step():
     last.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     with pytest.raises(DivergenceError, match=r"^non-finite largest discriminator gradient = inf$"):
         trainer.train_step(x)
+
+
+@pytest.mark.parametrize("special", [None, float("nan"), float("inf"), -float("inf")])
+def test_largest_gradient_is_the_infinity_norm(special):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(5, 2))
+    for i, p in enumerate(net.parameters()):
+        p.grad = torch.randn_like(p) * (i + 1)
+    first = next(net.parameters()).grad
+    first.view(-1)[3] = -40.0 if special is None else special  # the largest is negative, or not finite
+    expected = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()], norm_type=math.inf)
+    torch.testing.assert_close(largest_gradient(net), expected, equal_nan=True)
 
 
 def test_learning_rate_and_gamma_defaults_follow_the_paper():

@@ -1,6 +1,8 @@
 """The op glue (daad_ext/ops.py) and what the extension says about itself: fake kernels that check
 their arguments under FakeTensorMode, torch.compile and torch.export with the eager messages; the
 backward computing only the gradients autograd asks for; the extension's device and code tables."""
+import copy
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -185,3 +187,18 @@ def test_kernel_devices_match_the_dispatcher():
         for op in (ops.FORWARD, ops.BACKWARD):
             registered = torch._C._dispatch_has_kernel_for_dispatch_key(op, device.upper())
             assert registered == (device in _C.KERNEL_DEVICES), (op, device)
+
+
+def test_a_compiled_layer_is_compiled_once():
+    """Resolving the backend at the first call must not change what the compiled graph is guarded
+    on (it did: every compiled model with a BlockMemory compiled twice)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    layer, counter = BlockMemory(4, 8, 8, num_items=10, division=(2, 2, 1)), CompileCounter()
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(2, 4, 8, 8)
+    expected = copy.deepcopy(layer)(x)  # a copy: an eager call on the layer itself fills its cache
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), expected)
+    assert counter.frame_count == 1

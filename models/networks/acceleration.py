@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import ContextManager, Optional, Union
@@ -38,6 +39,9 @@ from typing import ContextManager, Optional, Union
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from daad_ext import BlockMemory, available_backends
+from daad_ext.autocast import run_dtype
 
 from .detector import AnomalyDetector, Scores
 
@@ -55,13 +59,13 @@ class SpeedOptions:
 
 #: The plain model: eager float32, what the exported graph computes.
 PLAIN = SpeedOptions()
-#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 2.2x the
-#: plain float32 model at 256x256, 1.6x at 64x64. Compilation is left out: at 256x256 it repays
-#: its ~100 s only after about 900 images, at 64x64 never.
+#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 2.74x the
+#: plain float32 model at 256x256, 1.70x at 64x64. Compilation is left out: 5% more at 256x256,
+#: repaid after about 50 batches with a warm compile cache, and at 64x64 only after thousands.
 FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True)
-#: The fastest training step that keeps float32 results up to float32 rounding (1.37x at 256x256,
-#: 1.11x at 64x64): bfloat16 changes the training's numbers beyond that (and is slower at 64x64),
-#: so it stays the separate ``--amp bf16`` of ``models.train``.
+#: The fastest training step that keeps float32 results up to float32 rounding (1.18x at 256x256,
+#: 1.17x at 64x64): bfloat16 (2.22x and 1.46x) changes the training's numbers beyond that, so it
+#: stays the separate ``--amp bf16`` of ``models.train``.
 FAST_TRAINING = SpeedOptions(channels_last=True, fused_adam=True)
 
 
@@ -94,6 +98,27 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return folded
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU if it has none)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def store_in_autocast_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    """Stores in ``dtype``, in place, the parameters that autocast to ``dtype`` would cast at every
+    call: those of convolutions, and the memory of each ``BlockMemory`` whose kernel runs in
+    ``dtype`` (:func:`daad_ext.autocast.run_dtype`). The same values are rounded the same way,
+    once: at 256x256 the casts read about 400 MB a batch (the memory banks, the discriminator's
+    4x4 convolutions). Run the module under autocast to ``dtype`` afterwards."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            layer.to(dtype)
+        elif isinstance(layer, BlockMemory):
+            device = layer.memory.device
+            if run_dtype(layer.backend, dtype, lambda d: available_backends(device, d)) == dtype:
+                layer.to(dtype)
+
+
 def networks(model: AnomalyDetector) -> list[nn.Module]:
     """The generator and, for the "+" variants, the discriminator."""
     return [model.generator] + ([model.discriminator] if model.discriminator is not None else [])
@@ -105,9 +130,14 @@ def inference_model(model: AnomalyDetector, options: SpeedOptions) -> AnomalyDet
     fast = fold_batchnorm(model) if options.fold_batchnorm else copy.deepcopy(model).eval()
     if options.channels_last:
         fast.to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(options, device_of(fast))
+    if dtype is not None:
+        store_in_autocast_dtype(fast, dtype)
     if options.compile:
+        # Freezing makes the weights constants of the compiled graph: oneDNN's convolutions then
+        # get their weights packed once instead of reordered at every call (1.14x at 256x256, bf16).
         for network in networks(fast):
-            network.compile()
+            network.compile(options={"freezing": True})
     return fast
 
 

@@ -60,7 +60,10 @@ class AnomalyDetector(nn.Module):
         error_map = maps.anomaly_map(x, x_hat, anomaly_map)
         feat = None
         if self.discriminator is not None:
-            feat = feature_distance(self.discriminator(x)[1], self.discriminator(x_hat)[1], ali_reduction)
+            # One pass over x and x_hat together: in eval mode each image's features are its own,
+            # and the discriminator's large weights are read (and reordered by oneDNN) once.
+            real, fake = self.discriminator(torch.cat([x, x_hat]))[1].chunk(2)
+            feat = feature_distance(real, fake, ali_reduction)
         return Scores(x_hat, error_map, error_map.flatten(1).mean(dim=1), feat)
 
 
