@@ -74,7 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 p.error(f"data folder not found: {path} (give --data-root, or set {DATA_ROOT_ENV}, to the "
                         f"folder that holds {' and '.join(folders[k] + '/' for k in needs(setting))})")
         run_study(setting, out, roots, args.jobs)
-    print("wrote", build_tables(setting, out))
+    try:
+        print("wrote", build_tables(setting, out))
+    except FileNotFoundError as e:  # --tables-only before any run has finished
+        p.error(str(e))
 
 
 if __name__ == "__main__":

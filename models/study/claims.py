@@ -6,6 +6,7 @@ from typing import Any
 
 from ..training import DEFAULT_READING
 from .aggregate import metric
+from .plan import BASELINE
 
 
 def plus_label(reading: str, lr: float = 0.0) -> str:
@@ -16,19 +17,28 @@ def plus_label(reading: str, lr: float = 0.0) -> str:
 def compare(better: list[dict[str, Any]], worse: list[dict[str, Any]], key: str) -> tuple[str, str]:
     """Verdict on "``better`` scores above ``worse``" by ``key``, and the numbers behind it.
 
-    Inconclusive when either side is missing, when neither has more than one run (no seed spread
-    to judge a difference by), or when the means differ by no more than the larger standard
-    deviation over seeds (equal means included, as when both are at the ceiling of 1).
+    Inconclusive when either side is missing, when a side trained from a seed has one run only
+    (its seed spread is unknown: a second side's spread says nothing about it; the no-learning
+    baseline has no seed, so its one run is exact), or when the means differ by no more than the
+    larger standard deviation over seeds (equal means included, as when both are at the ceiling
+    of 1).
     """
     a, b = metric(better, key), metric(worse, key)
     if a is None or b is None:
         return "not tested (runs missing)", ""
     numbers = f"{a[0]:.3f} vs {b[0]:.3f}"
-    if max(a[2], b[2]) < 2:
-        return "inconclusive", numbers + ", one run each: no seed spread to judge by"
+    unspread = [n for n, runs in ((a[2], better), (b[2], worse)) if n < 2 and not seedless(runs)]
+    if unspread:
+        return "inconclusive", numbers + (", one run each" if len(unspread) == 2 else ", one run of one side") \
+            + ": no seed spread to judge by"
     if abs(a[0] - b[0]) <= max(a[1], b[1]) or a[0] == b[0]:
         return "inconclusive", numbers + ", within the seed spread"
     return ("held" if a[0] > b[0] else "did not hold"), numbers
+
+
+def seedless(runs: list[dict[str, Any]]) -> bool:
+    """Whether ``runs`` are of the no-learning baseline, which has no seed (one run is all)."""
+    return all(r["run"]["model"] == BASELINE for r in runs)
 
 
 #: The metrics each claim is judged by: (metric, name). The first studies read the paper's image

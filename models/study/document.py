@@ -143,11 +143,13 @@ def results_markdown(parts: list[tuple[str, Setting, dict, list, dict]]) -> str:
 
 def build_tables(setting_name: str, out: str) -> str:
     """Writes ``OUT/RESULTS.md`` and ``OUT/figures/`` from ``OUT/raw/<setting>/``: from every
-    setting of :data:`DOC_SETTINGS` found there, or ``setting_name`` alone if it is not one of
-    them (the quick study). Returns the Markdown's path."""
-    names = [n for n in DOC_SETTINGS if os.path.isdir(os.path.join(out, "raw", n))] \
-        if setting_name in DOC_SETTINGS else [setting_name]
-    if not names or not os.path.isdir(os.path.join(out, "raw", names[0])):
+    setting of :data:`DOC_SETTINGS` with a finished run there, or ``setting_name`` alone if it is
+    not one of them (the quick study). Returns the Markdown's path."""
+    def finished(name: str) -> bool:  # a setting whose study has started has logs before any run
+        raw_dir = os.path.join(out, "raw", name)
+        return os.path.isdir(raw_dir) and any(f.endswith(".json") and f != "study.json" for f in os.listdir(raw_dir))
+    names = [n for n in DOC_SETTINGS if finished(n)] if setting_name in DOC_SETTINGS else [setting_name]
+    if not finished(setting_name):
         raise FileNotFoundError(f"no raw runs in {os.path.join(out, 'raw', setting_name)}: run the study first")
     parts = []
     for name in names:
