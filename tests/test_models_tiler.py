@@ -3,6 +3,7 @@ options' errors, and a tiled run through train, evaluate, predict and export."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 
@@ -16,7 +17,7 @@ from models.inference.run_scoring import UntrainedWarning
 from models.networks import AnomalyDetector, ModelConfig, TiledDetector, Tiling
 from models.study.plan import BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import execute, run_config
-from models.training import TrainConfig, load_detector
+from models.training import TrainConfig, load_checkpoint, load_detector
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -207,6 +208,26 @@ def test_a_tiled_run_evaluates_and_predicts_at_the_working_size(tiled_run, tmp_p
     image = str(hazelnut / "test" / "colour" / "00.jpg")
     report = predict.main([str(checkpoint), image, "--out", str(tmp_path / "pred"), "--device", "cpu"])
     assert 0 <= report["predictions"][0]["score"] <= 1
+
+
+def test_a_tiled_run_is_calibrated_at_the_working_size(tiled_run, tmp_path):
+    """``daad-calibrate`` reads the images at the working size (64), which the tiled detector
+    scores, and the stored thresholds are what the API's scores are judged by."""
+    from models import Detector, calibrate
+    from models.inference.calibration import decision_counts
+    from models.inference.metrics import best_f1
+
+    _, checkpoint, _, hazelnut = tiled_run
+    copy = tmp_path / "checkpoint.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    good, colour = str(hazelnut / "test" / "good"), str(hazelnut / "test" / "colour")
+    new = calibrate.main(["--checkpoint", str(copy), "--normal-dir", good, "--abnormal-dir", colour,
+                          "--device", "cpu", "--no-fast"])
+    results = Detector.load(copy, "cpu", fast=False).predict([good, colour])
+    labels = np.array(["colour" in r.name for r in results])
+    scores = np.array([r.pred_score for r in results])
+    assert new == load_checkpoint(copy)["calibration"] and len(results) == len(os.listdir(good) + os.listdir(colour))
+    assert decision_counts(labels, scores >= 0.5)["f1"] == pytest.approx(best_f1(labels, scores)[0])
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx", "openvino"])
