@@ -23,7 +23,10 @@ Peak extra memory is what one forward+backward allocates beyond its inputs: on C
 ``torch.cuda.max_memory_allocated``; on CPU from the process's peak resident set (VmHWM, reset
 through /proc/self/clear_refs before each measurement), with glibc told to serve every block of
 64 KiB or more by mmap, so that freed memory leaves the resident set at once and is not reused
-unseen. Each cell is measured after a warm-up, in this process.
+unseen. That setting makes every large temporary a fresh mapping (page faults, zeroing), which
+is not what a process pays once glibc reuses its freed blocks, so memory is measured after all
+the timings (the times are printed as each scale finishes, the table with memory at the end);
+each cell once, in this process, after its timed calls.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -129,7 +132,9 @@ class Clock:
 
 
 class PeakMemory:
-    """Peak bytes allocated by one call beyond what was allocated before it (see module docstring)."""
+    """Peak bytes allocated by one call beyond what was allocated before it (see module docstring).
+    On CPU, creating it fixes glibc's mmap threshold for the rest of the process: create it after
+    the last timed call."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -197,11 +202,20 @@ def spread(samples: list[float]) -> float:
     return (q3 - q1) / 2
 
 
-def bench_scale(scale: int, args, variants: list[Variant], clock: Clock,
-                peak: Optional[PeakMemory]) -> list[Cell]:
+def closures_of(scale: int, args, variants: list[Variant]) -> "Closures":
+    """Each variant's (forward, forward+backward) at ``scale``, on the same values per dtype."""
     problems = {dtype: Problem(SCALES[scale], args.batch, args.num_items, tuple(args.division),
                                dtype, args.device) for dtype in dict.fromkeys(v.dtype for v in variants)}
-    closures = {v.label: problems[v.dtype].variant(v.name) for v in variants}
+    return {v.label: problems[v.dtype].variant(v.name) for v in variants}
+
+
+Closures = dict[str, tuple[Callable, Callable]]
+
+
+def time_scale(scale: int, args, variants: list[Variant], clock: Clock) -> tuple[list[Cell], Closures]:
+    """The cells of ``scale`` with their times and time ratios (peak memory not yet measured),
+    and the calls timed."""
+    closures = closures_of(scale, args, variants)
     for forward, forward_backward in closures.values():  # warm-up: compile, autotune, caches
         for _ in range(2):
             forward()
@@ -217,16 +231,26 @@ def bench_scale(scale: int, args, variants: list[Variant], clock: Clock,
     cells = []
     for v in variants:
         fwd, fwdbwd = times[v.label]
-        mb = peak(closures[v.label][1]) if peak else float("nan")
         cells.append(Cell(scale, v.label, dtype_name(v.dtype), statistics.median(fwd), spread(fwd),
-                          statistics.median(fwdbwd), spread(fwdbwd), mb))
-    floors = {v.dtype: c for v, c in zip(variants, cells) if v.name == "floor"}
-    for v, c in zip(variants, cells):
-        floor = floors[v.dtype]
+                          statistics.median(fwdbwd), spread(fwdbwd), float("nan")))
+    for c, floor in zip(cells, floor_cells(variants, cells)):
         c.fwd_ratio = c.fwd_ms / floor.fwd_ms
         c.fwdbwd_ratio = c.fwdbwd_ms / floor.fwdbwd_ms
+    return cells, closures
+
+
+def floor_cells(variants: list[Variant], cells: list[Cell]) -> list[Cell]:
+    """The floor cell of each cell's dtype (``cells`` are one scale's, in ``variants``' order)."""
+    floors = {v.dtype: c for v, c in zip(variants, cells) if v.name == "floor"}
+    return [floors[v.dtype] for v in variants]
+
+
+def measure_memory(variants: list[Variant], closures: Closures, peak: PeakMemory, cells: list[Cell]) -> None:
+    """Fills the peak memory of one scale's cells: one forward+backward of each (warm: timed before)."""
+    for v, c in zip(variants, cells):
+        c.peak_mb = peak(closures[v.label][1])
+    for c, floor in zip(cells, floor_cells(variants, cells)):
         c.mem_ratio = c.peak_mb / floor.peak_mb
-    return cells
 
 
 TABLE_HEAD = ("| scale | variant | fwd ms | fwd / floor | fwd+bwd ms | fwd+bwd / floor "
@@ -314,19 +338,23 @@ def main(argv=None) -> list[Cell]:
     args = parse_args(argv)
     variants = variants_of(args)
     clock = Clock(args.device)
-    peak = None if args.no_memory else PeakMemory(args.device)
     device_name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     also = f" (and {args.also_dtype})" if args.also_dtype else ""
     print(f"block memory benchmark: {device_name}, {args.dtype}{also}, batch {args.batch}, "
           f"N={args.num_items}, division {tuple(args.division)}, {args.repeats} repeats, torch "
           f"{torch.__version__}", flush=True)
-    cells = []
+    timed = []
     print(TABLE_HEAD, flush=True)
-    for scale in args.scales:  # rows as each scale finishes, so a cut-off run still reports
-        scale_cells = bench_scale(scale, args, variants, clock, peak)
-        print(format_rows(scale_cells), flush=True)
-        cells += scale_cells
+    for scale in args.scales:  # rows as each scale finishes, so a cut-off run still reports its times
+        timed.append(time_scale(scale, args, variants, clock))
+        print(format_rows(timed[-1][0]), flush=True)
+    cells = [c for scale_cells, _ in timed for c in scale_cells]
+    if not args.no_memory:  # after every timed call: see PeakMemory
+        peak = PeakMemory(args.device)
+        for scale_cells, closures in timed:
+            measure_memory(variants, closures, peak, scale_cells)
+        print("\nwith the peak memory of one forward+backward:\n" + TABLE_HEAD + "\n" + format_rows(cells), flush=True)
     if any(v.dtype != args.dtype for v in variants):
         print("\n" + SPEEDUP_HEAD + "\n" + speedup_rows(variants, cells), flush=True)
     if args.json:
