@@ -18,10 +18,14 @@ from .plan import (ABLATION, BASELINE, Run, Setting, ablation_division, block_di
 Summary = tuple[float, float, int]
 
 
+def record_files(raw_dir: str) -> list[str]:
+    """The names of the run records in ``raw_dir`` (one JSON file per finished run), sorted."""
+    return [f for f in sorted(os.listdir(raw_dir)) if f.endswith(".json") and f != "study.json"]
+
+
 def load_records(raw_dir: str) -> list[dict[str, Any]]:
     """Every run record of ``raw_dir``; ``record["raw_dir"]`` says where its arrays are."""
-    records = [json.load(open(os.path.join(raw_dir, f))) for f in sorted(os.listdir(raw_dir))
-               if f.endswith(".json") and f != "study.json"]
+    records = [json.load(open(os.path.join(raw_dir, f))) for f in record_files(raw_dir)]
     for r in records:
         r["raw_dir"] = raw_dir
         # A with R = max is R alone for the models without a discriminator (as A with R = mean is);

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..training import DEFAULT_READING
 from ..training.atomic import atomic_write
-from .aggregate import load_records, metric, summarise
+from .aggregate import load_records, metric, record_files, summarise
 from .claims import CONVERGED_KEYS, PAPER_KEYS, claims, mnist_claims, near_chance
 from .figures import draw_figures, figure_prefix
 from .plan import SETTINGS, Setting, plan
@@ -147,7 +147,7 @@ def build_tables(setting_name: str, out: str) -> str:
     not one of them (the quick study). Returns the Markdown's path."""
     def finished(name: str) -> bool:  # a setting whose study has started has logs before any run
         raw_dir = os.path.join(out, "raw", name)
-        return os.path.isdir(raw_dir) and any(f.endswith(".json") and f != "study.json" for f in os.listdir(raw_dir))
+        return os.path.isdir(raw_dir) and bool(record_files(raw_dir))
     names = [n for n in DOC_SETTINGS if finished(n)] if setting_name in DOC_SETTINGS else [setting_name]
     if not finished(setting_name):
         raise FileNotFoundError(f"no raw runs in {os.path.join(out, 'raw', setting_name)}: run the study first")
