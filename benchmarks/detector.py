@@ -17,7 +17,9 @@ Every row is reported as images per second, achieved GFLOP/s and the fraction of
 dtype. The peaks are a 2048 x 2048 matrix product in float32 and in bfloat16, run as two more
 variants in the same interleaved rounds; the fastest of their calls is the peak (what the cores
 do when this process has them). "vs base" is the median over rounds of the baseline's time
-over the variant's in the same round.
+over the variant's in the same round. ``keep_freed_memory`` is process-wide, so the variants with
+it run in a second process (spawned, waiting its turn on a pipe) and the rest keep glibc's malloc
+as every process has it.
 FLOPs are counted once per size with ``torch.utils.flop_counter.FlopCounterMode`` on the baseline
 (eager float32, fused memories) and are the same for every variant: each does the same work. The
 fused memory op has no formula of its own; the two matrix products of its forward (similarity and
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -49,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from models import AnomalyDetector, ModelConfig, Scorer, TrainConfig, Trainer, build_dataset  # noqa: E402
 from models.networks.acceleration import (FAST_INFERENCE, FAST_TRAINING, SpeedOptions, autocast_dtype,  # noqa: E402
-                                 inference_model, inference_context)
+                                          inference_context, inference_model, keep_freed_memory)
 from models.data.preprocess import to_model_input  # noqa: E402
 from models.inference.graph import ScoringGraph, export_graph  # noqa: E402
 from models.inference.runtimes import load_runtime  # noqa: E402
@@ -67,21 +70,27 @@ BASELINE = "fused, eager fp32"
 INFERENCE = {
     "reference memories": ("reference", SpeedOptions()),
     BASELINE: ("auto", SpeedOptions()),
+    "fused, eager fp32, kept memory": ("auto", SpeedOptions(keep_freed_memory=True)),
     "channels_last": ("auto", SpeedOptions(channels_last=True)),
     "channels_last + folded BN": ("auto", SpeedOptions(channels_last=True, fold_batchnorm=True)),
     "bf16 autocast": ("auto", SpeedOptions(bf16=True)),
-    "fast (cl + fold + bf16)": ("auto", FAST_INFERENCE),
+    "cl + fold + bf16": ("auto", replace(FAST_INFERENCE, keep_freed_memory=False)),
+    "fast (cl + fold + bf16 + kept memory)": ("auto", FAST_INFERENCE),
     "fast + compile": ("auto", replace(FAST_INFERENCE, compile=True)),
 }
 TRAINING = {
     "reference memories": ("reference", SpeedOptions()),
     BASELINE: ("auto", SpeedOptions()),
+    "fused, eager fp32, kept memory": ("auto", SpeedOptions(keep_freed_memory=True)),
     "channels_last": ("auto", SpeedOptions(channels_last=True)),
-    "fast (cl + fused Adam)": ("auto", FAST_TRAINING),
+    "cl + fused Adam": ("auto", replace(FAST_TRAINING, keep_freed_memory=False)),
+    "fast (cl + fused Adam + kept memory)": ("auto", FAST_TRAINING),
     "fast + bf16 autocast": ("auto", replace(FAST_TRAINING, bf16=True)),
     "fast + compiled G and D": ("auto", replace(FAST_TRAINING, compile=True)),
 }
 PEAK_SIDE = 2048
+#: Seconds between two timed calls, longer than libgomp's threads spin after their work.
+SETTLE_S = 0.05
 
 
 def block_memory_products(x, memory) -> int:
@@ -102,38 +111,95 @@ def block_memory_backward_flops(_grad_y, _grad_w, x, memory, *args, out_shape=No
     return 2 * block_memory_products(x, memory) * (1 + needs_grad_x + 2 * needs_grad_memory)
 
 
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    """``fn`` returning its wall time in seconds."""
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
+
+
 def peak_matmul(dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     a = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
     b = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
-    return lambda: torch.mm(a, b)
+    return timed(lambda: torch.mm(a, b))
 
 
 PEAK_FLOPS = 2 * PEAK_SIDE ** 3
 PEAKS = {"peak matmul fp32": peak_matmul(torch.float32), "peak matmul bf16": peak_matmul(torch.bfloat16)}
 
 
-def run_interleaved(variants: dict[str, Callable[[], object]], repeats: int,
+def run_interleaved(variants: dict[str, Callable[[], float]], repeats: int,
                     counted: str) -> tuple[dict[str, list[float]], dict[str, float], FlopCounterMode]:
-    """Times of ``repeats`` interleaved rounds after one warm-up call each (``counted``'s under a
-    FLOP counter); returns the times, the warm-up seconds and the counter."""
+    """Times of ``repeats`` interleaved rounds of the timed callables after one warm-up call each
+    (``counted``'s under a FLOP counter); returns the times, the warm-up seconds and the counter.
+    Each call starts after a pause of :data:`SETTLE_S`: OpenMP's threads spin for a while after
+    their work, and a call in the other process (:class:`KeptMemoryProcess`) would share the
+    cores with them."""
     counter = FlopCounterMode(display=False)
     warmup = {}
     for name, fn in variants.items():
-        start = time.perf_counter()
+        time.sleep(SETTLE_S)
         if name == counted:
             with counter:
-                fn()
+                warmup[name] = fn()
         else:
-            fn()
-        warmup[name] = time.perf_counter() - start
+            warmup[name] = fn()
         print(f"  warm-up {name}: {warmup[name]:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            time.sleep(SETTLE_S)
+            times[name].append(fn())
     return times, warmup, counter
+
+
+class KeptMemoryProcess:
+    """The variants whose options keep freed memory, in a spawned process of their own:
+    :func:`keep_freed_memory` is process-wide, and the other rows must run on glibc's malloc as a
+    process that never changed it does (its thresholds adapt as it runs). One call at a time (the
+    caller waits on the pipe), each timed where it runs."""
+
+    def __init__(self, kind: str, size: str, args: argparse.Namespace, device: torch.device) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=serve_kept_memory, args=(child, kind, size, args, str(device)),
+                                       daemon=True)
+        self.process.start()
+        self.dtypes: dict[str, str] = self.receive()
+
+    def receive(self):
+        result = self.connection.recv()
+        if isinstance(result, BaseException):
+            raise RuntimeError("the kept-memory process failed") from result
+        return result
+
+    def variant(self, name: str) -> Callable[[], float]:
+        def run() -> float:
+            self.connection.send(name)
+            return self.receive()
+        return run
+
+    def __enter__(self) -> "KeptMemoryProcess":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def serve_kept_memory(connection, kind: str, size: str, args: argparse.Namespace, device: str) -> None:
+    """The loop of :class:`KeptMemoryProcess`: builds the kept-memory variants, sends their
+    dtypes, then runs each name received and sends its time, until None."""
+    try:
+        keep_freed_memory()
+        variants, dtypes = variants_of(kind, size, args, torch.device(device), kept=True)
+        connection.send(dtypes)
+        while (name := connection.recv()) is not None:
+            connection.send(variants[name]())
+    except Exception as error:  # noqa: BLE001  (reported by the caller)
+        connection.send(error)
 
 
 def detector(config: TrainConfig, backend: str, state: dict) -> AnomalyDetector:
@@ -144,21 +210,23 @@ def detector(config: TrainConfig, backend: str, state: dict) -> AnomalyDetector:
     return model
 
 
-def inference_variants(config: TrainConfig, state: dict, images: torch.Tensor, skip: set[str]
-                       ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
-    """The inference callables on uint8 ``images`` (B, S, S, C) and their dtypes."""
+def inference_variants(config: TrainConfig, state: dict, images: torch.Tensor, skip: set[str], kept: bool
+                       ) -> tuple[dict[str, Callable[[], float]], dict[str, str]]:
+    """The timed inference callables on uint8 ``images`` (B, S, S, C) whose options keep freed
+    memory or not (``kept``; the runtimes' rows with those that do not), and their dtypes."""
     scorer = Scorer.for_run(config, calibration=CALIBRATION)  # predict's default image score
     variants, dtypes = {}, {}
     for name, (backend, options) in INFERENCE.items():
-        if name in skip:
+        if name in skip or options.keep_freed_memory != kept:
             continue
         graph = ScoringGraph(inference_model(detector(config, backend, state), options), scorer)
 
         def run(graph=graph, options=options):
             with inference_context(options, images.device):
                 return graph(images)
-        variants[name], dtypes[name] = run, "bf16" if autocast_dtype(options, images.device) else "fp32"
-    if images.device.type == "cpu":
+        variants[name] = timed(run)
+        dtypes[name] = "bf16" if autocast_dtype(options, images.device) else "fp32"
+    if images.device.type == "cpu" and not kept:
         graph = ScoringGraph(detector(config, "auto", state), scorer)
         for name, (run, dtype) in exported_runtimes(graph, images, skip).items():
             variants[name], dtypes[name] = run, dtype
@@ -166,7 +234,7 @@ def inference_variants(config: TrainConfig, state: dict, images: torch.Tensor, s
 
 
 def exported_runtimes(graph: ScoringGraph, images: torch.Tensor, skip: set[str]
-                      ) -> dict[str, tuple[Callable[[], object], str]]:
+                      ) -> dict[str, tuple[Callable[[], float], str]]:
     """The rows of the graph ``models.export`` writes (memories in standard operators) in the
     runtimes of :mod:`models.inference.runtimes`, on this process's thread count: name ->
     (callable, dtype). bf16 in OpenVINO only where the CPU has it."""
@@ -183,25 +251,27 @@ def exported_runtimes(graph: ScoringGraph, images: torch.Tensor, skip: set[str]
             folders[fmt] = os.path.join(tempfile.mkdtemp(), fmt)
             export_graph(graph, fmt, folders[fmt], {})
         runtime = load_runtime(folders[fmt], precision, threads=torch.get_num_threads())
-        runs[name] = (lambda runtime=runtime: runtime.run(batch)), precision
+        runs[name] = timed(lambda runtime=runtime: runtime.run(batch)), precision
     return runs
 
 
-def training_variants(config: TrainConfig, x: torch.Tensor, skip: set[str]
-                      ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
-    """One trainer per variant (same seed, so the same initial weights)."""
+def training_variants(config: TrainConfig, x: torch.Tensor, skip: set[str], kept: bool
+                      ) -> tuple[dict[str, Callable[[], float]], dict[str, str]]:
+    """One timed trainer per variant whose options keep freed memory or not (``kept``), each from
+    the same seed (so the same initial weights)."""
     variants, dtypes = {}, {}
     for name, (backend, options) in TRAINING.items():
-        if name in skip:
+        if name in skip or options.keep_freed_memory != kept:
             continue
         amp = autocast_dtype(options, x.device)
         trainer = Trainer(replace(config, model=replace(config.model, backend=backend)), x.device, amp=amp,
                           speed=options)
-        variants[name], dtypes[name] = (lambda trainer=trainer: trainer.train_step(x)), "bf16" if amp else "fp32"
+        variants[name] = timed(lambda trainer=trainer: trainer.train_step(x))
+        dtypes[name] = "bf16" if amp else "fp32"
     return variants, dtypes
 
 
-def table(kind: str, variants: dict[str, Callable[[], object]], dtypes: dict[str, str], repeats: int,
+def table(kind: str, variants: dict[str, Callable[[], float]], dtypes: dict[str, str], repeats: int,
           batch: int, uncompiled: dict[str, str]) -> dict:
     """Runs the variants and the peaks interleaved; prints and returns the rows."""
     times, warmup, counter = run_interleaved({**variants, **PEAKS}, repeats, BASELINE)
@@ -259,26 +329,45 @@ def loading_rate(root: str, size: int, batch: int) -> dict:
     return {"root": root, "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds}
 
 
-def run_size(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    settings = SIZES[name]
+def skipped(size: str, args: argparse.Namespace) -> set[str]:
+    return set(args.skip) | set(args.skip_paper if size == "paper" else [])
+
+
+def variants_of(kind: str, size: str, args: argparse.Namespace, device: torch.device, kept: bool
+                ) -> tuple[dict[str, Callable[[], float]], dict[str, str]]:
+    """The timed variants of ``kind`` ("inference" or "training") at ``size`` whose options keep
+    freed memory or not (``kept``), and their dtypes; every process draws the same weights and
+    images (seed 0)."""
+    settings = SIZES[size]
     config = TrainConfig(model=ModelConfig(model=args.model, num_items=args.num_items, **settings))
     torch.manual_seed(0)
-    state = AnomalyDetector(config.model).state_dict()
+    state = {k: v.to(device) for k, v in AnomalyDetector(config.model).state_dict().items()}
     images = torch.randint(0, 256, (args.batch, settings["size"], settings["size"], 3), dtype=torch.uint8,
                            device=device)
+    if kind == "inference":
+        return inference_variants(config, state, images, skipped(size, args), kept)
     x = to_model_input(images.permute(0, 3, 1, 2), settings["size"])
-    skip = set(args.skip) | set(args.skip_paper if name == "paper" else [])
-    print(f"\n== {name}: {args.model}, {settings}, N={args.num_items}, batch {args.batch}, {device}, "
-          f"{torch.get_num_threads()} threads; skipping {sorted(skip) or 'nothing'}", flush=True)
+    return training_variants(config, x, skipped(size, args), kept)
+
+
+def run_size(size: str, args: argparse.Namespace, device: torch.device) -> dict:
+    settings = SIZES[size]
+    print(f"\n== {size}: {args.model}, {settings}, N={args.num_items}, batch {args.batch}, {device}, "
+          f"{torch.get_num_threads()} threads; skipping {sorted(skipped(size, args)) or 'nothing'}", flush=True)
     result = {"settings": {**settings, "model": args.model, "num_items": args.num_items, "batch": args.batch}}
-    variants, dtypes = inference_variants(config, {k: v.to(device) for k, v in state.items()}, images, skip)
     if args.data and os.path.isdir(args.data):
         result["data_loading"] = loading_rate(args.data, settings["size"], args.batch)
-    repeats = args.repeats or REPEATS[name]
-    result["inference"] = table("inference", variants, dtypes, repeats, args.batch, uncompiled_names(INFERENCE))
-    del variants
-    variants, dtypes = training_variants(config, x, skip)
-    result["training"] = table("training step", variants, dtypes, repeats, args.batch, uncompiled_names(TRAINING))
+    repeats = args.repeats or REPEATS[size]
+    for kind, title, listed in (("inference", "inference", INFERENCE), ("training", "training step", TRAINING)):
+        variants, dtypes = variants_of(kind, size, args, device, kept=False)
+        with KeptMemoryProcess(kind, size, args, device) as kept:
+            variants.update({name: kept.variant(name) for name in kept.dtypes})
+            dtypes.update(kept.dtypes)
+            order = [*listed, *dtypes]  # the listed order, then the runtimes
+            dtypes = {name: dtypes[name] for name in sorted(dtypes, key=order.index)}
+            result[kind] = table(title, {name: variants[name] for name in dtypes}, dtypes, repeats, args.batch,
+                                 uncompiled_names(listed))
+        del variants
     return result
 
 
@@ -306,7 +395,8 @@ def main() -> None:
     start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = {"started": start, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "load_average_start": os.getloadavg(), "device": str(device),
-               "command": " ".join(sys.argv), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+               "command": " ".join(sys.argv), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+               "libc": " ".join(platform.libc_ver())}
     results = {name: run_size(name, args, device) for name in args.sizes}
     machine["load_average_end"] = os.getloadavg()
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

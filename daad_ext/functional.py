@@ -85,13 +85,24 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
+def in_layout_of(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backend's ``(y, w)`` with y in the memory format of ``x``: channels_last in, channels_last
+    out, as PyTorch's convolutions do (the backends write y in NCHW). A channels_last network then
+    concatenates y and convolves it without reordering (README, "The detector")."""
+    y, w = out
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y, w
+
+
 def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
                  similarity: str = "cosine", shrink: str = "hard", threshold: Optional[float] = None,
                  temperature: float = 1.0,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise memory read of ``x`` (B, C, H, W) from ``memory`` (N, D).
 
-    Returns ``(y, w)``: ``y`` has the shape of ``x``, ``w`` (B, Q, N) holds the addressing weights.
+    Returns ``(y, w)``: ``y`` has the shape of ``x`` (and its memory format: channels_last when
+    ``x`` is), ``w`` (B, Q, N) holds the addressing weights.
     The operator is specified in :mod:`daad_ext.reference`. Gradients are computed only for the
     inputs that require them (a frozen memory costs no grad-memory work).
 
@@ -115,7 +126,7 @@ def block_memory(x: torch.Tensor, memory: torch.Tensor, division: Sequence[int],
             return block_memory(*cast, division, similarity, shrink, threshold, temperature, backend)
     name = _available_choice(backend, x, memory)
     if name is not None and BACKENDS[name].call is not None:  # its op checks the call
-        return BACKENDS[name].call(x, memory, division, similarity, shrink, threshold, temperature)
+        return in_layout_of(x, BACKENDS[name].call(x, memory, division, similarity, shrink, threshold, temperature))
     geometry, threshold = check_call(x, memory, division, similarity, shrink, threshold, temperature)
     name = name or resolve_backend(backend, x.device, x.dtype)
-    return BACKENDS[name].run(x, memory, geometry, similarity, shrink, threshold, float(temperature))
+    return in_layout_of(x, BACKENDS[name].run(x, memory, geometry, similarity, shrink, threshold, float(temperature)))

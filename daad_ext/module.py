@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .autocast import autocast_inputs
-from .functional import BACKENDS, available_backends, check_backend_name, resolve_backend
+from .functional import BACKENDS, available_backends, check_backend_name, in_layout_of, resolve_backend
 from .spec import check_feature_map, check_options, check_temperature, make_division
 
 
@@ -99,8 +99,8 @@ class BlockMemory(nn.Module):
         return self._run(x, memory, return_weights)
 
     def _run(self, x: torch.Tensor, memory: torch.Tensor, return_weights: bool):
-        y, w = BACKENDS[self._backend_for(x)].run(x, memory, self.geometry, self.similarity,
-                                                  self.shrink, self.threshold, self.temperature)
+        y, w = in_layout_of(x, BACKENDS[self._backend_for(x)].run(x, memory, self.geometry, self.similarity,
+                                                                  self.shrink, self.threshold, self.temperature))
         return (y, w) if return_weights else y
 
     def extra_repr(self) -> str:

@@ -430,7 +430,8 @@ def test_tf32(target, no_tf32):
 
 def test_strided_inputs(target, no_tf32):
     """channels_last and sliced inputs give the results of their contiguous copies, bit for bit,
-    forward and backward (grad_y strided like x, and not)."""
+    forward and backward (grad_y strided like x, and not); y is NCHW, or channels_last for a
+    channels_last x (as from a convolution)."""
     shape, num_items, division, similarity, shrink = _shapes(target)[0]
     x, memory, options = _inputs(target, shape, num_items, division, similarity, shrink,
                                  torch.float32)
@@ -440,7 +441,8 @@ def test_strided_inputs(target, no_tf32):
         inp = inp.detach().requires_grad_()
         mem = memory.detach().requires_grad_()
         y, w = block_memory(inp, mem, backend=target.backend, **options)
-        assert y.is_contiguous()
+        channels_last = inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous()
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         (y * g).sum().add(w.square().sum()).backward()
         return y, w, inp.grad, mem.grad
 

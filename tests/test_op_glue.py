@@ -202,3 +202,28 @@ def test_a_compiled_layer_is_compiled_once():
     for _ in range(3):
         torch.testing.assert_close(compiled(x), expected)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("through", ["function", "module"])
+def test_a_channels_last_input_gives_a_channels_last_output(backend, through):
+    """y comes out in x's memory format (as from a convolution), with the values and gradients
+    of the same call on x in NCHW."""
+    division = (2, 2, 1)
+    x, memory = tie_free_inputs((2, 8, 8, 8), 12, division)
+    layer = BlockMemory(8, 8, 8, division=division, num_items=12, backend=backend)
+    with torch.no_grad():
+        layer.memory.copy_(memory)
+
+    def run(inp):
+        inp = inp.detach().requires_grad_()
+        y, w = layer(inp, return_weights=True) if through == "module" else block_memory(inp, memory, division,
+                                                                                       backend=backend)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        return y, w, inp.grad
+
+    y, w, grad = run(x)
+    y_cl, w_cl, grad_cl = run(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_cl, y) and torch.equal(w_cl, w)
+    torch.testing.assert_close(grad_cl, grad)
