@@ -193,7 +193,8 @@ def serve_kept_memory(connection, kind: str, size: str, args: argparse.Namespace
     """The loop of :class:`KeptMemoryProcess`: builds the kept-memory variants, sends their
     dtypes, then runs each name received and sends its time, until None."""
     try:
-        keep_freed_memory()
+        if not keep_freed_memory():
+            raise RuntimeError("keep_freed_memory needs glibc's malloc; run with --skip for its rows")
         variants, dtypes = variants_of(kind, size, args, torch.device(device), kept=True)
         connection.send(dtypes)
         while (name := connection.recv()) is not None:

@@ -69,8 +69,9 @@ def add_speed_option(parser: argparse.ArgumentParser, fast: str) -> None:
     """The commands' ``--no-fast``: the plain eager float32 model instead of ``fast``
     (models/networks/acceleration.py)."""
     parser.add_argument("--no-fast", action="store_true",
-                        help=f"run the plain eager float32 model (default: {fast}, measured the fastest by "
-                             "benchmarks/detector.py)")
+                        help=f"run the plain eager float32 model on glibc's malloc as it is (default: {fast}, "
+                             "measured the fastest by benchmarks/detector.py; freed memory kept: glibc's malloc "
+                             "reuses it instead of mapping it afresh, process-wide)")
 
 
 def reproduce() -> None:
