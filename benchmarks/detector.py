@@ -159,7 +159,10 @@ class KeptMemoryProcess:
     """The variants whose options keep freed memory, in a spawned process of their own:
     :func:`keep_freed_memory` is process-wide, and the other rows must run on glibc's malloc as a
     process that never changed it does (its thresholds adapt as it runs). One call at a time (the
-    caller waits on the pipe), each timed where it runs."""
+    caller waits on the pipe), each timed where it runs. Not a perfect separation: once this
+    process holds the kept memory of a paper-size training step (about 5 GB), the other's page
+    faults take about three times the kernel time, so the paper-size training rows on glibc's
+    defaults run slower here than alone (README, "The detector")."""
 
     def __init__(self, kind: str, size: str, args: argparse.Namespace, device: torch.device) -> None:
         context = multiprocessing.get_context("spawn")

@@ -65,8 +65,9 @@ class SpeedOptions:
 #: The plain model: eager float32, what the exported graph computes.
 PLAIN = SpeedOptions()
 #: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 3.20x
-#: the plain float32 model at 256x256, 1.77x at 64x64. Compilation is left out: 1-5% more at
-#: 256x256, repaid after about 50-110 batches with a warm compile cache, none at 64x64.
+#: the plain float32 model at 256x256, 1.77x at 64x64. Compilation is left out: 2-5% more at
+#: 256x256, repaid after about 50-110 batches with a warm compile cache; at 64x64 after thousands
+#: or never.
 FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True, keep_freed_memory=True)
 #: The fastest training step that keeps float32 results up to float32 rounding (1.35x at 256x256,
 #: 1.23x at 64x64): bfloat16 (2.46x and 1.56x) changes the training's numbers beyond that, so it
