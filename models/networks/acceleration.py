@@ -13,7 +13,8 @@ Nothing here changes what the networks compute beyond the rounding of the dtype 
 * ``fused_adam`` (training only): Adam's fused kernel, one pass over each parameter instead of
   about ten elementwise ops;
 * ``keep_freed_memory``: glibc's malloc keeps freed memory for the next allocation instead of
-  handing it back to the system (:func:`keep_freed_memory`; process-wide; what is computed stays the same).
+  handing it back to the system (:func:`keep_freed_memory`; process-wide; nothing computed
+  changes).
 
 :data:`FAST_INFERENCE` and :data:`FAST_TRAINING` are the fastest correct combinations measured by
 ``benchmarks/detector.py`` (README, "The detector"); ``SpeedOptions()`` is the plain model.
@@ -143,8 +144,8 @@ def keep_freed_memory(keep: bool = True) -> bool:
     1.47x faster and its training step 1.32x, :data:`FAST_INFERENCE` 1.17x (README, "The
     detector"). The heap then stays at its high-water mark (peak resident 1.75 -> 2.03 GB for
     FAST_INFERENCE there, 5.0 -> 5.8 GB for a training step) and the faults stop after the first
-    batch. ``keep=False`` sets glibc's settled defaults (mmap
-    above 32 MB, trim above 64 MB) explicitly: memory kept so far stays in the heap."""
+    batch. ``keep=False`` sets glibc's settled defaults (mmap above 32 MB, trim above 64 MB)
+    explicitly: memory kept so far stays in the heap."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
