@@ -1,6 +1,6 @@
 """The whole detector against the machine's limit: inference (the predict path) and one training step.
 
-    python benchmarks/detector.py                                # both sizes, every variant (~13 min on the 2 quiet cores)
+    python benchmarks/detector.py                                # both sizes, every variant (~18 min on the 2 quiet cores)
     python benchmarks/detector.py --sizes study --repeats 5      # the study's setting only (~2 min)
 
 Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and
@@ -19,7 +19,9 @@ variants in the same interleaved rounds; the fastest of their calls is the peak 
 do when this process has them). "vs base" is the median over rounds of the baseline's time
 over the variant's in the same round. ``keep_freed_memory`` is process-wide, so the variants with
 it run in a second process (spawned, waiting its turn on a pipe) and the rest keep glibc's malloc
-as every process has it.
+as every process has it. That process hands its memory back after each timed call and makes one
+untimed call of the same variant before it, so that each timed call finds the heap as a run of
+that variant leaves it, and the other rows do not run beside gigabytes it keeps.
 FLOPs are counted once per size with ``torch.utils.flop_counter.FlopCounterMode`` on the baseline
 (eager float32, fused memories) and are the same for every variant: each does the same work. The
 fused memory op has no formula of its own; the two matrix products of its forward (similarity and
@@ -35,6 +37,7 @@ benchmarks/results/detector-<date>.json).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
@@ -159,10 +162,13 @@ class KeptMemoryProcess:
     """The variants whose options keep freed memory, in a spawned process of their own:
     :func:`keep_freed_memory` is process-wide, and the other rows must run on glibc's malloc as a
     process that never changed it does (its thresholds adapt as it runs). One call at a time (the
-    caller waits on the pipe), each timed where it runs. Not a perfect separation: once this
-    process holds the kept memory of a paper-size training step (about 5 GB), the other's page
-    faults take about three times the kernel time, so the paper-size training rows on glibc's
-    defaults run slower here than alone (README, "The detector")."""
+    caller waits on the pipe), each timed where it runs.
+
+    While this process held the kept memory of a paper-size training step (about 5 GB), the
+    other's page faults took about three times the kernel time (its training rows ran at 25 s a
+    step instead of 14). So each call here after a variant's warm-up is an untimed call of the
+    variant, which fills the heap with what the variant reuses, then the timed one, then
+    ``malloc_trim``, which hands the free memory back before the next row runs."""
 
     def __init__(self, kind: str, size: str, args: argparse.Namespace, device: torch.device) -> None:
         context = multiprocessing.get_context("spawn")
@@ -194,14 +200,22 @@ class KeptMemoryProcess:
 
 def serve_kept_memory(connection, kind: str, size: str, args: argparse.Namespace, device: str) -> None:
     """The loop of :class:`KeptMemoryProcess`: builds the kept-memory variants, sends their
-    dtypes, then runs each name received and sends its time, until None."""
+    dtypes, then runs each name received (after its warm-up call: untimed, timed, memory handed
+    back) and sends the timed call's seconds, until None."""
     try:
         if not keep_freed_memory():
             raise RuntimeError("keep_freed_memory needs glibc's malloc; run with --skip for its rows")
+        malloc_trim = ctypes.CDLL(None).malloc_trim
         variants, dtypes = variants_of(kind, size, args, torch.device(device), kept=True)
         connection.send(dtypes)
+        warmed_up = set()
         while (name := connection.recv()) is not None:
-            connection.send(variants[name]())
+            if name in warmed_up:
+                variants[name]()
+            warmed_up.add(name)
+            seconds = variants[name]()
+            malloc_trim(0)
+            connection.send(seconds)
     except Exception as error:  # noqa: BLE001  (reported by the caller)
         connection.send(error)
 
