@@ -19,19 +19,19 @@ variants in the same interleaved rounds; the fastest of their calls is the peak 
 do when this process has them). "vs base" is the median over rounds of the baseline's time
 over the variant's in the same round. ``keep_freed_memory`` is process-wide, so the variants with
 it run in a second process (spawned, waiting its turn on a pipe) and the rest keep glibc's malloc
-as every process has it. That process hands its memory back after each timed call and makes one
-untimed call of the same variant before it, so that each timed call finds the heap as a run of
-that variant leaves it, and the other rows do not run beside gigabytes it keeps.
+as every process has it; that process hands its free memory back after each call
+(``malloc_trim``), so that the other rows do not run beside the gigabytes it keeps.
 FLOPs are counted once per size with ``torch.utils.flop_counter.FlopCounterMode`` on the baseline
 (eager float32, fused memories) and are the same for every variant: each does the same work. The
 fused memory op has no formula of its own; the two matrix products of its forward (similarity and
 read, 2 B Q N D each, Q D = C H W) and their gradients are registered below, the count the
 reference's batched products give.
 
-Variants run interleaved, ``--repeats`` times each after one warm-up call; the tables give
-medians. The warm-up of a compiled variant includes its compilation: "compile" is the warm-up
-less the median, and "pays after" the number of batches whose saved time repays it against the
-same variant uncompiled. The raw results go to ``--json`` (default
+Variants run interleaved, ``--repeats`` times each after one warm-up call, each timed call right
+after an untimed one of the same variant (:func:`steady`); the tables give medians. The warm-up
+of a compiled variant includes its compilation: "compile" is the warm-up less the median, and
+"pays after" the number of batches whose saved time repays it against the same variant
+uncompiled. The raw results go to ``--json`` (default
 benchmarks/results/detector-<date>.json).
 """
 from __future__ import annotations
@@ -123,6 +123,23 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
     return run
 
 
+def steady(fn: Callable[[], float]) -> Callable[[], float]:
+    """``fn`` with each call after the first preceded by an untimed one, so that the timed call
+    finds memory as a run of batches of the same variant leaves it, whatever ran before: on this
+    project's machine (a virtual machine that hands freed memory back to its host) the page
+    faults of the rows on glibc's defaults cost up to 3x more after another process freed
+    gigabytes (README, "The detector")."""
+    calls = 0
+
+    def run() -> float:
+        nonlocal calls
+        if calls:
+            fn()
+        calls += 1
+        return fn()
+    return run
+
+
 def peak_matmul(dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     a = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
     b = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
@@ -162,13 +179,9 @@ class KeptMemoryProcess:
     """The variants whose options keep freed memory, in a spawned process of their own:
     :func:`keep_freed_memory` is process-wide, and the other rows must run on glibc's malloc as a
     process that never changed it does (its thresholds adapt as it runs). One call at a time (the
-    caller waits on the pipe), each timed where it runs.
-
-    While this process held the kept memory of a paper-size training step (about 5 GB), the
-    other's page faults took about three times the kernel time (its training rows ran at 25 s a
-    step instead of 14). So each call here after a variant's warm-up is an untimed call of the
-    variant, which fills the heap with what the variant reuses, then the timed one, then
-    ``malloc_trim``, which hands the free memory back before the next row runs."""
+    caller waits on the pipe), each timed where it runs, then ``malloc_trim``: while this process
+    held the kept memory of a paper-size training step (about 5 GB), the other's page faults took
+    about three times the kernel time (its training rows ran at 25 s a step instead of 14)."""
 
     def __init__(self, kind: str, size: str, args: argparse.Namespace, device: torch.device) -> None:
         context = multiprocessing.get_context("spawn")
@@ -200,19 +213,15 @@ class KeptMemoryProcess:
 
 def serve_kept_memory(connection, kind: str, size: str, args: argparse.Namespace, device: str) -> None:
     """The loop of :class:`KeptMemoryProcess`: builds the kept-memory variants, sends their
-    dtypes, then runs each name received (after its warm-up call: untimed, timed, memory handed
-    back) and sends the timed call's seconds, until None."""
+    dtypes, then runs each name received, hands the free memory back and sends the seconds,
+    until None."""
     try:
         if not keep_freed_memory():
             raise RuntimeError("keep_freed_memory needs glibc's malloc; run with --skip for its rows")
         malloc_trim = ctypes.CDLL(None).malloc_trim
         variants, dtypes = variants_of(kind, size, args, torch.device(device), kept=True)
         connection.send(dtypes)
-        warmed_up = set()
         while (name := connection.recv()) is not None:
-            if name in warmed_up:
-                variants[name]()
-            warmed_up.add(name)
             seconds = variants[name]()
             malloc_trim(0)
             connection.send(seconds)
@@ -363,9 +372,11 @@ def variants_of(kind: str, size: str, args: argparse.Namespace, device: torch.de
     images = torch.randint(0, 256, (args.batch, settings["size"], settings["size"], 3), dtype=torch.uint8,
                            device=device)
     if kind == "inference":
-        return inference_variants(config, state, images, skipped(size, args), kept)
-    x = to_model_input(images.permute(0, 3, 1, 2), settings["size"])
-    return training_variants(config, x, skipped(size, args), kept)
+        variants, dtypes = inference_variants(config, state, images, skipped(size, args), kept)
+    else:
+        x = to_model_input(images.permute(0, 3, 1, 2), settings["size"])
+        variants, dtypes = training_variants(config, x, skipped(size, args), kept)
+    return {name: steady(fn) for name, fn in variants.items()}, dtypes
 
 
 def run_size(size: str, args: argparse.Namespace, device: torch.device) -> dict:
