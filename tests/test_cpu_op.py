@@ -233,6 +233,19 @@ def test_opcheck_forward(shrink, similarity, requires_grad, dtype):
                           _op_args(shrink, requires_grad, similarity, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_item_norms_are_the_norms_of_the_memory_items(dtype):
+    """The forward's item_norms (|m_i|, computed in the kernel from M's own dtype) against float64
+    norms of the same values; D = 4 * 4 * 7 = 112 leaves a tail after the 16-lane sums."""
+    x = torch.randn(2, 7, 8, 8).to(dtype)
+    memory = (torch.randn(5, 112) * torch.tensor([1e-3, 1.0, 10.0, 1e3, 0.0])[:, None]).to(dtype)
+    *_, item_norms = torch.ops.daad_ext.block_memory_forward(x, memory, 2, 2, 1, "cosine", "hard",
+                                                             0.2, 1.0)
+    expected = torch.linalg.vector_norm(memory.double(), dim=1)
+    torch.testing.assert_close(item_norms.double(), expected, rtol=1e-6 if dtype != torch.float64 else 1e-13,
+                               atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shrink,similarity", [("memae", "cosine"), ("hard", "dot")])
 def test_opcheck_backward(shrink, similarity, dtype):
