@@ -65,14 +65,14 @@ class SpeedOptions:
 
 #: The plain model: eager float32, what the exported graph computes.
 PLAIN = SpeedOptions()
-#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 3.20x
-#: the plain float32 model at 256x256, 1.77x at 64x64. Compilation is left out: 2-5% more at
-#: 256x256, repaid after about 50-110 batches with a warm compile cache; at 64x64 after thousands
-#: or never.
+#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 3.1x
+#: the plain float32 model at 256x256, 1.82x at 64x64. Compilation is left out: from no gain to 5%
+#: more, repaid after about 50-110 batches with a warm compile cache at 256x256 where it gains;
+#: at 64x64 after thousands or never.
 FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True, keep_freed_memory=True)
-#: The fastest training step that keeps float32 results up to float32 rounding (1.35x at 256x256,
-#: 1.23x at 64x64): bfloat16 (2.46x and 1.56x) changes the training's numbers beyond that, so it
-#: stays the separate ``--amp bf16`` of ``models.train``.
+#: The fastest training step that keeps float32 results up to float32 rounding (1.29-1.37x at
+#: 256x256, 1.23x at 64x64): bfloat16 (2.4-2.5x and 1.55x) changes the training's numbers beyond
+#: that, so it stays the separate ``--amp bf16`` of ``models.train``.
 FAST_TRAINING = SpeedOptions(channels_last=True, fused_adam=True, keep_freed_memory=True)
 
 #: glibc's mallopt parameters (malloc.h).
@@ -141,7 +141,7 @@ def keep_freed_memory(keep: bool = True) -> bool:
     then faults in its large activations afresh, page by page, each page zeroed by the kernel.
     Measured at 256x256 (batch 8, two cores): about 1.1 million page faults an inference batch of
     the plain float32 model and 2.9 million a training step; kept, the plain model's inference is
-    1.47x faster and its training step 1.32x, :data:`FAST_INFERENCE` 1.17x (README, "The
+    1.43x faster and its training step 1.30x, :data:`FAST_INFERENCE` 1.15x (README, "The
     detector"). The heap then stays at its high-water mark (peak resident 1.75 -> 2.03 GB for
     FAST_INFERENCE there, 5.0 -> 5.8 GB for a training step) and the faults stop after the first
     batch. ``keep=False`` sets glibc's settled defaults (mmap above 32 MB, trim above 64 MB)
