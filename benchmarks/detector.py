@@ -1,6 +1,6 @@
 """The whole detector against the machine's limit: inference (the predict path) and one training step.
 
-    python benchmarks/detector.py                                # both sizes, every variant (~18 min on the 2 quiet cores)
+    python benchmarks/detector.py                                # both sizes, every variant (~14 min on the 2 quiet cores)
     python benchmarks/detector.py --sizes study --repeats 5      # the study's setting only (~2 min)
 
 Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and
@@ -125,10 +125,9 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
 
 def steady(fn: Callable[[], float]) -> Callable[[], float]:
     """``fn`` with each call after the first preceded by an untimed one, so that the timed call
-    finds memory as a run of batches of the same variant leaves it, whatever ran before: on this
-    project's machine (a virtual machine that hands freed memory back to its host) the page
-    faults of the rows on glibc's defaults cost up to 3x more after another process freed
-    gigabytes (README, "The detector")."""
+    finds memory as a run of batches of the same variant leaves it, whatever ran before (the other
+    process's freed gigabytes included). The paper-size rows on glibc's defaults still vary more
+    from round to round than the others (README, "The detector")."""
     calls = 0
 
     def run() -> float:
