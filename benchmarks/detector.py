@@ -1,6 +1,6 @@
 """The whole detector against the machine's limit: inference (the predict path) and one training step.
 
-    python benchmarks/detector.py                                # both sizes, every variant (~20 min on the 2 quiet cores)
+    python benchmarks/detector.py                                # both sizes, every variant (~14 min on the 2 quiet cores)
     python benchmarks/detector.py --sizes study --repeats 5      # the study's setting only (~2 min)
 
 Two sizes, batch 8, DAAD+ with N = 500: ``paper`` (256x256, width 64, division 8x8x1) and
@@ -66,10 +66,8 @@ CALIBRATION = {"rec_min": 0.0, "rec_max": 1.0, "max_min": 0.0, "max_max": 1.0, "
                "map_max": 1.0}
 SIZES = {"paper": dict(size=256, width=64, division=(8, 8, 1)),
          "study": dict(size=64, width=16, division=(2, 2, 1))}
-#: Interleaved rounds at each size (--repeats overrides). Five at the paper's size: the plain rows
-#: there were slow in one or two of three rounds (README, "The detector"), and a median of five
-#: outvotes two.
-REPEATS = {"paper": 5, "study": 10}
+#: Interleaved rounds at each size (--repeats overrides): a paper-size eager batch takes ~20 s.
+REPEATS = {"paper": 3, "study": 10}
 BASELINE = "fused, eager fp32"
 #: name: (memory backend, options). "auto" is the fused kernel of the device.
 INFERENCE = {
