@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pixel_limit_option(p)
     p.add_argument("--batch", type=int, default=16, help="images scored at a time (default: 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
-    add_speed_option(p, "channels_last, BatchNorm folded, bfloat16 autocast where the CPU has it, freed memory kept, as daad-predict")
+    add_speed_option(p, FAST_INFERENCE, "as daad-predict")
     return p
 
 

@@ -7,6 +7,7 @@ import argparse
 import re
 
 from .inference import DEFAULT_IMAGE_SCORE, IMAGE_SCORES
+from .networks.acceleration import SpeedOptions
 
 #: The package's name once installed (setup.py); ``models`` in a checkout.
 INSTALLED_PACKAGE = "daad_models"
@@ -65,13 +66,16 @@ def add_image_score_option(parser: argparse.ArgumentParser, exports: bool = Fals
                              f"small defects) or its mean (the paper's) (default: {default})")
 
 
-def add_speed_option(parser: argparse.ArgumentParser, fast: str) -> None:
+def add_speed_option(parser: argparse.ArgumentParser, fast: SpeedOptions, note: str = "") -> None:
     """The commands' ``--no-fast``: the plain eager float32 model instead of ``fast``
-    (models/networks/acceleration.py)."""
+    (models/networks/acceleration.py), described from ``fast`` itself; ``note`` adds what the
+    command's default keeps."""
+    parts = [f"{fast.describe()}, measured the fastest by benchmarks/detector.py", note,
+             "freed memory kept: glibc's malloc reuses it instead of mapping it afresh, process-wide"
+             if fast.keep_freed_memory else ""]
     parser.add_argument("--no-fast", action="store_true",
-                        help=f"run the plain eager float32 model on glibc's malloc as it is (default: {fast}, "
-                             "measured the fastest by benchmarks/detector.py; freed memory kept: glibc's malloc "
-                             "reuses it instead of mapping it afresh, process-wide)")
+                        help="run the plain eager float32 model on glibc's malloc as it is "
+                             f"(default: {'; '.join(part for part in parts if part)})")
 
 
 def reproduce() -> None:

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gamma", type=float, help="fusion weight of R (default: the checkpoint's)")
     add_image_score_option(p)
-    add_speed_option(p, "channels_last, BatchNorm folded, bfloat16 autocast where the CPU has it, freed memory kept")
+    add_speed_option(p, FAST_INFERENCE)
     p.add_argument("--anomaly-map", choices=ANOMALY_MAPS, help="pixel map to score by (default: the run's)")
     p.add_argument("--sigma", type=float, help="Gaussian sigma in pixels of --image-score max and --smooth-maps "
                                                "(default: 4 at 256x256, scaled with the input size)")

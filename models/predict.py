@@ -27,6 +27,7 @@ from .data.images import add_pixel_limit_option, set_pixel_limit
 from .inference import Detector
 from .inference.runtimes import MissingExtraError
 from .inference.prediction import save_predictions
+from .networks.acceleration import FAST_INFERENCE
 from .training.atomic import write_json
 
 RESULTS = "predictions.json"
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default: auto)")
     add_pixel_limit_option(p)
     add_image_score_option(p, exports=True)
-    add_speed_option(p, "channels_last, BatchNorm folded, bfloat16 autocast where the CPU has it, freed memory kept")
+    add_speed_option(p, FAST_INFERENCE)
     return p
 
 

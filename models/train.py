@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", nargs="?", const="bf16", choices=AMP_DTYPES,
                      help="mixed precision: bf16 (CPU, CUDA; the default with a bare --amp) or fp16 "
                           "(CUDA, with gradient scaling); not stored, give it again with --resume")
-    add_speed_option(run, "channels_last and Adam's fused kernel, within float32 rounding, freed memory kept; "
-                          "its test metrics and calibration as daad-predict computes them")
+    add_speed_option(run, FAST_TRAINING, "within float32 rounding; its test metrics and calibration as "
+                                         "daad-predict computes them")
     run.add_argument("--log", choices=("tensorboard",), help="also log every epoch's numbers to TensorBoard "
                                                            "(OUT/tensorboard; needs the tensorboard package)")
     run.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")

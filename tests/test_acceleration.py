@@ -86,6 +86,15 @@ def scores(net: AnomalyDetector, x: torch.Tensor, options: SpeedOptions = PLAIN)
         return list(net.score(x, ali_reduction="norm"))
 
 
+def test_speed_options_describe_every_option_they_turn_on():
+    """The commands' --no-fast help is written from the options, so each needs its words."""
+    every = SpeedOptions(**{name: True for name in SpeedOptions.__dataclass_fields__})
+    assert len(every.describe().split(", ")) == len(SpeedOptions.__dataclass_fields__)
+    assert SpeedOptions().describe() == "none"
+    assert FAST_INFERENCE.describe() == ("channels_last, BatchNorm folded, bfloat16 autocast where the device has it, "
+                                         "freed memory kept")
+
+
 def test_folding_batchnorm_is_exact_in_float64():
     net, x = tie_free_detector(dtype=torch.float64)
     folded = fold_batchnorm(net)

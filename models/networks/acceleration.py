@@ -62,17 +62,23 @@ class SpeedOptions:
     fused_adam: bool = False
     keep_freed_memory: bool = False
 
+    def describe(self) -> str:
+        """The options that are on, in words (the commands' help says what ``--no-fast`` turns off)."""
+        words = {"channels_last": "channels_last", "fold_batchnorm": "BatchNorm folded",
+                 "bf16": "bfloat16 autocast where the device has it", "compile": "torch.compile",
+                 "fused_adam": "Adam's fused kernel", "keep_freed_memory": "freed memory kept"}
+        return ", ".join(text for name, text in words.items() if getattr(self, name)) or "none"
+
 
 #: The plain model: eager float32, what the exported graph computes.
 PLAIN = SpeedOptions()
-#: The fastest correct inference on this project's CPU (benchmarks/detector.py; README): 3.1x
-#: the plain float32 model at 256x256, 1.82x at 64x64. Compilation is left out: from no gain to 5%
-#: more, repaid after about 50-110 batches with a warm compile cache at 256x256 where it gains;
-#: at 64x64 after thousands or never.
+#: The fastest correct inference on this project's CPU, as benchmarks/detector.py measures it
+#: (figures: README, "The detector"). Compilation is left out: it gains little or nothing and is
+#: repaid only after many batches.
 FAST_INFERENCE = SpeedOptions(channels_last=True, fold_batchnorm=True, bf16=True, keep_freed_memory=True)
-#: The fastest training step that keeps float32 results up to float32 rounding (1.29-1.37x at
-#: 256x256, 1.23x at 64x64): bfloat16 (2.4-2.5x and 1.55x) changes the training's numbers beyond
-#: that, so it stays the separate ``--amp bf16`` of ``models.train``.
+#: The fastest training step that keeps float32 results up to float32 rounding (same benchmark):
+#: bfloat16, faster still, changes the training's numbers beyond that, so it stays the separate
+#: ``--amp bf16`` of ``models.train``.
 FAST_TRAINING = SpeedOptions(channels_last=True, fused_adam=True, keep_freed_memory=True)
 
 #: glibc's mallopt parameters (malloc.h).
@@ -139,13 +145,11 @@ def keep_freed_memory(keep: bool = True) -> bool:
     By default glibc gives every allocation above its mmap threshold (at most 32 MB) its own
     mapping and unmaps it when freed, and returns the heap's free top to the system: every batch
     then faults in its large activations afresh, page by page, each page zeroed by the kernel.
-    Measured at 256x256 (batch 8, two cores): about 1.1 million page faults an inference batch of
-    the plain float32 model and 2.9 million a training step; kept, the plain model's inference is
-    1.43x faster and its training step 1.30x, :data:`FAST_INFERENCE` 1.15x (README, "The
-    detector"). The heap then stays at its high-water mark (peak resident 1.75 -> 2.03 GB for
-    FAST_INFERENCE there, 5.0 -> 5.8 GB for a training step) and the faults stop after the first
-    batch. ``keep=False`` sets glibc's settled defaults (mmap above 32 MB, trim above 64 MB)
-    explicitly: memory kept so far stays in the heap."""
+    At 256x256 that is about a million page faults an inference batch and more for a training
+    step, a large share of the plain model's time (benchmarks/detector.py; README, "The detector").
+    Kept, the heap stays at its high-water mark (a larger peak resident size) and the faults stop
+    after the first batch. ``keep=False`` sets glibc's settled defaults (mmap above 32 MB, trim
+    above 64 MB) explicitly: memory kept so far stays in the heap."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
