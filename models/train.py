@@ -1,12 +1,12 @@
 """Train a detector: ``python -m models.train --dataset mvtec --root DATA --model daad+ --out DIR``.
 
-Writes to ``--out``: ``checkpoint.pt`` and ``config.json`` (atomically, after every epoch: all
-state, and the settings it was trained with) and ``train_log.jsonl`` (one line of mean losses, time and, with
-``--eval-every``, test metrics per epoch). ``--resume`` continues the run in ``--out``.
+Writes to ``--out``: ``checkpoint.pt`` and ``config.json`` (atomically, after every epoch or every
+``--checkpoint-minutes``, and after the last: all state, and the settings it was trained with) and
+``train_log.jsonl`` (one line of mean losses, time and, with ``--eval-every``, test metrics per
+epoch). ``--resume`` continues the run in ``--out`` from its checkpoint.
 Every image is decoded before the first step: unreadable files stop the run at once, listed
 (``--skip-bad-images`` leaves them out instead). A NaN or infinite loss or gradient stops the run
-at that step with an error naming it; the last checkpoint, of the last finished epoch, is kept
-as it was, and ``--resume --lr SMALLER`` continues from it.
+at that step with an error naming it; the last checkpoint is kept as it was, and ``--resume --lr SMALLER`` continues from it.
 Under ``torchrun --nproc_per_node K`` the same command trains with DistributedDataParallel
 (``--batch`` is per process; rank 0 writes).
 
@@ -51,7 +51,8 @@ MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "workers",
              "eval_every", "eval_subset", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
-INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast", "log")
+INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast", "log",
+              "checkpoint_minutes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log", choices=("tensorboard",), help="also log every epoch's numbers to TensorBoard "
                                                            "(OUT/tensorboard; needs the tensorboard package)")
     run.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    run.add_argument("--checkpoint-minutes", type=float, metavar="MINUTES",
+                     help="write the checkpoint once this many minutes of training have passed since the "
+                          "last, and after the last epoch (default: 0, after every epoch; a large model "
+                          "trained in many short epochs can spend more time saving than training)")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help=f"continue from CHECKPOINT (default: OUT/{CHECKPOINT}) with its settings")
     return p
@@ -196,15 +201,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
         if getattr(args, "log", None) == "tensorboard":
             summary_writer_class()
         config, resume = make_config(args)
+        fast = not getattr(args, "no_fast", False)
+        options = RunOptions(amp=getattr(args, "amp", None), speed=FAST_TRAINING if fast else PLAIN,
+                             tensorboard=getattr(args, "log", None) == "tensorboard", program=parser.prog,
+                             checkpoint_minutes=getattr(args, "checkpoint_minutes", 0.0))
         train_set = config.dataset_split("train", augment=True, skip_bad_images=skip_bad_images)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     ctx = setup_distributed(args.device)
     try:
-        fast = not getattr(args, "no_fast", False)
         hooks = RunScoring(config, train_set, ctx.device, skip_bad_images, FAST_INFERENCE if fast else PLAIN)
-        options = RunOptions(amp=getattr(args, "amp", None), speed=FAST_TRAINING if fast else PLAIN,
-                             tensorboard=getattr(args, "log", None) == "tensorboard", program=parser.prog)
         return train(config, args.out, ctx, train_set, hooks, resume, options)
     except (DivergenceError, CheckpointError, WriteError) as e:  # a resumed checkpoint's weights, a full disk
         parser.exit(1, f"{parser.prog}: error: {e}\n")

@@ -84,11 +84,33 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
 
 
+
+def test_checkpoints_every_few_minutes_and_a_log_that_restarts_from_the_checkpoint(tiny, tmp_path, monkeypatch):
+    import models.training.loop as loop
+    saved = []
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda state, path: (saved.append(state["epoch"]), save(state, path)))
+    args = tiny + ["--model", "ae", "--out", str(tmp_path / "run")]
+    train.main(args + ["--epochs", "2"])
+    assert saved == [1, 2]  # by default after every epoch
+    saved.clear()
+    train.main(args + ["--epochs", "3", "--checkpoint-minutes", "60"])
+    assert saved == [3]  # an hour apart: only the last epoch
+    # A kill after an epoch logged but not saved: the resumed run trains it again, logged once.
+    log = tmp_path / "run" / "train_log.jsonl"
+    shutil.copy(tmp_path / "run" / "checkpoint.pt", tmp_path / "epoch3.pt")
+    train.main(["--resume", "--epochs", "4", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    shutil.copy(tmp_path / "epoch3.pt", tmp_path / "run" / "checkpoint.pt")  # epoch 4 logged, not kept
+    train.main(["--resume", "--epochs", "5", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 5
+
 def test_cli_errors(tiny, tmp_path, capsys):
     assert "valid sizes are the multiples of 128" in error_of(train, tiny + ["--model", "daad", "--division", "8", "8", "1", "--size", "64", "--out", str(tmp_path)], capsys)
     assert "dataset root not found" in error_of(train, ["--root", str(tmp_path / "none"), "--out", str(tmp_path)], capsys)
     assert "--root is required" in error_of(train, ["--out", str(tmp_path)], capsys)
     assert "checkpoint not found" in error_of(train, ["--resume", "--out", str(tmp_path)], capsys)
+    assert "checkpoint_minutes must be >= 0" in error_of(train, tiny + ["--checkpoint-minutes", "-1", "--out", str(tmp_path)], capsys)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 64)
     assert "not a readable PyTorch checkpoint" in error_of(evaluate, ["--checkpoint", str(bad), "--out", str(tmp_path)], capsys)

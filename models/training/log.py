@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Iterator
 
+from .atomic import write_bytes
+
 #: The extra that brings TensorBoard (setup.py).
 TENSORBOARD_HINT = "pip install tensorboard (or the package's extra: pip install 'daad_ext[tensorboard]')"
 
@@ -29,17 +31,17 @@ def summary_writer_class() -> type:
 
 
 class RunLog:
-    """Appends each epoch's record to ``out/train_log.jsonl`` (a fresh run starts it afresh) and,
-    with ``tensorboard``, writes its numbers as scalars to ``out/tensorboard``."""
+    """Appends each epoch's record to ``out/train_log.jsonl``, which starts (rewritten atomically)
+    from ``history``, the records of the epochs the run's checkpoint holds (none for a fresh run),
+    and, with ``tensorboard``, writes its numbers as scalars to ``out/tensorboard``."""
 
-    def __init__(self, out: str, fresh: bool, tensorboard: bool = False) -> None:
+    def __init__(self, out: str, history: list[dict[str, Any]], tensorboard: bool = False) -> None:
         self.path = os.path.join(out, "train_log.jsonl")
         self.writer = None
         if tensorboard:
             self.writer = summary_writer_class()(os.path.join(out, "tensorboard"))
         os.makedirs(out, exist_ok=True)
-        if fresh:
-            open(self.path, "w").close()
+        write_bytes(self.path, "".join(json.dumps(record) + "\n" for record in history).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

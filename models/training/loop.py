@@ -1,5 +1,6 @@
-"""The training run: epochs of :class:`~models.training.trainer.Trainer` steps, a checkpoint, the
-settings and a log line after every epoch, and a clear error when the run diverges.
+"""The training run: epochs of :class:`~models.training.trainer.Trainer` steps, a log line after
+every epoch, a checkpoint and the settings after every epoch or every few minutes, and a clear
+error when the run diverges.
 
 What a run measures with its networks (test metrics every few epochs, the calibration of the
 scores after the last epoch) is the scoring layer's: it comes in as :class:`RunHooks`
@@ -87,6 +88,14 @@ class RunOptions:
     tensorboard: bool = False
     #: The command that continues the run, named in a divergence's message.
     program: str = "python -m models.train"
+    #: Minutes of training between checkpoints (0: after every epoch); the last epoch is always
+    #: saved. Saving a large model after every one of many short epochs (the division-1 memories
+    #: are 0.75 GB at 128x128) can take longer than the training; a kill loses at most this much.
+    checkpoint_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0 (0: after every epoch), got {self.checkpoint_minutes}")
 
 
 def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDataset, hooks: RunHooks,
@@ -108,6 +117,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                         drop_last=len(sampler) % config.batch == 1, persistent_workers=config.workers > 0)
     checkpoint = os.path.join(out, CHECKPOINT)
     last_saved = resume.path if resume is not None else None
+    saved_epoch, saved_at = trainer.epoch, time.monotonic()
     epochs = total_epochs(config, len(loader))
     ended = trainer.history[-1].get("stopped") if trainer.history else None
     if resume is not None and (trainer.epoch >= epochs or (ended == "plateau" and config.until_plateau)):
@@ -115,16 +125,21 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
             print(f"{resume.path} has trained {trainer.epoch} epochs already and its stopping rule is met "
                   f"({ended or 'epochs'}): nothing to train; give a larger --epochs or --steps to go on", flush=True)
         return trainer
-    log = RunLog(out, fresh=resume is None, tensorboard=options.tensorboard) if ctx.is_main else None
+    # The log restarts from the checkpoint's history: epochs logged after it was saved train again.
+    log = RunLog(out, trainer.history, tensorboard=options.tensorboard) if ctx.is_main else None
 
     def end_epoch(record: dict[str, Any], last: bool) -> None:
-        """Counts the epoch; on rank 0 also calibrates after the last, saves and logs."""
+        """Counts the epoch; on rank 0 also calibrates after the last, logs, and saves after the
+        last or once ``options.checkpoint_minutes`` have passed since the last save."""
+        nonlocal last_saved, saved_epoch, saved_at
         if not ctx.is_main:
             trainer.end_epoch(record)
             return
         trainer.end_epoch(record, hooks.calibrate(trainer.model) if last else None)
-        save_checkpoint(trainer.state_dict(), checkpoint)
-        write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
+        if last or time.monotonic() - saved_at >= 60 * options.checkpoint_minutes:
+            save_checkpoint(trainer.state_dict(), checkpoint)
+            write_json(os.path.join(out, "config.json"), config.to_dict(), indent=2)
+            last_saved, saved_epoch, saved_at = checkpoint, trainer.epoch, time.monotonic()
         log.write(record)
         tqdm.write(json.dumps(record), file=sys.stdout)
 
@@ -145,7 +160,7 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                     losses = trainer.train_step(item["image"].to(ctx.device, non_blocking=True))
                 except DivergenceError as e:
                     raise DivergenceError(divergence_message(e, epoch, steps, len(loader), config, out,
-                                                             last_saved, trainer.epoch, options.program)) from e
+                                                             last_saved, saved_epoch, options.program)) from e
                 sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
         record = {"epoch": epoch, "step": epoch * len(loader),
@@ -168,7 +183,6 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
             record["stopped"] = stop  # why the run ended here: plateau, steps or epochs
         end_epoch(record, last=bool(stop))
         barrier(ctx)
-        last_saved = checkpoint
         if stop:
             break
     if ctx.is_main:
