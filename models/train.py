@@ -6,7 +6,8 @@ Writes to ``--out``: ``checkpoint.pt`` and ``config.json`` (atomically, after ev
 epoch). ``--resume`` continues the run in ``--out`` from its checkpoint.
 Every image is decoded before the first step: unreadable files stop the run at once, listed
 (``--skip-bad-images`` leaves them out instead). A NaN or infinite loss or gradient stops the run
-at that step with an error naming it; the last checkpoint is kept as it was, and ``--resume --lr SMALLER`` continues from it.
+at that step with an error naming it; the last checkpoint is kept as it was, and ``--resume --lr
+SMALLER`` continues from it.
 Under ``torchrun --nproc_per_node K`` the same command trains with DistributedDataParallel
 (``--batch`` is per process; rank 0 writes).
 

@@ -84,7 +84,6 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
 
 
-
 def test_checkpoints_every_few_minutes_and_a_log_that_restarts_from_the_checkpoint(tiny, tmp_path, monkeypatch):
     import models.training.loop as loop
     saved = []

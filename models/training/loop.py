@@ -197,7 +197,7 @@ def divergence_message(error: DivergenceError, epoch: int, step: int, steps: int
     """What diverged, where, what was kept, and the command to go on with a lower learning rate."""
     lower = f"--lr {config.learning_rate / 10:g}"
     if last_saved is None:
-        kept = f"no checkpoint was written (no epoch finished); start again with a lower rate, e.g. {lower}"
+        kept = f"no checkpoint was written yet; start again with a lower rate, e.g. {lower}"
     else:
         kept = (f"{last_saved} (epoch {saved_epoch}) was kept as it was; continue from it with a lower "
                 f"rate: {program} --resume {last_saved} --out {out} {lower}")
