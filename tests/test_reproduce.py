@@ -14,7 +14,7 @@ from models.training.atomic import write_json, write_npz
 from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import defect_types, execute, portable_command, run_config, run_study
-from models.study.claims import compare, mnist_claims, near_chance
+from models.study.claims import claims, compare, mnist_claims, near_chance
 from models.study.document import build_tables
 from models.study.tables import mnist_table
 
@@ -185,6 +185,23 @@ def test_compare_is_inconclusive_within_the_seed_spread():
     assert compare(records(0.7, 0.7), records(0.8, 0.79), "image_auroc")[0] == "did not hold"
     assert compare([], records(0.8), "image_auroc")[0].startswith("not tested")
 
+
+
+def test_an_extreme_block_size_ahead_within_the_spread_leaves_the_claim_open():
+    def records(*values):
+        return [{"run": {"model": "daad"}, "metrics": {"image_auroc": v}} for v in values]
+
+    def verdicts(blocks):
+        summary = {"ablation": {m: [] for m in ("ae", "memae", "ae+skip", "daad", "daad+")},
+                   "blocks": blocks, "readings": {}}
+        (line,) = [c for c in claims(summary, (("image_auroc", "image AUROC"),)) if c.startswith("3.")]
+        return line
+    close = verdicts({1: records(0.567, 0.555, 0.58), 4: records(0.564, 0.56, 0.568), 8: records(0.55, 0.55)})
+    assert "division 1, an extreme" in close and "division 4 vs 1, image AUROC: **inconclusive**" in close
+    apart = verdicts({1: records(0.8, 0.81), 4: records(0.6, 0.61), 8: records(0.5, 0.51)})
+    assert "division 4 vs 1, image AUROC: **did not hold**" in apart
+    middle = verdicts({1: records(0.5, 0.51), 4: records(0.8, 0.81), 8: records(0.5, 0.51)})
+    assert "division 4 vs 1, image AUROC: **held**" in middle and "division 4 vs 8, image AUROC: **held**" in middle
 
 def test_compare_needs_the_seed_spread_of_each_seeded_side():
     def records(*values, model="daad"):

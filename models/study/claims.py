@@ -68,11 +68,12 @@ def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
     if len(blocks) >= 3:
         means = {r: metric(rs, keys[0][0])[0] for r, rs in blocks.items()}
         extremes = (min(blocks), max(blocks))
-        # On a tie, prefer an intermediate size: the comparison below then calls it inconclusive.
-        best = max(means, key=lambda r: (means[r], r not in extremes))
-        if best in extremes:
-            lines.append(f"3. An intermediate block size is best: **did not hold** by {keys[0][1]} "
-                         f"(best: division {best}).")
+        middle = max((r for r in blocks if r not in extremes), key=lambda r: means[r])
+        best = max(means, key=lambda r: (means[r], r not in extremes))  # a tie goes to the middle
+        if best in extremes:  # the best intermediate size against it: held only beyond the spread
+            lines.append(claim(f"3. An intermediate block size is best (division {best}, an extreme, has "
+                               f"the highest mean {keys[0][1]}; the best intermediate is division {middle})",
+                               [(f"division {middle} vs {best}", blocks[middle], blocks[best])], keys))
         else:
             lines.append(claim(f"3. An intermediate block size is best (division {best} has the "
                                f"highest mean {keys[0][1]})",
