@@ -65,8 +65,8 @@ def _extension():
     sources = _sources("csrc/*.cpp")
     # -O3 and OpenMP; no -march=native, so that a built wheel runs on other x86-64 CPUs.
     # -fno-wrapv undoes the -fwrapv of Python's own CFLAGS, which setuptools passes first: with it,
-    # GCC 12 left the bfloat16 loops of the CPU kernel scalar (sums of squares, widening, rounding;
-    # the bf16 forward was 4-7% slower at DAAD's scales). The kernel relies on no signed overflow.
+    # GCC 12 left the CPU kernel's bfloat16 sums of squares (the query and item norms) scalar, and
+    # the bf16 forward was 4-7% slower at DAAD's scales. The kernel relies on no signed overflow.
     cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp", "-std=c++20"]
     cuda_sources = _sources("csrc/cuda/*.cu")
     with_cuda = TOOLKIT is not None and bool(cuda_sources)
