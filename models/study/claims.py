@@ -68,16 +68,16 @@ def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
     if len(blocks) >= 3:
         means = {r: metric(rs, keys[0][0])[0] for r, rs in blocks.items()}
         extremes = (min(blocks), max(blocks))
-        middle = max((r for r in blocks if r not in extremes), key=lambda r: means[r])
-        best = max(means, key=lambda r: (means[r], r not in extremes))  # a tie goes to the middle
-        if best in extremes:  # the best intermediate size against it: held only beyond the spread
-            lines.append(claim(f"3. An intermediate block size is best (division {best}, an extreme, has "
+        middle = max((r for r in blocks if r not in extremes), key=means.get)
+        extreme = max(extremes, key=means.get)
+        if means[extreme] > means[middle]:  # the best intermediate size against it, with the spread
+            lines.append(claim(f"3. An intermediate block size is best (division {extreme}, an extreme, has "
                                f"the highest mean {keys[0][1]}; the best intermediate is division {middle})",
-                               [(f"division {middle} vs {best}", blocks[middle], blocks[best])], keys))
-        else:
-            lines.append(claim(f"3. An intermediate block size is best (division {best} has the "
+                               [(f"division {middle} vs {extreme}", blocks[middle], blocks[extreme])], keys))
+        else:  # a tie goes to the intermediate size
+            lines.append(claim(f"3. An intermediate block size is best (division {middle} has the "
                                f"highest mean {keys[0][1]})",
-                               [(f"division {best} vs {r}", blocks[best], blocks[r]) for r in extremes], keys))
+                               [(f"division {middle} vs {r}", blocks[middle], blocks[r]) for r in extremes], keys))
     else:
         lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
     pairs = [(f"{plus_label(DEFAULT_READING)} vs DAAD", ab["daad+"], ab["daad"])]
