@@ -10,17 +10,20 @@ import pytest
 import torch
 
 from models.networks.losses import reconstruction_loss
-from models.networks.maps import SSIM_C1, SSIM_C2, SSIM_SIGMA, SSIM_WINDOW, anomaly_map, ssim
+from models.networks.maps import anomaly_map, ssim
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ssim_at(x: np.ndarray, y: np.ndarray, row: int, col: int) -> float:
-    """SSIM of one pixel of two (C, H, W) images by explicit weighted sums over its reflected
-    11 x 11 window, averaged over channels (Wang et al. 2004)."""
-    half = SSIM_WINDOW // 2
+    """SSIM of one pixel of two (C, H, W) images in [-1, 1], as intensities in [0, 1], by explicit
+    weighted sums over its reflected 11 x 11 Gaussian window (sigma 1.5), averaged over channels
+    (Wang et al. 2004: K1 = 0.01, K2 = 0.03, data range 1)."""
+    x, y = (x + 1) / 2, (y + 1) / 2
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    half = 5
     offsets = np.arange(-half, half + 1)
-    g = np.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+    g = np.exp(-0.5 * (offsets / 1.5) ** 2)
     weights = np.outer(g, g) / np.outer(g, g).sum()
 
     def reflect(i: int, n: int) -> int:  # torch's "reflect": d c b | a b c d | c b a
@@ -36,8 +39,7 @@ def ssim_at(x: np.ndarray, y: np.ndarray, row: int, col: int) -> float:
         var_a = (weights * wa * wa).sum() - mu_a ** 2
         var_b = (weights * wb * wb).sum() - mu_b ** 2
         cov = (weights * wa * wb).sum() - mu_a * mu_b
-        values.append((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
-                      / ((mu_a ** 2 + mu_b ** 2 + SSIM_C1) * (var_a + var_b + SSIM_C2)))
+        values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return float(np.mean(values))
 
 
@@ -55,6 +57,15 @@ def test_ssim_against_a_direct_computation():
     assert reconstruction_loss(x, y, "ssim").item() == pytest.approx((1 - got).mean().item())
     with pytest.raises(ValueError, match="unknown anomaly map"):
         anomaly_map(x, y, "l1")
+
+
+def test_ssim_barely_sees_a_small_change_of_brightness_of_mid_grey():
+    # Windows whose means are near 0 in [-1, 1]: SSIM's luminance term on [-1, 1] itself would
+    # score a shift of 1% of the range as a third of the way to the largest dissimilarity.
+    gen = torch.Generator().manual_seed(0)
+    x = 0.05 * torch.randn(1, 3, 32, 32, generator=gen, dtype=torch.float64) - 0.01
+    assert anomaly_map(x, x + 0.02, "ssim").max() < 1e-3
+    assert anomaly_map(x, x + 0.5, "ssim").mean() > 50 * anomaly_map(x, x + 0.02, "ssim").mean()
 
 
 def test_a_run_trained_and_scored_by_ssim(hazelnut, tmp_path):

@@ -14,7 +14,7 @@ from models.training.atomic import write_json, write_npz
 from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
 from models.study.run import defect_types, execute, portable_command, run_config, run_study
-from models.study.claims import claims, compare, mnist_claims, near_chance
+from models.study.claims import CONVERGED_KEYS, claims, compare, mnist_claims, near_chance
 from models.study.document import build_tables
 from models.study.tables import mnist_table
 
@@ -305,12 +305,21 @@ def test_a_run_cut_short_goes_on_from_its_last_epoch(hazelnut, tmp_path, monkeyp
     assert not work.exists()
 
 
-def test_a_study_at_chance_says_so():
-    def cells(value):
-        rs = [{"metrics": {"image_auroc": value, "pixel_auroc": value}}]
-        return {"ablation": {"daad": rs, "daad+": rs}, "readings": {"old": rs}}
-    assert "close to chance" in " ".join(near_chance(cells(0.55)))
-    assert near_chance(cells(0.9)) == [] and near_chance({"ablation": {}, "readings": {}}) == []
+def test_a_study_at_chance_says_so_for_the_metrics_at_chance_only():
+    def cells(**metrics):
+        rs = [{"run": {"model": "daad"}, "metrics": metrics}]
+        return {"ablation": {"daad": rs, "daad+": rs}, "readings": {"old": rs},
+                "baseline": [{"run": {"model": "mean-image"}, "metrics": {k: 0.5 for k in metrics}}]}
+    both = " ".join(near_chance(cells(image_auroc=0.55, pixel_auroc=0.57)))
+    assert "by image AUROC, 0.55-0.55 (the mean training image, which learns nothing, scores 0.500) and by " \
+           "pixel AUROC, 0.57-0.57" in both and "these metrics" in both
+    assert near_chance(cells(image_auroc=0.9, pixel_auroc=0.9)) == []
+    assert near_chance({"ablation": {}, "readings": {}}) == []
+    # a converged study: the image AUROC at chance is named; the pixel AUROC above it and AUPRO are not
+    one = " ".join(near_chance(cells(image_auroc_fused_max=0.56, pixel_auroc_smoothed=0.63, aupro_smoothed=0.3),
+                               CONVERGED_KEYS))
+    assert "by image AUROC (max of smoothed map), 0.56-0.56" in one and "this metric" in one
+    assert "pixel" not in one and "AUPRO" not in one
 
 
 def test_mnist_table_and_claims_compare_digit_by_digit():

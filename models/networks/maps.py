@@ -2,9 +2,13 @@
 structural dissimilarity (``"ssim"``, Bergmann et al., VISAPP 2019: on textures it sees changes
 of local structure that a per-pixel error averages away).
 
-SSIM is computed per pixel over an 11 x 11 Gaussian window (sigma 1.5, Wang et al. 2004), for
-images in [-1, 1] (data range 2), reflected at the border, and averaged over channels; the map is
-(1 - SSIM) / 2, in [0, 1], 0 where the reconstruction is perfect.
+SSIM is computed per pixel over an 11 x 11 Gaussian window (sigma 1.5, Wang et al. 2004),
+reflected at the border, and averaged over channels; the map is (1 - SSIM) / 2, in [0, 1], 0 where
+the reconstruction is perfect. The images, in [-1, 1], are compared as intensities in [0, 1]:
+SSIM's luminance term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) assumes non-negative means.
+On [-1, 1] itself, windows of mid-grey (means near 0) would make it swing with a change of
+brightness of 1% (two windows of means +0.01 and -0.01 score 1/3), as on most magnetic-tile
+images.
 
 Example:
     >>> import torch
@@ -23,8 +27,8 @@ import torch.nn.functional as F
 ANOMALY_MAPS = ("l2", "ssim")
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
-#: SSIM's stabilisers (K1 = 0.01, K2 = 0.03) for a data range of 2 ([-1, 1]).
-SSIM_C1, SSIM_C2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+#: SSIM's stabilisers (K1 = 0.01, K2 = 0.03) for intensities in [0, 1] (data range 1).
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2
 
 
 def check_map(kind: str) -> None:
@@ -46,6 +50,7 @@ def _window_mean(x: torch.Tensor) -> torch.Tensor:
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM of two batches (B, C, H, W) in [-1, 1], averaged over channels: (B, H, W)."""
+    x, y = (x + 1) / 2, (y + 1) / 2  # intensities in [0, 1]: see the module docstring
     mu_x, mu_y = _window_mean(x), _window_mean(y)
     var_x = _window_mean(x * x) - mu_x ** 2
     var_y = _window_mean(y * y) - mu_y ** 2

@@ -113,16 +113,21 @@ def mnist_claims(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def near_chance(s: dict[str, Any], ceiling: float = 0.6) -> list[str]:
-    """A warning when every model's image and pixel AUROC is close to chance: the data set then
-    cannot tell the models apart at this scale, whatever the verdicts below say."""
-    means = [m[0] for rs in [*s["ablation"].values(), *s["readings"].values()] for key in ("image_auroc", "pixel_auroc")
-             if (m := metric(rs, key))]
-    if not means or max(means) >= ceiling:
+def near_chance(s: dict[str, Any], keys: tuple = PAPER_KEYS, ceiling: float = 0.6) -> list[str]:
+    """A warning naming each AUROC of ``keys`` by which every model is close to chance: the data set
+    then cannot tell the models apart by it at this scale, whatever its verdicts below say. AUPRO is
+    not judged (its chance level is not 0.5 but about the smallest false positive rate it integrates)."""
+    runs = [*s["ablation"].values(), *s["readings"].values()]
+    flagged = []
+    for key, what in keys:
+        means = [m[0] for rs in runs if (m := metric(rs, key))]
+        if key.startswith("aupro") or not means or max(means) >= ceiling:
+            continue
+        base = metric(s.get("baseline", []), key)
+        flagged.append(f"{what}, {min(means):.2f}-{max(means):.2f}"
+                       + (f" (the mean training image, which learns nothing, scores {base[0]:.3f})" if base else ""))
+    if not flagged:
         return []
-    base = [m[0] for key in ("image_auroc", "pixel_auroc") if (m := metric(s.get("baseline", []), key))]
-    return [f"Every model is close to chance here (every mean image and pixel AUROC in {min(means):.2f}-"
-            f"{max(means):.2f}" + (f"; the mean training image, which learns nothing, scores "
-                                   f"image {base[0]:.3f} and pixel {base[1]:.3f}" if len(base) == 2 else "")
-            + "): at this input size and training budget the magnetic tile does not tell "
-            "the models apart, so the verdicts below compare noise.", ""]
+    return ["Every model's mean is close to chance here by " + " and by ".join(flagged) + ": at this input "
+            "size and training budget the data set does not tell the models apart by "
+            + ("these metrics" if len(flagged) > 1 else "this metric") + ", so those verdicts below compare noise.", ""]

@@ -107,7 +107,7 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
             "### Block size (paper Table 4)", "", *block_table(s, setting, keys), "",
             "### DAAD+ by loss reading and score (paper Table 5; R, L, fused)", "", *score_table(s), "",
             "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
-            "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s),
+            "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s, keys),
             *claims(s, keys), "",
             f"Figures: ![](figures/{prefix}reconstructions_by_block_size.png) "
             f"![](figures/{prefix}score_distributions.png) ![](figures/{prefix}auroc_vs_block_size.png)", ""]
