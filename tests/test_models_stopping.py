@@ -87,6 +87,22 @@ def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
         RunScoring(config, train_set, torch.device("cpu")).finish(mean, [{"epoch": 1, "step": 3}], str(tmp_path))
 
 
+@pytest.mark.parametrize("kind", ["l2", "ssim"])
+def test_the_validation_error_is_the_mean_of_the_map_the_run_is_scored_by(hazelnut, kind):
+    import torch
+
+    from models.inference import RunScoring
+    from models.networks import fit_mean_image
+    from models.networks.maps import anomaly_map
+
+    config = TrainConfig(root=str(hazelnut), val_ratio=0.25, anomaly_map=kind, model=ModelConfig(model="ae", size=32))
+    model = fit_mean_image(config.dataset_split("train"))
+    images = torch.stack([item["image"] for item in config.dataset_split("val")])
+    expected = anomaly_map(images, model.score(images).reconstruction, kind).mean().item()
+    got = RunScoring(config, config.dataset_split("train"), torch.device("cpu")).validate(model)["val_error"]
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_the_log_goes_to_tensorboard_too(hazelnut, tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
