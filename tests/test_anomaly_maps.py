@@ -68,6 +68,18 @@ def test_ssim_barely_sees_a_small_change_of_brightness_of_mid_grey():
     assert anomaly_map(x, x + 0.5, "ssim").mean() > 50 * anomaly_map(x, x + 0.02, "ssim").mean()
 
 
+def test_ssim_under_bfloat16_autocast_is_computed_in_float32():
+    # The fast inference path scores under bfloat16 autocast, which would run SSIM's window means
+    # (convolutions) in bfloat16: their variances cancel to noise there.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    y = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(-1, 1).bfloat16()  # a reconstruction under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = anomaly_map(x, y, "ssim")
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, anomaly_map(x, y.float(), "ssim"), atol=1e-6)
+
+
 def test_a_run_trained_and_scored_by_ssim(hazelnut, tmp_path):
     from models import evaluate, export, train
     from models.data.preprocess import to_model_input

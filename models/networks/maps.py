@@ -49,8 +49,15 @@ def _window_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM of two batches (B, C, H, W) in [-1, 1], averaged over channels: (B, H, W)."""
-    x, y = (x + 1) / 2, (y + 1) / 2  # intensities in [0, 1]: see the module docstring
+    """Per-pixel SSIM of two batches (B, C, H, W) in [-1, 1], averaged over channels: (B, H, W),
+    in float32 at least, also under autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        # The variances are differences of window means of about 0.25: in bfloat16 (3 digits) they
+        # come out negative as often as not, and SSIM's denominator near 0 (infinite maps).
+        with torch.autocast(x.device.type, enabled=False):
+            return ssim(x, y)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = (x.to(dtype) + 1) / 2, (y.to(dtype) + 1) / 2  # intensities in [0, 1]: see the module docstring
     mu_x, mu_y = _window_mean(x), _window_mean(y)
     var_x = _window_mean(x * x) - mu_x ** 2
     var_y = _window_mean(y * y) - mu_y ** 2
