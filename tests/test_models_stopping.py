@@ -103,6 +103,30 @@ def test_the_validation_error_is_the_mean_of_the_map_the_run_is_scored_by(hazeln
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["l2", "ssim"])
+def test_a_brighter_reconstruction_is_untrained_by_squared_error_only(hazelnut, tmp_path, kind):
+    import torch
+
+    from models.inference import RunScoring
+    from models.networks import maps
+    from models.networks.detector import Scores
+
+    class Brighter(torch.nn.Module):  # every image's structure exact, 0.6 brighter
+        def score(self, x, ali_reduction="sum_sq", anomaly_map="l2"):
+            x_hat = x + 0.6
+            error_map = maps.anomaly_map(x, x_hat, anomaly_map)
+            return Scores(x_hat, error_map, error_map.flatten(1).mean(dim=1), None)
+
+    config = TrainConfig(root=str(hazelnut), anomaly_map=kind, model=ModelConfig(model="ae", size=32))
+    scoring = RunScoring(config, config.dataset_split("train"), torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scoring.finish(Brighter(), [{"epoch": 1, "step": 3}], str(tmp_path))
+    untrained = [str(w.message) for w in caught if issubclass(w.category, UntrainedWarning)]
+    assert (untrained != []) == (kind == "l2")
+    assert all("reconstruction error is" in message for message in untrained)
+
+
 def test_the_log_goes_to_tensorboard_too(hazelnut, tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -114,7 +114,9 @@ class RunScoring:
         if stats["variance_ratio"] < FLAT_VARIANCE_RATIO:
             why.append(f"its reconstructions are flat (their variance is {stats['variance_ratio']:.0%} of the "
                        f"images'; a model that has learnt them reaches {FLAT_VARIANCE_RATIO:.0%} or more)")
-        if stats["explained"] < 0:
+        # SSIM is blind to a change of brightness by design: a run scored by it may explain none of
+        # the images' variance in squared error and still score by the structure it has learnt.
+        if stats["explained"] < 0 and self.scorer.anomaly_map == "l2":
             why.append(f"its reconstruction error is {1 - stats['explained']:.1f}x the images' own variance (a flat "
                        "image of each one's mean brightness would do better)")
         if why:
