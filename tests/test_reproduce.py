@@ -62,6 +62,19 @@ def test_tile_plan_puts_the_most_telling_runs_first():
         (reading, lr, seed) for seed in (1, 2) for reading, lr in (("paper", 1e-4), ("ganomaly", 0.0), ("old", 0.0))]
 
 
+def test_the_ssim_study_trains_and_scores_every_run_by_ssim_and_skips_the_block_sizes():
+    setting, roots = SETTINGS["tile128-ssim"], {"tile": "unused"}
+    runs = plan(setting)
+    assert len(runs) == 1 + 3 * len(ABLATION) and {r.division for r in runs if r.model == "daad"} == {4}
+    for run in runs:
+        config = run_config(run, setting, roots)
+        assert (config.anomaly_map, config.rec_loss) == ("ssim", "ssim"), run.name
+    plus = run_config(Run("tile", "daad+", 4, 0, reading="paper"), setting, roots)
+    assert (plus.ali_loss, plus.loss_weights) == ("norm", (50.0, 0.5, 0.5))  # the reading's other terms
+    plain = run_config(Run("tile", "daad+", 4, 0, reading="paper"), SETTINGS["tile128"], roots)
+    assert (plain.anomaly_map, plain.rec_loss) == ("l2", "norm")
+
+
 def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
     pixel = pixel if run.dataset != "mnist" else None
     metrics = {"gamma": 0.9 if feat else 1.0, "image_auroc": image, "image_auroc_rec": image,
@@ -164,6 +177,18 @@ def test_a_converged_study_is_judged_by_the_smoothed_scores_and_shows_its_budget
     # division | block sizes | paper's division | image (max) | smoothed pixel | AUPRO | paper
     assert table_row(text, "8") == pytest.approx([8, 4, 2, 1, 16, 0.77, 0, 3, 0.67, 0, 3, 0.57, 0, 3, 0.813])
     assert (tmp_path / "figures" / "tile128_learning_curves.png").stat().st_size > 0
+
+
+def test_the_ssim_study_says_how_it_trains_and_scores_and_shows_no_block_sizes(tmp_path):
+    write_quick_study(tmp_path, "tile128-ssim")
+    text = open(build_tables("tile128-ssim", str(tmp_path))).read()
+    assert "16 of 16 finished" in text and "once the mean ssim map on 10%" in text
+    assert "trained by the `ssim` reconstruction loss" in text and "scored by `ssim` maps, the mean image too" in text
+    assert "### Block size" not in text and "auroc_vs_block_size" not in text
+    assert "3. An intermediate block size is best: **not tested**" in text
+    assert claim(text, "DAAD vs AE, AUPRO") == ("held", [0.72, 0.62])
+    assert (tmp_path / "figures" / "tile128-ssim_score_distributions.png").stat().st_size > 0
+    assert not (tmp_path / "figures" / "tile128-ssim_auroc_vs_block_size.png").exists()
 
 
 def test_the_converged_hazelnut_study_has_no_mnist_part(tmp_path):

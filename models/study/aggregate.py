@@ -74,8 +74,8 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                 for r in setting.readings}
     lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=DEFAULT_READING, lr=lr)
            for lr in setting.plus_lrs}
-    blocks = {r: select(records, dataset=data, model="daad", division=r)
-              for r in block_divisions(setting.network_size)}
+    divisions = block_divisions(setting.network_size) if setting.block_study else [div]
+    blocks = {r: select(records, dataset=data, model="daad", division=r) for r in divisions}
     mnist = {(m, r, lr): {d: select(records, dataset="mnist", model=m, normal_class=d, reading=r, lr=lr)
                           for d in setting.digits}
              for m, r, lr in mnist_cells(setting)}

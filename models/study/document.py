@@ -17,7 +17,7 @@ from .tables import (PAPER_MNIST_MEAN, ablation_table, block_table, budget_table
                      diagnosis_table, mnist_table, score_table)
 
 #: The settings whose results make ``docs/RESULTS.md``, in order.
-DOC_SETTINGS = ("full", "hazelnut128", "tile", "tile128", "tile256-tiled")
+DOC_SETTINGS = ("full", "hazelnut128", "tile", "tile128", "tile128-ssim", "tile256-tiled")
 
 
 def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -> list[str]:
@@ -36,7 +36,8 @@ def budget_line(setting: Setting) -> str:
     """How long the setting's runs train, as the Markdown list item of its section."""
     if setting.steps is None:
         return f"{setting.epochs} epochs"
-    rule = (f", stopping earlier once the mean squared error on {setting.val_ratio:.0%} of the normal training "
+    error = "mean squared error" if setting.anomaly_map == "l2" else f"mean {setting.anomaly_map} map"
+    rule = (f", stopping earlier once the {error} on {setting.val_ratio:.0%} of the normal training "
             f"images, held out, has not improved by 1% over {setting.plateau_window} epochs"
             if setting.until_plateau else "")
     return f"at most {setting.steps} steps{rule}"
@@ -90,10 +91,13 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
     keys = CONVERGED_KEYS if converged else PAPER_KEYS
     tiles = (f"; networks of {setting.tile_size}x{setting.tile_size} trained on random crops, scoring tiles "
              f"{setting.tile_stride} apart stitched into one map" if setting.tile_size else "")
+    losses = (f"; every run trained by the `{setting.rec_loss}` reconstruction loss (DAAD+ keeps the other terms "
+              f"and the weights of its reading) and scored by `{setting.anomaly_map}` maps, the mean image too"
+              if setting.rec_loss or setting.anomaly_map != "l2" else "")
     out = [f"## Magnetic tile (setting `{name}`)", "",
            f"- {setting.size}x{setting.size} (grayscale read as 3 channels{tiles}), width {setting.width}, "
            f"{budget_line(setting)}; N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
-           f"paper's learning rates; {timing}.",
+           f"paper's learning rates{losses}; {timing}.",
            f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "
            f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "
            "the five `MT_*/Imgs` folders (masks beside the images, >= 128 is defect).",
@@ -103,14 +107,16 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
     if converged:
         out += converged_lines(name, setting, s)
     out += ["### Image AUROC by defect type (R as the mean / max of the smoothed map; mean over seeds)", "",
-            *defect_type_table(s), "",
-            "### Block size (paper Table 4)", "", *block_table(s, setting, keys), "",
-            "### DAAD+ by loss reading and score (paper Table 5; R, L, fused)", "", *score_table(s), "",
+            *defect_type_table(s), ""]
+    if setting.block_study:
+        out += ["### Block size (paper Table 4)", "", *block_table(s, setting, keys), ""]
+    figures = (["reconstructions_by_block_size", "score_distributions", "auroc_vs_block_size"] if setting.block_study
+               else ["score_distributions"])
+    out += ["### DAAD+ by loss reading and score (paper Table 5; R, L, fused)", "", *score_table(s), "",
             "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
             "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s, keys),
             *claims(s, keys), "",
-            f"Figures: ![](figures/{prefix}reconstructions_by_block_size.png) "
-            f"![](figures/{prefix}score_distributions.png) ![](figures/{prefix}auroc_vs_block_size.png)", ""]
+            "Figures: " + " ".join(f"![](figures/{prefix}{f}.png)" for f in figures), ""]
     return out
 
 

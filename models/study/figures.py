@@ -24,9 +24,10 @@ def draw_figures(s: dict[str, Any], setting: Setting, fig_dir: str, prefix: str 
     os.makedirs(fig_dir, exist_ok=True)
     if setting.until_plateau:
         draw_learning_curves(s, os.path.join(fig_dir, prefix + "learning_curves.png"))
-    draw_reconstructions(s, os.path.join(fig_dir, prefix + "reconstructions_by_block_size.png"))
     draw_score_distributions(s, os.path.join(fig_dir, prefix + "score_distributions.png"))
-    draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, prefix + "auroc_vs_block_size.png"))
+    if setting.block_study:
+        draw_reconstructions(s, os.path.join(fig_dir, prefix + "reconstructions_by_block_size.png"))
+        draw_auroc_by_block_size(s, setting, os.path.join(fig_dir, prefix + "auroc_vs_block_size.png"))
 
 
 def draw_reconstructions(s: dict[str, Any], path: str) -> None:

@@ -71,6 +71,13 @@ class Setting:
     eval_subset: int = 0
     tile_size: Optional[int] = None
     tile_stride: Optional[int] = None
+    #: The pixel map every run is scored by, which the validation error also watches
+    #: (:mod:`models.networks.maps`), and the reconstruction loss of every run (None: each
+    #: model's own; DAAD+'s loss reading keeps its other terms).
+    anomaly_map: str = "l2"
+    rec_loss: Optional[str] = None
+    #: Whether DAAD also trains at every other block division (paper Table 4).
+    block_study: bool = True
 
     @property
     def network_size(self) -> int:
@@ -103,6 +110,11 @@ SETTINGS = {
     # the networks of "tile128" (same blocks, same budget: a step costs the same) trained on
     # random 128 x 128 crops and scoring 9 tiles 64 apart: each pixel away from the border is
     # seen by 2 to 4 tiles, which averages out the seams, where a tile's reconstruction is worst.
+    # "tile128" trained and scored by SSIM (Bergmann et al., VISAPP 2019: on textures it sees
+    # changes of structure that a squared error averages away), the ablation only.
+    "tile128-ssim": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
+                            digits=(), seeds=3, dataset="tile", train_ratio=0.5, anomaly_map="ssim", rec_loss="ssim",
+                            block_study=False, **CONVERGED),
     "tile256-tiled": Setting(size=256, tile_size=128, tile_stride=64, width=16, epochs=1000, mnist_size=32,
                              mnist_width=16, mnist_epochs=0, digits=(), seeds=3, dataset="tile", train_ratio=0.5,
                              **CONVERGED),
@@ -156,7 +168,8 @@ def plan(setting: Setting) -> list[Run]:
                 [Run(data, "daad+", div, s, reading=readings[0], lr=lr) for lr in setting.plus_lrs]
                 + [Run(data, "daad+", div, s, reading=r) for r in readings[1:]],
                 [Run(data, m, 1, s) for m in ABLATION if m not in ("ae", "daad", "daad+")]
-                + [Run(data, "daad", r, s) for r in block_divisions(setting.network_size) if r != div]]
+                + [Run(data, "daad", r, s) for r in block_divisions(setting.network_size)
+                   if r != div and setting.block_study]]
 
     runs = [Run(data, BASELINE, 1, 0)] if setting.seeds else []
     runs += [run for group in cells(0) for run in group] if setting.seeds else []

@@ -53,6 +53,7 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
                         width=setting.mnist_width if mnist else setting.width,
                         division=(run.division, run.division, 1), num_items=setting.num_items)
     extra: dict[str, Any] = dict(LOSS_READINGS[run.reading]) if run.reading else {}
+    extra.update(anomaly_map=setting.anomaly_map, **({"rec_loss": setting.rec_loss} if setting.rec_loss else {}))
     data: dict[str, Any] = {"normal_class": run.normal_class} if mnist else {}
     if run.dataset == "tile":
         data.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
