@@ -106,15 +106,15 @@ SETTINGS = {
     # 25 minutes a run and several sessions for all 25 (the study resumes run by run).
     "tile128": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
                        digits=(), seeds=3, dataset="tile", train_ratio=0.5, **CONVERGED),
-    # The magnetic tile at 256 x 256, where defects a few pixels wide at 128 are twice as wide, by
-    # the networks of "tile128" (same blocks, same budget: a step costs the same) trained on
-    # random 128 x 128 crops and scoring 9 tiles 64 apart: each pixel away from the border is
-    # seen by 2 to 4 tiles, which averages out the seams, where a tile's reconstruction is worst.
     # "tile128" trained and scored by SSIM (Bergmann et al., VISAPP 2019: on textures it sees
     # changes of structure that a squared error averages away), the ablation only.
     "tile128-ssim": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
                             digits=(), seeds=3, dataset="tile", train_ratio=0.5, anomaly_map="ssim", rec_loss="ssim",
                             block_study=False, **CONVERGED),
+    # The magnetic tile at 256 x 256, where defects a few pixels wide at 128 are twice as wide, by
+    # the networks of "tile128" (same blocks, same budget: a step costs the same) trained on
+    # random 128 x 128 crops and scoring 9 tiles 64 apart: each pixel away from the border is
+    # seen by 2 to 4 tiles, which averages out the seams, where a tile's reconstruction is worst.
     "tile256-tiled": Setting(size=256, tile_size=128, tile_stride=64, width=16, epochs=1000, mnist_size=32,
                              mnist_width=16, mnist_epochs=0, digits=(), seeds=3, dataset="tile", train_ratio=0.5,
                              **CONVERGED),
