@@ -124,8 +124,8 @@ def near_chance(s: dict[str, Any], keys: tuple = PAPER_KEYS, ceiling: float = 0.
         if key.startswith("aupro") or not means or max(means) >= ceiling:
             continue
         base = metric(s.get("baseline", []), key)
-        flagged.append(f"{what}, {min(means):.2f}-{max(means):.2f}"
-                       + (f" (the mean training image, which learns nothing, scores {base[0]:.3f})" if base else ""))
+        who = "it" if flagged else "the mean training image, which learns nothing,"
+        flagged.append(f"{what}, {min(means):.2f}-{max(means):.2f}" + (f" ({who} scores {base[0]:.3f})" if base else ""))
     if not flagged:
         return []
     return ["Every model's mean is close to chance here by " + " and by ".join(flagged) + ": at this input "
