@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -48,23 +50,27 @@ def _window_mean(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
+def without_autocast(device_type: str) -> ContextManager:
+    """Autocast off where it is on; a plain context otherwise, so that an exported graph (traced
+    without autocast) holds no autocast node."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM of two batches (B, C, H, W) in [-1, 1], averaged over channels: (B, H, W),
-    in float32 at least, also under autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        # The variances are differences of window means of about 0.25: in bfloat16 (3 digits) they
-        # come out negative as often as not, and SSIM's denominator near 0 (infinite maps).
-        with torch.autocast(x.device.type, enabled=False):
-            return ssim(x, y)
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-    x, y = (x.to(dtype) + 1) / 2, (y.to(dtype) + 1) / 2  # intensities in [0, 1]: see the module docstring
-    mu_x, mu_y = _window_mean(x), _window_mean(y)
-    var_x = _window_mean(x * x) - mu_x ** 2
-    var_y = _window_mean(y * y) - mu_y ** 2
-    cov = _window_mean(x * y) - mu_x * mu_y
-    value = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
-             / ((mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2)))
-    return value.mean(dim=1)
+    in float32 at least, also under autocast: the variances are differences of window means of
+    about 0.25, which in bfloat16 (3 digits) come out negative as often as not, and SSIM's
+    denominator near 0 (infinite maps)."""
+    with without_autocast(x.device.type):
+        dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        x, y = (x.to(dtype) + 1) / 2, (y.to(dtype) + 1) / 2  # intensities in [0, 1]: see the module docstring
+        mu_x, mu_y = _window_mean(x), _window_mean(y)
+        var_x = _window_mean(x * x) - mu_x ** 2
+        var_y = _window_mean(y * y) - mu_y ** 2
+        cov = _window_mean(x * y) - mu_x * mu_y
+        value = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)
+                 / ((mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (var_x + var_y + SSIM_C2)))
+        return value.mean(dim=1)
 
 
 def anomaly_map(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l2") -> torch.Tensor:

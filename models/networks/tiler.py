@@ -19,7 +19,6 @@ Example:
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -31,6 +30,7 @@ from daad_ext import BlockMemory
 
 from .config import ModelConfig
 from .detector import AnomalyDetector, Scores
+from .maps import without_autocast
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,7 @@ class Tiling:
         grid = grid.reshape(-1, channels, n * t, n * t)
         place = self.placement(torch.float32, tiles.device)
         covered = place.sum(0)  # tiles over each row (and column) of the image
-        device = tiles.device.type
-        exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
-        with exact:
+        with without_autocast(tiles.device.type):
             return (place.T @ grid @ place) / (covered[:, None] * covered[None, :])
 
 

@@ -119,9 +119,9 @@ def near_chance(s: dict[str, Any], keys: tuple = PAPER_KEYS, ceiling: float = 0.
     not judged (its chance level is not 0.5 but about the smallest false positive rate it integrates)."""
     runs = [*s["ablation"].values(), *s["readings"].values()]
     flagged = []
-    for key, what in keys:
+    for key, what in (k for k in keys if not k[0].startswith("aupro")):
         means = [m[0] for rs in runs if (m := metric(rs, key))]
-        if key.startswith("aupro") or not means or max(means) >= ceiling:
+        if not means or max(means) >= ceiling:
             continue
         base = metric(s.get("baseline", []), key)
         who = "it" if flagged else "the mean training image, which learns nothing,"
