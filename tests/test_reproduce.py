@@ -13,7 +13,7 @@ from models.networks import fit_mean_image
 from models.training.atomic import write_json, write_npz
 from models.study.aggregate import defect_type_aurocs, select
 from models.study.plan import ABLATION, BASELINE, SETTINGS, Run, Setting, plan
-from models.study.run import defect_types, execute, portable_command, run_config, run_study
+from models.study.run import defect_types, execute, portable_command, run_config, run_study, trained_losses
 from models.study.claims import CONVERGED_KEYS, claims, compare, mnist_claims, near_chance
 from models.study.document import build_tables
 from models.study.tables import mnist_table
@@ -65,14 +65,24 @@ def test_tile_plan_puts_the_most_telling_runs_first():
 def test_the_ssim_study_trains_and_scores_every_run_by_ssim_and_skips_the_block_sizes():
     setting, roots = SETTINGS["tile128-ssim"], {"tile": "unused"}
     runs = plan(setting)
-    assert len(runs) == 1 + 3 * len(ABLATION) and {r.division for r in runs if r.model == "daad"} == {4}
+    assert len(runs) == 1 + 3 * (len(ABLATION) + 1) and {r.division for r in runs if r.model == "daad"} == {4}
     for run in runs:
         config = run_config(run, setting, roots)
         assert (config.anomaly_map, config.rec_loss) == ("ssim", "ssim"), run.name
-    plus = run_config(Run("tile", "daad+", 4, 0, reading="paper"), setting, roots)
-    assert (plus.ali_loss, plus.loss_weights) == ("norm", (50.0, 0.5, 0.5))  # the reading's other terms
+    # DAAD+ in the ablation (seed 0's first cells) weights SSIM for its scale; `paper` keeps its weights
+    assert [(r.model, r.reading) for r in runs[1:4]] == [("daad", ""), ("daad+", "ssim"), ("ae", "")]
+    assert {r.reading for r in runs if r.model == "daad+"} == {"ssim", "paper"}
+    plus = run_config(Run("tile", "daad+", 4, 0, reading="ssim"), setting, roots)
+    assert (plus.ali_loss, plus.loss_weights) == ("norm", (5000.0, 0.5, 0.5))
+    paper = run_config(Run("tile", "daad+", 4, 0, reading="paper"), setting, roots)
+    assert (paper.ali_loss, paper.loss_weights) == ("norm", (50.0, 0.5, 0.5))  # the reading's other terms
     plain = run_config(Run("tile", "daad+", 4, 0, reading="paper"), SETTINGS["tile128"], roots)
     assert (plain.anomaly_map, plain.rec_loss) == ("l2", "norm")
+
+
+def test_a_setting_rejects_an_ablation_reading_it_does_not_study():
+    with pytest.raises(ValueError, match="plus_reading 'ssim' is not one of the readings"):
+        replace(SETTINGS["tile128"], plus_reading="ssim")
 
 
 def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> dict:
@@ -88,6 +98,10 @@ def _record(run: Run, image: float, pixel: float, raw, feat: bool = False) -> di
                 "grad_share": {"rec": 0.5, "adv": 0.25, "ali": 0.25}}] if feat else []
     return {"run": asdict(run), "name": run.name, "metrics": metrics, "arrays": f"{run.name}.npz",
             "history": history, "train_s": 1.0}
+
+
+#: Data folders that no test opens: run_config only names them.
+ROOTS = {"mvtec": "unused", "mnist": "unused", "tile": "unused"}
 
 
 def write_quick_study(out, setting: str = "quick") -> None:
@@ -107,6 +121,8 @@ def write_quick_study(out, setting: str = "quick") -> None:
         if SETTINGS[setting].until_plateau:
             record["metrics"].update(image_auroc_max=score + 0.02, pixel_auroc_smoothed=score - 0.08,
                                      aupro_smoothed=score - 0.18)
+        if run.model != BASELINE:
+            record["losses"] = trained_losses(run_config(run, SETTINGS[setting], ROOTS))
         if SETTINGS[setting].until_plateau and run.model != BASELINE:
             record["history"] = [{"epoch": e, "step": 50 * e, "val_error": 1.0 / e, "image_auroc_max": 0.5 + e / 10}
                                  for e in (1, 2, 3)]
@@ -182,8 +198,13 @@ def test_a_converged_study_is_judged_by_the_smoothed_scores_and_shows_its_budget
 def test_the_ssim_study_says_how_it_trains_and_scores_and_shows_no_block_sizes(tmp_path):
     write_quick_study(tmp_path, "tile128-ssim")
     text = open(build_tables("tile128-ssim", str(tmp_path))).read()
-    assert "16 of 16 finished" in text and "once the mean ssim map on 10%" in text
+    assert "19 of 19 finished" in text and "once the mean ssim map on 10%" in text
     assert "trained by the `ssim` reconstruction loss" in text and "scored by `ssim` maps, the mean image too" in text
+    # DAAD+ is named by the reading it trained by, and each reading by the losses its runs trained by
+    assert "DAAD+ in the ablation and the claims by the `ssim` reading" in text and "| daad+ (`ssim`) |" in text
+    assert "| DAAD+, `paper` **(default)**: rec ssim, ali norm, weights 50 0.5 0.5 |" in text
+    assert "| DAAD+, `ssim`: rec ssim, ali norm, weights 5000 0.5 0.5 |" in text
+    assert "DAAD+ (fused, `ssim` losses) vs DAAD" in text and "DAAD+ (fused, `paper` losses) vs DAAD" in text
     assert "### Block size" not in text and "auroc_vs_block_size" not in text
     assert "3. An intermediate block size is best: **not tested**" in text
     assert claim(text, "DAAD vs AE, AUPRO") == ("held", [0.72, 0.62])
@@ -218,7 +239,7 @@ def test_an_extreme_block_size_ahead_within_the_spread_leaves_the_claim_open():
 
     def verdicts(blocks):
         summary = {"ablation": {m: [] for m in ("ae", "memae", "ae+skip", "daad", "daad+")},
-                   "blocks": blocks, "readings": {}}
+                   "blocks": blocks, "readings": {}, "plus_reading": "paper"}
         (line,) = [c for c in claims(summary, (("image_auroc", "image AUROC"),)) if c.startswith("3.")]
         return line
     close = verdicts({1: records(0.567, 0.555, 0.58), 4: records(0.564, 0.56, 0.568), 8: records(0.55, 0.55)})

@@ -10,7 +10,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..inference.metrics import image_auroc
-from ..training import DEFAULT_READING
 from .plan import (ABLATION, BASELINE, Run, Setting, ablation_division, block_divisions, default_division,
                    mnist_cells)
 
@@ -63,16 +62,16 @@ def metric(records: list[dict[str, Any]], key: str) -> Optional[Summary]:
 
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """The records of every cell the tables, figures and claims use. ``ablation["daad+"]`` is
-    DAAD+ with the default reading; ``readings`` holds DAAD+ under each reading studied, ``lrs``
-    under the default reading at each other learning rate studied;
-    ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
-    data, div = setting.dataset, default_division(setting.network_size)
+    DAAD+ with the setting's ``plus_reading`` (also under ``plus_reading``); ``readings`` holds
+    DAAD+ under each reading studied, ``lrs`` under ``plus_reading`` at each other learning rate
+    studied; ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
+    data, div, plus = setting.dataset, default_division(setting.network_size), setting.plus_reading
     ablation = {m: select(records, dataset=data, model=m, division=ablation_division(m, setting),
-                          reading=DEFAULT_READING if m.endswith("+") else "", lr=0.0)
+                          reading=plus if m.endswith("+") else "", lr=0.0)
                 for m in ABLATION}
     readings = {r: select(records, dataset=data, model="daad+", division=div, reading=r, lr=0.0)
                 for r in setting.readings}
-    lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=DEFAULT_READING, lr=lr)
+    lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=plus, lr=lr)
            for lr in setting.plus_lrs}
     divisions = block_divisions(setting.network_size) if setting.block_study else [div]
     blocks = {r: select(records, dataset=data, model="daad", division=r) for r in divisions}
@@ -80,7 +79,7 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                           for d in setting.digits}
              for m, r, lr in mnist_cells(setting)}
     return {"ablation": ablation, "readings": readings, "lrs": lrs, "blocks": blocks, "mnist": mnist,
-            "baseline": select(records, dataset=data, model=BASELINE)}
+            "baseline": select(records, dataset=data, model=BASELINE), "plus_reading": plus}
 
 
 def defect_type_aurocs(records: list[dict[str, Any]], score: str) -> dict[str, Optional[Summary]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..training import DEFAULT_READING
 from .aggregate import metric
 from .plan import BASELINE
 
@@ -80,15 +79,15 @@ def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
                                [(f"division {middle} vs {r}", blocks[middle], blocks[r]) for r in extremes], keys))
     else:
         lines.append("3. An intermediate block size is best: **not tested** (fewer than three block sizes).")
-    pairs = [(f"{plus_label(DEFAULT_READING)} vs DAAD", ab["daad+"], ab["daad"])]
-    pairs += [(f"{plus_label(DEFAULT_READING, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
-    pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"])
-              for r, rs in s["readings"].items() if r != DEFAULT_READING]
+    plus = s["plus_reading"]
+    pairs = [(f"{plus_label(plus)} vs DAAD", ab["daad+"], ab["daad"])]
+    pairs += [(f"{plus_label(plus, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
+    pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"]) for r, rs in s["readings"].items() if r != plus]
     lines.append(claim("4. The adversarial representation adds to DAAD", pairs, keys))
     if s.get("baseline"):  # not a claim of the paper: whether the data set can show any of the above
         lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
                            [("DAAD vs the baseline", ab["daad"], s["baseline"]),
-                            (f"{plus_label(DEFAULT_READING)} vs the baseline", ab["daad+"], s["baseline"])], keys))
+                            (f"{plus_label(plus)} vs the baseline", ab["daad+"], s["baseline"])], keys))
     return lines
 
 

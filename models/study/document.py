@@ -91,9 +91,11 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
     keys = CONVERGED_KEYS if converged else PAPER_KEYS
     tiles = (f"; networks of {setting.tile_size}x{setting.tile_size} trained on random crops, scoring tiles "
              f"{setting.tile_stride} apart stitched into one map" if setting.tile_size else "")
+    plus = (f"; DAAD+ in the ablation and the claims by the `{setting.plus_reading}` reading"
+            if setting.plus_reading != DEFAULT_READING else "")
     losses = (f"; every run trained by the `{setting.rec_loss}` reconstruction loss (DAAD+ keeps the other terms "
-              f"and the weights of its reading) and scored by `{setting.anomaly_map}` maps, the mean image too"
-              if setting.rec_loss or setting.anomaly_map != "l2" else "")
+              f"and the weights of each reading{plus}) and scored by `{setting.anomaly_map}` maps, the mean image "
+              "too" if setting.rec_loss or setting.anomaly_map != "l2" else "")
     out = [f"## Magnetic tile (setting `{name}`)", "",
            f"- {setting.size}x{setting.size} (grayscale read as 3 channels{tiles}), width {setting.width}, "
            f"{budget_line(setting)}; N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "

@@ -65,6 +65,11 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
                        **budget, **extra, **tiling)
 
 
+def trained_losses(config: TrainConfig) -> dict[str, Any]:
+    """The loss settings a run trained by, as its record keeps them (the tables name DAAD+ by them)."""
+    return {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
+
+
 def defect_types(names: Sequence[str], labels: np.ndarray, root: str) -> tuple[list[str], np.ndarray]:
     """Each test image's defect type, the folder below ``root`` that holds it (no path of the
     machine), as an index into the returned folder names in test-set order; -1 for normal images."""
@@ -124,7 +129,7 @@ def execute(run: Run, setting: Setting, roots: dict[str, str], raw_dir: str) -> 
     keep = run.dataset != "mnist"
     if keep:
         write_npz(os.path.join(raw_dir, run.name + ".npz"), **arrays)
-    losses = {k: config.to_dict()[k] for k in ("rec_loss", "ali_loss", "d_reset", "loss_weights")}
+    losses = trained_losses(config)
     record = {"run": asdict(run), "name": run.name, "setting": asdict(setting), "metrics": metrics,
               **({"losses": losses, "lr": config.learning_rate} if trained else {}), "train_s": round(train_s, 1),
               "epochs": history[-1]["epoch"] if history else 0, "steps": history[-1]["step"] if history else 0,

@@ -22,7 +22,7 @@ PLUS_LR = TrainConfig(model=ModelConfig(model="daad+")).learning_rate
 BASELINE_NAME = "mean training image (no learning)"
 
 
-def model_name(model: str, reading: str = DEFAULT_READING, lr: float = 0.0) -> str:
+def model_name(model: str, reading: str, lr: float = 0.0) -> str:
     """A model in the tables: a "+" variant with its loss reading and any learning rate not its default."""
     return model if not model.endswith("+") else f"{model} (`{reading}`" + (f", lr {lr:g})" if lr else ")")
 
@@ -50,7 +50,8 @@ def ablation_table(s: dict[str, Any], setting: Setting) -> list[str]:
            "|---|---|" + "---|" * len(ABLATION_COLUMNS) + ("---|" if hazelnut else ""),
            row(BASELINE_NAME, "—", s["baseline"], "—")]
     for m, rs in s["ablation"].items():
-        out.append(row(model_name(m), div if m in ("daad", "daad+") else "—", rs, f"{PAPER_HAZELNUT[m]:.3f}"))
+        out.append(row(model_name(m, s["plus_reading"]), div if m in ("daad", "daad+") else "—", rs,
+                       f"{PAPER_HAZELNUT[m]:.3f}"))
     return out
 
 
@@ -61,12 +62,12 @@ def budget_table(s: dict[str, Any]) -> list[str]:
            "| final validation error |", "|---|---|---|---|---|"]
     for m, rs in s["ablation"].items():
         if not rs:
-            out.append(f"| {model_name(m)} | — | — | — | — |")
+            out.append(f"| {model_name(m, s['plus_reading'])} | — | — | — | — |")
             continue
         steps = [r.get("steps", 0) for r in rs]
         stops = [r.get("stopped") for r in rs]
         errors = [h["val_error"] for r in rs if (h := (r.get("history") or [{}])[-1]) and "val_error" in h]
-        out.append(f"| {model_name(m)} | {min(steps)}-{max(steps)} | {stops.count('plateau')} / "
+        out.append(f"| {model_name(m, s['plus_reading'])} | {min(steps)}-{max(steps)} | {stops.count('plateau')} / "
                    f"{stops.count('steps')} | {statistics.median(r['train_s'] for r in rs) / 60:.0f} "
                    f"| {_mean(errors)} |")
     return out
@@ -87,7 +88,7 @@ def block_table(s: dict[str, Any], setting: Setting, keys: tuple[tuple[str, str]
 
 def defect_type_table(s: dict[str, Any]) -> list[str]:
     """Image AUROC of each defect type alone, by R (mean) and by the max of the smoothed map."""
-    rows = {BASELINE_NAME: s["baseline"], **{model_name(m): rs for m, rs in s["ablation"].items()}}
+    rows = {BASELINE_NAME: s["baseline"], **{model_name(m, s["plus_reading"]): rs for m, rs in s["ablation"].items()}}
     by_score = {name: {score: defect_type_aurocs(rs, score) for score in ("rec", "max")}
                 for name, rs in rows.items()}
     types = list(dict.fromkeys(t for scores in by_score.values() for t in scores["rec"]))
@@ -102,8 +103,10 @@ def defect_type_table(s: dict[str, Any]) -> list[str]:
     return out
 
 
-def reading_name(reading: str) -> str:
-    spec = LOSS_READINGS[reading]
+def reading_name(reading: str, records: list[dict[str, Any]]) -> str:
+    """A loss reading with the losses its ``records`` trained by (a setting may replace L_rec), else
+    those the reading names."""
+    spec = records[0]["losses"] if records and "losses" in records[0] else LOSS_READINGS[reading]
     weights = " ".join(f"{w:g}" for w in spec["loss_weights"])
     reset = f", D reset < {spec['d_reset']:g}" if spec["d_reset"] else ""
     default = " **(default)**" if reading == DEFAULT_READING else ""
@@ -119,8 +122,8 @@ def score_table(s: dict[str, Any]) -> list[str]:
                f"| — | — | — | {cell(metric(daad, 'pixel_auroc'))} |")
     rows = []
     for r, rs in s["readings"].items():
-        rows.append((reading_name(r), rs))
-        if r == DEFAULT_READING:  # then the default reading at the other learning rates
+        rows.append((reading_name(r, rs), rs))
+        if r == s["plus_reading"]:  # then the ablation's reading at the other learning rates
             rows += [(f"`{r}` at lr {lr:g} (default {PLUS_LR:g})", lr_rs) for lr, lr_rs in s.get("lrs", {}).items()]
     for name, rs in rows:
         out.append(f"| DAAD+, {name} | {cell(metric(rs, 'image_auroc_rec'))} "

@@ -29,10 +29,15 @@ from ..networks.maps import check_map
 #: ``paper``: the paper's words, Eq. 4 and 6: both terms are L2 norms.
 #: ``ganomaly``: GANomaly / Skip-GANomaly's code: L1 pixel term (weight 50), mean squared feature
 #: difference (weight 1), discriminator re-initialised when its loss falls below 1e-5.
+#: ``ssim``: ``paper`` with L_rec as the mean of 1 - SSIM, weighted 100x: SSIM's loss (at most 2 a
+#: pixel, about 0.7 at the start on the magnetic tile) is about 100x smaller than the paper's norm,
+#: and under the paper's weights L_ali drove the generator (64% of its gradient at epoch 1, against
+#: 4% with the norm) until the reconstructions got worse (docs/MODELS.md, *Losses*).
 LOSS_READINGS: dict[str, dict[str, Any]] = {
     "old": {"rec_loss": "mse", "ali_loss": "sum_sq", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
     "paper": {"rec_loss": "norm", "ali_loss": "norm", "d_reset": 0.0, "loss_weights": (50.0, 0.5, 0.5)},
     "ganomaly": {"rec_loss": "l1", "ali_loss": "mean_sq", "d_reset": 1e-5, "loss_weights": (50.0, 0.5, 1.0)},
+    "ssim": {"rec_loss": "ssim", "ali_loss": "norm", "d_reset": 0.0, "loss_weights": (5000.0, 0.5, 0.5)},
 }
 #: The reading a "+" variant trains with unless told otherwise (chosen by measurement: docs/MODELS.md).
 DEFAULT_READING = "paper"
