@@ -87,6 +87,30 @@ def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
         RunScoring(config, train_set, torch.device("cpu")).finish(mean, [{"epoch": 1, "step": 3}], str(tmp_path))
 
 
+def test_a_run_whose_validation_error_did_not_fall_is_named_untrained(hazelnut, tmp_path):
+    import torch
+
+    from models.inference import RunScoring
+    from models.networks import fit_mean_image
+
+    config = TrainConfig(root=str(hazelnut), model=ModelConfig(model="ae", size=32, width=4))
+    train_set = config.dataset_split("train")
+    mean = fit_mean_image(train_set)  # neither flat nor worse than flat: only the history can say
+
+    def finish(*errors: float) -> None:
+        history = [{"epoch": e, "step": 3 * e, "val_error": v} for e, v in enumerate(errors, 1)]
+        RunScoring(config, train_set, torch.device("cpu")).finish(mean, history, str(tmp_path))
+    with pytest.warns(UntrainedWarning, match=r"its validation error did not fall \(0.289 at epoch 1, 0.469 at "
+                                              r"epoch 3\)\. Train longer .* \(grad_share in train_log.jsonl"):
+        finish(0.289, 0.25, 0.469)  # DAAD+ by SSIM under the paper's weights (tile128-ssim, seed 0)
+    with pytest.warns(UntrainedWarning, match="did not fall"):
+        finish(0.3, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWarning)
+        finish(0.3, 0.35, 0.29)  # fell, after a rise
+        finish(0.3)  # one epoch cannot tell
+
+
 @pytest.mark.parametrize("kind", ["l2", "ssim"])
 def test_the_validation_error_is_the_mean_of_the_map_the_run_is_scored_by(hazelnut, kind):
     import torch

@@ -29,7 +29,8 @@ SUBSET_SEED = 0
 
 
 class UntrainedWarning(UserWarning):
-    """A run ended with flat reconstructions: the model has not learnt the images yet."""
+    """A run ended without having learnt the images: flat reconstructions, worse than each image's
+    mean brightness (squared-error runs), or a validation error no lower than after its first epoch."""
 
 
 def fixed_test_subset(labels: list[int], count: int) -> list[int]:
@@ -119,8 +120,18 @@ class RunScoring:
         if stats["explained"] < 0 and self.scorer.anomaly_map == "l2":
             why.append(f"its reconstruction error is {1 - stats['explained']:.1f}x the images' own variance (a flat "
                        "image of each one's mean brightness would do better)")
+        advice = "Train longer (--steps, --until-plateau) before reading its scores"
+        # A run that reconstructs its held-out images no better than after one epoch has not
+        # learnt them, whatever its training losses say: DAAD+ by SSIM under the paper's weights
+        # made L_ali drive the generator, and its validation error rose from 0.29 to 0.47.
+        validated = [h for h in history if "val_error" in h]
+        if len(validated) > 1 and validated[-1]["val_error"] >= validated[0]["val_error"]:
+            first, last = validated[0], validated[-1]
+            why.append(f"its validation error did not fall ({first['val_error']:.3g} at epoch {first['epoch']}, "
+                       f"{last['val_error']:.3g} at epoch {last['epoch']})")
+            advice += ("; if the validation error still does not fall, another loss term drives the generator "
+                       "(grad_share in train_log.jsonl says which): re-weight the losses (--losses, --loss-weights)")
         if why:
             warnings.warn(f"the run in {out} looks untrained after step {history[-1].get('step')}: "
-                          f"{'; '.join(why)}. Train longer (--steps, --until-plateau) before reading its scores",
-                          UntrainedWarning)
+                          f"{'; '.join(why)}. {advice}", UntrainedWarning)
         save_learning_curves(history, os.path.join(out, "learning_curves.png"))
