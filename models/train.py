@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"where not given (default: {DEFAULT_READING} with a discriminator, old without); "
                           "see docs/MODELS.md")
     opt.add_argument("--rec-loss", choices=REC_REDUCTIONS,
-                     help="reading of L_rec (default: that of --losses); see models/networks/losses.py. For DAAD+ "
-                          "by SSIM, give --losses ssim: its weights are set for SSIM's scale, the paper's are not")
+                     help="reading of L_rec (default: that of --losses); see models/networks/losses.py. DAAD+ by "
+                          "ssim takes the weights of --losses ssim where none are given: the paper's do not train it")
     opt.add_argument("--ali-loss", choices=ALI_REDUCTIONS, help="reading of L_ali and of the score L(x) (default: that of --losses)")
     opt.add_argument("--anomaly-map", choices=ANOMALY_MAPS, help="pixel map the run is scored by: squared error or "
                                                                 "SSIM's (default: l2); see models/networks/maps.py")

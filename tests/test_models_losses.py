@@ -89,6 +89,11 @@ def test_defaults_and_presets():
         assert getattr(plus, key) == value
     for key, value in LOSS_READINGS["old"].items():  # only L_rec exists: the baselines keep theirs
         assert getattr(plain, key) == value
+    # L_rec by SSIM takes the weights set for its scale, unless weights are given
+    by_ssim = TrainConfig(model=plus.model, rec_loss="ssim")
+    assert (by_ssim.ali_loss, by_ssim.loss_weights) == ("norm", LOSS_READINGS["ssim"]["loss_weights"])
+    assert TrainConfig(model=plus.model, rec_loss="ssim", loss_weights=(50, 0.5, 0.5)).loss_weights == (50, 0.5, 0.5)
+    assert TrainConfig(model=plain.model, rec_loss="ssim").loss_weights == LOSS_READINGS["old"]["loss_weights"]
     # A checkpoint from before the readings were options was trained with the old one.
     stored = plus.to_dict()
     for key in ("rec_loss", "ali_loss", "d_reset"):

@@ -54,7 +54,8 @@ class TrainConfig:
     MemAE variants and 0 otherwise. ``rec_loss`` and ``ali_loss`` are the readings of L_rec and
     L_ali (:mod:`models.networks.losses`); ``d_reset`` re-initialises the discriminator after a
     step whose loss fell below it (GANomaly's 1e-5; 0: never); these and ``loss_weights`` default
-    to :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator, to ``"old"`` without.
+    to :data:`DEFAULT_READING` of :data:`LOSS_READINGS` with a discriminator (to ``"ssim"`` where
+    ``rec_loss`` is SSIM), to ``"old"`` without.
     ``anomaly_map`` is the pixel map the run is scored by (:mod:`models.networks.maps`).
 
     How long a run trains (:mod:`models.training.loop`): ``epochs``, or ``steps`` optimisation steps
@@ -104,9 +105,12 @@ class TrainConfig:
             self.model = ModelConfig(**self.model)
         self.data = layout(self.dataset).parse(dict(self.data))
         self.betas = tuple(self.betas)
-        # Unset loss settings come from the default reading; without a discriminator only L_rec
-        # exists, and it keeps the first reading (mse) so that the baselines' results stand.
-        reading = LOSS_READINGS[DEFAULT_READING if self.model.variant.adversarial else "old"]
+        # Unset loss settings come from the default reading, or from ``ssim`` for an L_rec by SSIM
+        # (the default's weights are set for its norm, and do not train by SSIM); without a
+        # discriminator only L_rec exists, and it keeps the first reading (mse) so that the
+        # baselines' results stand.
+        adversarial = self.model.variant.adversarial
+        reading = LOSS_READINGS[("ssim" if self.rec_loss == "ssim" else DEFAULT_READING) if adversarial else "old"]
         for key, value in reading.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
