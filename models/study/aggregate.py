@@ -62,7 +62,7 @@ def metric(records: list[dict[str, Any]], key: str) -> Optional[Summary]:
 
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """The records of every cell the tables, figures and claims use. ``ablation["daad+"]`` is
-    DAAD+ with the setting's ``plus_reading`` (also under ``plus_reading``); ``readings`` holds
+    DAAD+ with the setting's ``plus_reading``, which ``plus_reading`` names; ``readings`` holds
     DAAD+ under each reading studied, ``lrs`` under ``plus_reading`` at each other learning rate
     studied; ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
     data, div, plus = setting.dataset, default_division(setting.network_size), setting.plus_reading

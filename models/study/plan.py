@@ -58,8 +58,8 @@ class Setting:
     #: (the hazelnut subset is saturated, the magnetic tile near chance).
     mnist_baselines: tuple[str, ...] = ()
     mnist_readings: tuple[str, ...] = ()
-    #: Learning rates tried for DAAD+ (default reading) besides its default, on the setting's
-    #: image data set and, where DAAD+ trains on MNIST, on every digit.
+    #: Learning rates tried for DAAD+ besides its default, on the setting's image data set (by
+    #: ``plus_reading``) and, where DAAD+ trains on MNIST, on every digit (by the default reading).
     plus_lrs: tuple[float, ...] = ()
     #: Training to convergence (:class:`models.training.TrainConfig`'s fields of the same names):
     #: at most ``steps`` optimisation steps (None: ``epochs``), stopping earlier once the error on
