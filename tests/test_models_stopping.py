@@ -70,6 +70,22 @@ def test_a_run_by_steps_with_validation_curves_and_the_untrained_warning(hazelnu
     assert resumed.epoch == 2 and "nothing to train" in capsys.readouterr().out
 
 
+def test_a_run_stops_at_the_plateau_and_logs_its_gradient_shares_there(hazelnut, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--dataset", "mvtec", "--root", str(hazelnut), "--size", "32", "--width", "4", "--division", "2", "2",
+             "1", "--num-items", "20", "--batch", "8", "--device", "cpu", "--model", "daad+", "--val-ratio", "0.25",
+             "--epochs", "5", "--until-plateau", "--plateau-window", "1", "--plateau-tolerance", "0.99",
+             "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedWarning)  # two epochs: it has not learnt yet
+        train.main(flags)  # an error 99% lower than the epoch before, or the plateau: epoch 2 stops it
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["stopped"] == "plateau"
+    for record in log:  # which term drove the generator at the first epoch and at the last
+        assert sorted(record["grad_share"]) == ["adv", "ali", "rec"]
+        assert sum(record["grad_share"].values()) == pytest.approx(1.0)
+
+
 def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):
     import torch
 

@@ -167,8 +167,6 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                   **mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()}, ctx),
                   "time_s": round(time.perf_counter() - start, 3)}
         if ctx.is_main:
-            if epoch in (1, epochs) and steps:  # which loss term drives the generator
-                record["grad_share"] = trainer.gradient_shares(item["image"].to(ctx.device))
             if config.val_ratio:
                 record.update(hooks.validate(trainer.model))
             if config.eval_every and epoch % config.eval_every == 0:
@@ -179,6 +177,8 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
         if epoch == epochs and stop is None:
             stop = "steps" if config.steps else "epochs"
         stop = agree(stop, ctx)
+        if ctx.is_main and (epoch == 1 or stop) and steps:  # which loss term drives the generator, first and last
+            record["grad_share"] = trainer.gradient_shares(item["image"].to(ctx.device))
         if stop:
             record["stopped"] = stop  # why the run ended here: plateau, steps or epochs
         end_epoch(record, last=bool(stop))
