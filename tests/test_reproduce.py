@@ -351,6 +351,18 @@ def test_a_run_cut_short_goes_on_from_its_last_epoch(hazelnut, tmp_path, monkeyp
     assert not work.exists()
 
 
+def test_the_best_block_size_is_named_by_a_metric_that_differs_between_the_sizes():
+    def records(image, pixel):
+        return [{"run": {"model": "daad"}, "metrics": {"image_auroc": image, "pixel_auroc": p}} for p in pixel]
+    summary = {"ablation": {m: [] for m in ("ae", "memae", "ae+skip", "daad", "daad+")}, "readings": {},
+               "plus_reading": "paper",
+               "blocks": {1: records(1.0, (0.80, 0.81)), 2: records(1.0, (0.90, 0.91)), 4: records(1.0, (0.85, 0.86))}}
+    (line,) = [c for c in claims(summary, (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")))
+               if c.startswith("3.")]
+    assert line.startswith("3. An intermediate block size is best (division 2 has the highest mean pixel AUROC)")
+    assert "division 2 vs 1, pixel AUROC: **held**" in line and "division 2 vs 1, image AUROC: **inconclusive**" in line
+
+
 def test_a_study_at_chance_says_so_for_the_metrics_at_chance_only():
     def cells(**metrics):
         rs = [{"run": {"model": "daad"}, "metrics": metrics}]
