@@ -49,7 +49,8 @@ from .training.log import summary_writer_class
 MODEL_FIELDS = ("model", "size", "width", "division", "num_items", "backend")
 #: Settings a resumed run may change (how long it trains, what it logs); the others come from the
 #: checkpoint. ``lr``: to go on with a lower rate after a divergence.
-RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "workers",
+RESUMABLE = ("root", "epochs", "steps", "until_plateau", "plateau_window", "plateau_tolerance", "plateau_min_steps",
+             "workers",
              "eval_every", "eval_subset", "lr")
 #: Flags of this invocation only: never stored, free on --resume.
 INVOCATION = ("device", "out", "resume", "skip_bad_images", "max_pixels", "amp", "no_fast", "log",
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--plateau-window epochs (needs --val-ratio)")
     opt.add_argument("--plateau-window", type=int, help=f"epochs (default: {t.plateau_window})")
     opt.add_argument("--plateau-tolerance", type=float, help=f"relative improvement (default: {t.plateau_tolerance})")
+    opt.add_argument("--plateau-min-steps", type=int,
+                     help="the plateau stops no run before this many steps: an error by SSIM may sit flat for "
+                          f"the first hundreds (default: {t.plateau_min_steps})")
     opt.add_argument("--batch", type=int, help=f"batch size per process (default: {t.batch})")
     opt.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4, 2e-4 for '+' variants)")
     opt.add_argument("--betas", type=float, nargs=2, help=f"Adam betas (default: {' '.join(map(str, t.betas))})")

@@ -77,13 +77,22 @@ def test_a_run_stops_at_the_plateau_and_logs_its_gradient_shares_there(hazelnut,
              "--epochs", "5", "--until-plateau", "--plateau-window", "1", "--plateau-tolerance", "0.99",
              "--out", str(out)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWarning)  # two epochs: it has not learnt yet
+        warnings.simplefilter("ignore", UntrainedWarning)  # a few epochs: it has not learnt yet
         train.main(flags)  # an error 99% lower than the epoch before, or the plateau: epoch 2 stops it
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["stopped"] == "plateau"
-    for record in log:  # which term drove the generator at the first epoch and at the last
-        assert sorted(record["grad_share"]) == ["adv", "ali", "rec"]
-        assert sum(record["grad_share"].values()) == pytest.approx(1.0)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [1, 2] and log[-1]["stopped"] == "plateau"
+        for record in log:  # which term drove the generator at the first epoch and at the last
+            assert sorted(record["grad_share"]) == ["adv", "ali", "rec"]
+            assert sum(record["grad_share"].values()) == pytest.approx(1.0)
+        # no plateau before step 9 (21 training images: 3 steps an epoch), on resuming too
+        train.main(["--resume", "--plateau-min-steps", "9", "--out", str(out)])
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [(r["epoch"], r["step"], r.get("stopped")) for r in log] == [(1, 3, None), (2, 6, "plateau"),
+                                                                            (3, 9, "plateau")]
+        fresh = tmp_path / "fresh"
+        train.main(flags[:-1] + [str(fresh), "--plateau-min-steps", "9"])
+        assert [r.get("stopped") for r in map(json.loads, (fresh / "train_log.jsonl").read_text().splitlines())] \
+            == [None, None, "plateau"]
 
 
 def test_a_flat_reconstruction_is_named_untrained(hazelnut, tmp_path):

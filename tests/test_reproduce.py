@@ -199,6 +199,7 @@ def test_the_ssim_study_says_how_it_trains_and_scores_and_shows_no_block_sizes(t
     write_quick_study(tmp_path, "tile128-ssim")
     text = open(build_tables("tile128-ssim", str(tmp_path))).read()
     assert "19 of 19 finished" in text and "once the mean ssim map on 10%" in text
+    assert "has not improved by 1% over 8 epochs (after 1000 steps at least)" in text
     assert "trained by the `ssim` reconstruction loss" in text and "scored by `ssim` maps, the mean image too" in text
     # DAAD+ is named by the reading it trained by, and each reading by the losses its runs trained by
     assert "DAAD+ in the ablation and the claims by the `ssim` reading" in text and "| daad+ (`ssim`) |" in text

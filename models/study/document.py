@@ -39,6 +39,7 @@ def budget_line(setting: Setting) -> str:
     error = "mean squared error" if setting.anomaly_map == "l2" else f"mean {setting.anomaly_map} map"
     rule = (f", stopping earlier once the {error} on {setting.val_ratio:.0%} of the normal training "
             f"images, held out, has not improved by 1% over {setting.plateau_window} epochs"
+            + (f" (after {setting.plateau_min_steps} steps at least)" if setting.plateau_min_steps else "")
             if setting.until_plateau else "")
     return f"at most {setting.steps} steps{rule}"
 

@@ -58,7 +58,7 @@ def run_config(run: Run, setting: Setting, roots: dict[str, str]) -> TrainConfig
     if run.dataset == "tile":
         data.update(normal_dir=TILE_NORMAL, abnormal_dirs=TILE_DEFECTS, train_ratio=setting.train_ratio)
     budget = {k: getattr(setting, k) for k in ("steps", "val_ratio", "until_plateau", "plateau_window",
-                                               "eval_every", "eval_subset")}
+                                               "plateau_min_steps", "eval_every", "eval_subset")}
     tiling = {} if mnist else {"tile_size": setting.tile_size, "tile_stride": setting.tile_stride}
     return TrainConfig(dataset=dataset, root=roots[run.dataset], data=data, model=model,
                        epochs=setting.mnist_epochs if mnist else setting.epochs, seed=run.seed, lr=run.lr or None,

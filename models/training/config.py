@@ -61,7 +61,7 @@ class TrainConfig:
     How long a run trains (:mod:`models.training.loop`): ``epochs``, or ``steps`` optimisation steps
     (the run ends with the epoch in which it reaches them: data sets differ 20x in size), and with
     ``until_plateau`` earlier, once the validation error has not improved by ``plateau_tolerance``
-    (relative) for ``plateau_window`` epochs. The validation set is a fixed ``val_ratio`` of the
+    (relative) for ``plateau_window`` epochs, but not before ``plateau_min_steps`` steps. The validation set is a fixed ``val_ratio`` of the
     training images (the same for every seed), held out of training. ``eval_every`` evaluates on the
     test split every so many epochs, on a fixed subset of ``eval_subset`` images where that is > 0.
 
@@ -97,6 +97,7 @@ class TrainConfig:
     until_plateau: bool = False
     plateau_window: int = 5
     plateau_tolerance: float = 0.01
+    plateau_min_steps: int = 0
     tile_size: Optional[int] = None
     tile_stride: Optional[int] = None
 
@@ -129,9 +130,10 @@ class TrainConfig:
             raise ValueError(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.until_plateau and not self.val_ratio:
             raise ValueError("until_plateau watches the validation error: give a val_ratio > 0 (--val-ratio)")
-        if self.plateau_window < 1 or self.plateau_tolerance < 0 or self.eval_subset < 0:
-            raise ValueError("plateau_window must be >= 1, plateau_tolerance and eval_subset >= 0, got "
-                             f"{self.plateau_window}, {self.plateau_tolerance}, {self.eval_subset}")
+        if self.plateau_window < 1 or self.plateau_tolerance < 0 or self.eval_subset < 0 or self.plateau_min_steps < 0:
+            raise ValueError("plateau_window must be >= 1, plateau_tolerance, plateau_min_steps and eval_subset >= 0, "
+                             f"got {self.plateau_window}, {self.plateau_tolerance}, {self.plateau_min_steps}, "
+                             f"{self.eval_subset}")
         self._check_tiling()
 
     def _check_tiling(self) -> None:

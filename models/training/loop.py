@@ -120,7 +120,9 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
     saved_epoch, saved_at = trainer.epoch, time.monotonic()
     epochs = total_epochs(config, len(loader))
     ended = trainer.history[-1].get("stopped") if trainer.history else None
-    if resume is not None and (trainer.epoch >= epochs or (ended == "plateau" and config.until_plateau)):
+    plateau_met = (ended == "plateau" and config.until_plateau
+                   and trainer.history[-1].get("step", 0) >= config.plateau_min_steps)
+    if resume is not None and (trainer.epoch >= epochs or plateau_met):
         if ctx.is_main:
             print(f"{resume.path} has trained {trainer.epoch} epochs already and its stopping rule is met "
                   f"({ended or 'epochs'}): nothing to train; give a larger --epochs or --steps to go on", flush=True)
@@ -171,8 +173,8 @@ def train(config: TrainConfig, out: str, ctx: DistContext, train_set: OneClassDa
                 record.update(hooks.validate(trainer.model))
             if config.eval_every and epoch % config.eval_every == 0:
                 record.update(hooks.evaluate(trainer.model))
-            if config.until_plateau and plateaued(trainer.history + [record], config.plateau_window,
-                                                  config.plateau_tolerance):
+            if (config.until_plateau and record["step"] >= config.plateau_min_steps
+                    and plateaued(trainer.history + [record], config.plateau_window, config.plateau_tolerance)):
                 stop = "plateau"
         if epoch == epochs and stop is None:
             stop = "steps" if config.steps else "epochs"
