@@ -62,7 +62,8 @@ def metric(records: list[dict[str, Any]], key: str) -> Optional[Summary]:
 
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
     """The records of every cell the tables, figures and claims use. ``ablation["daad+"]`` is
-    DAAD+ with the setting's ``plus_reading``, which ``plus_reading`` names; ``readings`` holds
+    DAAD+ with the setting's ``plus_reading``, which ``plus_reading`` names (``rec_loss``: the
+    setting's L_rec in place of each reading's, or None); ``readings`` holds
     DAAD+ under each reading studied, ``lrs`` under ``plus_reading`` at each other learning rate
     studied; ``mnist`` the records of each MNIST column (:func:`~models.study.plan.mnist_cells`) by digit."""
     data, div, plus = setting.dataset, default_division(setting.network_size), setting.plus_reading
@@ -79,7 +80,8 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
                           for d in setting.digits}
              for m, r, lr in mnist_cells(setting)}
     return {"ablation": ablation, "readings": readings, "lrs": lrs, "blocks": blocks, "mnist": mnist,
-            "baseline": select(records, dataset=data, model=BASELINE), "plus_reading": plus}
+            "baseline": select(records, dataset=data, model=BASELINE), "plus_reading": plus,
+            "rec_loss": setting.rec_loss}
 
 
 def defect_type_aurocs(records: list[dict[str, Any]], score: str) -> dict[str, Optional[Summary]]:

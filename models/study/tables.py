@@ -103,10 +103,11 @@ def defect_type_table(s: dict[str, Any]) -> list[str]:
     return out
 
 
-def reading_name(reading: str, records: list[dict[str, Any]]) -> str:
-    """A loss reading with the losses its ``records`` trained by (a setting may replace L_rec), else
-    those the reading names."""
-    spec = records[0]["losses"] if records and "losses" in records[0] else LOSS_READINGS[reading]
+def reading_name(reading: str, records: list[dict[str, Any]], rec_loss: Optional[str] = None) -> str:
+    """A loss reading with the losses its ``records`` trained by, else those the reading names with
+    L_rec replaced by ``rec_loss`` where the setting replaces it."""
+    spec = (records[0]["losses"] if records and "losses" in records[0]
+            else {**LOSS_READINGS[reading], **({"rec_loss": rec_loss} if rec_loss else {})})
     weights = " ".join(f"{w:g}" for w in spec["loss_weights"])
     reset = f", D reset < {spec['d_reset']:g}" if spec["d_reset"] else ""
     default = " **(default)**" if reading == DEFAULT_READING else ""
@@ -122,7 +123,7 @@ def score_table(s: dict[str, Any]) -> list[str]:
                f"| — | — | — | {cell(metric(daad, 'pixel_auroc'))} |")
     rows = []
     for r, rs in s["readings"].items():
-        rows.append((reading_name(r, rs), rs))
+        rows.append((reading_name(r, rs, s["rec_loss"]), rs))
         if r == s["plus_reading"]:  # then the ablation's reading at the other learning rates
             rows += [(f"`{r}` at lr {lr:g} (default {PLUS_LR:g})", lr_rs) for lr, lr_rs in s.get("lrs", {}).items()]
     for name, rs in rows:
