@@ -32,6 +32,11 @@ def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -
     return [line]
 
 
+def seeds(setting: Setting) -> str:
+    """"3 seeds", "1 seed"."""
+    return f"{setting.seeds} seed{'s' if setting.seeds != 1 else ''}"
+
+
 def budget_line(setting: Setting) -> str:
     """How long the setting's runs train, as the Markdown list item of its section."""
     if setting.steps is None:
@@ -51,7 +56,7 @@ def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: li
            f"- Hazelnut at {setting.size}x{setting.size}, width {setting.width}, {budget_line(setting)}; "
            + (f"MNIST at {setting.mnist_size}x{setting.mnist_size}, width {setting.mnist_width}, "
               f"{setting.mnist_epochs} epochs, digits {list(setting.digits)}; " if mnist else "")
-           + f"N = {setting.num_items} items per memory; {setting.seeds} seeds; batch 8, Adam, the paper's "
+           + f"N = {setting.num_items} items per memory; {seeds(setting)}; batch 8, Adam, the paper's "
            "learning rates.",
            "- Data: MVTec AD hazelnut subset (28 training images, 6 good and 17 'colour' test images with "
            "masks)" + ("; MNIST test set, images 0-4999 for training (the normal digit only), 5000-9999 for "
@@ -99,7 +104,7 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
               "too" if setting.rec_loss or setting.anomaly_map != "l2" else "")
     out = [f"## Magnetic tile (setting `{name}`)", "",
            f"- {setting.size}x{setting.size} (grayscale read as 3 channels{tiles}), width {setting.width}, "
-           f"{budget_line(setting)}; N = {setting.num_items}, {setting.seeds} seeds, batch 8, Adam, the "
+           f"{budget_line(setting)}; N = {setting.num_items}, {seeds(setting)}, batch 8, Adam, the "
            f"paper's learning rates{losses}; {timing}.",
            f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "
            f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "

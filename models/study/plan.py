@@ -127,9 +127,11 @@ SETTINGS = {
     # the networks of "tile128" (same blocks, same budget: a step costs the same) trained on
     # random 128 x 128 crops and scoring 9 tiles 64 apart: each pixel away from the border is
     # seen by 2 to 4 tiles, which averages out the seams, where a tile's reconstruction is worst.
+    # One seed of the ablation: every model's image AUROC in it is below its "tile128" mean by more
+    # than that setting's seed spread, so the tiles do not help here; the block sizes are "tile128"'s.
     "tile256-tiled": Setting(size=256, tile_size=128, tile_stride=64, width=16, epochs=1000, mnist_size=32,
-                             mnist_width=16, mnist_epochs=0, digits=(), seeds=3, dataset="tile", train_ratio=0.5,
-                             **CONVERGED),
+                             mnist_width=16, mnist_epochs=0, digits=(), seeds=1, dataset="tile", train_ratio=0.5,
+                             block_study=False, **CONVERGED),
     # The hazelnut subset at 128 x 128 to the plateau: 25 training images are 3 steps an epoch,
     # so the plateau is watched over 100 epochs (300 steps) and the test subset every 20.
     "hazelnut128": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
