@@ -33,7 +33,7 @@ def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -
 
 
 def seeds(setting: Setting) -> str:
-    """"3 seeds", "1 seed"."""
+    """The number of seeds with its noun: "3 seeds", "1 seed"."""
     return f"{setting.seeds} seed{'s' if setting.seeds != 1 else ''}"
 
 
