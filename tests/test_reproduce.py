@@ -217,6 +217,29 @@ def test_the_ssim_study_says_how_it_trains_and_scores_and_shows_no_block_sizes(t
     assert not (tmp_path / "figures" / "tile128-ssim_auroc_vs_block_size.png").exists()
 
 
+def test_a_setting_of_some_models_plans_tables_and_judges_those_alone(tmp_path):
+    setting, long = SETTINGS["tile128-ssim"], SETTINGS["tile128-ssim-long"]
+    assert [(r.model, r.seed) for r in plan(long)] == [(BASELINE, 0), ("daad", 0), ("ae", 0)]
+    # the settings of the SSIM study's seed 0 but for the step limit
+    for run in plan(long):
+        short, longer = run_config(run, setting, ROOTS).to_dict(), run_config(run, long, ROOTS).to_dict()
+        assert {k for k in short if short[k] != longer[k]} == {"steps"} and longer["steps"] == 9000
+    with pytest.raises(ValueError, match=r"models \['vae'\] are not in the ablation"):
+        replace(long, models=("ae", "vae"))
+    write_quick_study(tmp_path, "tile128-ssim-long")
+    text = open(build_tables("tile128-ssim-long", str(tmp_path))).read()
+    section = text.split("(setting `tile128-ssim-long`)")[1]
+    assert "3 of 3 finished" in section and "of the ablation's models only ae and daad" in section
+    assert "at most 9000 steps" in section and "DAAD+ keeps" not in section
+    assert [line.split(" |")[0] for line in section.splitlines() if line.startswith("| ")][:4] == [
+        "| model", "| mean training image (no learning)", "| ae", "| daad"]
+    assert "memae" not in section and "DAAD+" not in section and "### DAAD+ by loss reading" not in section
+    for label in ("DAAD vs AE, AUPRO", "DAAD vs the baseline, AUPRO"):  # one seed: no spread to judge by
+        assert claim(section, label)[0] == "inconclusive"
+    assert "MemAE" not in section.split("1. DAAD beats AE and MemAE")[1] and "2. Skip" not in section
+    assert (tmp_path / "figures" / "tile128-ssim-long_learning_curves.png").stat().st_size > 0
+
+
 def test_the_converged_hazelnut_study_has_no_mnist_part(tmp_path):
     write_quick_study(tmp_path, "hazelnut128")
     text = open(build_tables("hazelnut128", str(tmp_path))).read()

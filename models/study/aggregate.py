@@ -61,7 +61,8 @@ def metric(records: list[dict[str, Any]], key: str) -> Optional[Summary]:
 
 
 def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]:
-    """The records of every cell the tables, figures and claims use. ``ablation["daad+"]`` is
+    """The records of every cell the tables, figures and claims use. ``ablation`` has the models the
+    setting trains (:attr:`~models.study.plan.Setting.models`); ``ablation["daad+"]`` is
     DAAD+ with the setting's ``plus_reading``, which ``plus_reading`` names (``rec_loss``: the
     setting's L_rec in place of each reading's, or None); ``readings`` holds
     DAAD+ under each reading studied, ``lrs`` under ``plus_reading`` at each other learning rate
@@ -69,7 +70,7 @@ def summarise(records: list[dict[str, Any]], setting: Setting) -> dict[str, Any]
     data, div, plus = setting.dataset, default_division(setting.network_size), setting.plus_reading
     ablation = {m: select(records, dataset=data, model=m, division=ablation_division(m, setting),
                           reading=plus if m.endswith("+") else "", lr=0.0)
-                for m in ABLATION}
+                for m in ABLATION if m in setting.models}
     readings = {r: select(records, dataset=data, model="daad+", division=div, reading=r, lr=0.0)
                 for r in setting.readings}
     lrs = {lr: select(records, dataset=data, model="daad+", division=div, reading=plus, lr=lr)

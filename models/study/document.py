@@ -12,12 +12,12 @@ from ..training.atomic import atomic_write
 from .aggregate import load_records, metric, record_files, summarise
 from .claims import CONVERGED_KEYS, PAPER_KEYS, claims, mnist_claims, near_chance
 from .figures import draw_figures, figure_prefix
-from .plan import SETTINGS, Setting, plan
+from .plan import ABLATION, SETTINGS, Setting, plan
 from .tables import (PAPER_MNIST_MEAN, ablation_table, block_table, budget_table, defect_type_table,
                      diagnosis_table, mnist_table, score_table)
 
 #: The settings whose results make ``docs/RESULTS.md``, in order.
-DOC_SETTINGS = ("full", "hazelnut128", "tile", "tile128", "tile128-ssim", "tile256-tiled")
+DOC_SETTINGS = ("full", "hazelnut128", "tile", "tile128", "tile128-ssim", "tile128-ssim-long", "tile256-tiled")
 
 
 def status_lines(setting_name: str, records: list[dict[str, Any]], meta: dict) -> list[str]:
@@ -66,9 +66,7 @@ def hazelnut_section(name: str, setting: Setting, s: dict[str, Any], records: li
            "### Ablation on hazelnut (paper Table 3)", "", *ablation_table(s, setting), ""]
     if setting.until_plateau:
         out += converged_lines(name, setting, s)
-    out += ["### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting, keys), "",
-            "### DAAD+ by loss reading and score (paper Table 5)", "", *score_table(s), "",
-            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), ""]
+    out += ["### Block size (paper Table 4, Figure 5)", "", *block_table(s, setting, keys), "", *plus_lines(setting, s)]
     if mnist:
         out += [f"### MNIST one-class, image AUROC (DAAD+ by the fused A; paper, DAAD: mean {PAPER_MNIST_MEAN:.3f})",
                 "", *mnist_table(s), "", "Which of the paper's claims held on MNIST (each digit is its own "
@@ -88,6 +86,14 @@ def converged_lines(name: str, setting: Setting, s: dict[str, Any]) -> list[str]
             f"Learning curves (seed 0): ![](figures/{figure_prefix(name)}learning_curves.png)", ""]
 
 
+def plus_lines(setting: Setting, s: dict[str, Any]) -> list[str]:
+    """DAAD+ by loss reading, where the setting trains DAAD+."""
+    if "daad+" not in setting.models:
+        return []
+    return ["### DAAD+ by loss reading and score (paper Table 5; R, L, fused)", "", *score_table(s), "",
+            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), ""]
+
+
 def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, meta: dict) -> list[str]:
     seconds = sorted(r["train_s"] for r in records if r.get("epochs"))  # the baseline trains nothing
     timing = (f"one run trained in {seconds[0] / 60:.0f}-{seconds[-1] / 60:.0f} min on one shared core "
@@ -99,13 +105,17 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
              f"{setting.tile_stride} apart stitched into one map" if setting.tile_size else "")
     plus = (f"; DAAD+ in the ablation and the claims by the `{setting.plus_reading}` reading"
             if setting.plus_reading != DEFAULT_READING else "")
-    losses = (f"; every run trained by the `{setting.rec_loss}` reconstruction loss (DAAD+ keeps the other terms "
-              f"and the weights of each reading{plus}) and scored by `{setting.anomaly_map}` maps, the mean image "
-              "too" if setting.rec_loss or setting.anomaly_map != "l2" else "")
+    kept = (f" (DAAD+ keeps the other terms and the weights of each reading{plus})"
+            if "daad+" in setting.models else "")
+    losses = (f"; every run trained by the `{setting.rec_loss}` reconstruction loss{kept} and scored by "
+              f"`{setting.anomaly_map}` maps, the mean image too" if setting.rec_loss or setting.anomaly_map != "l2"
+              else "")
+    trained = ("" if setting.models == ABLATION else
+               "; of the ablation's models only " + " and ".join(setting.models))
     out = [f"## Magnetic tile (setting `{name}`)", "",
            f"- {setting.size}x{setting.size} (grayscale read as 3 channels{tiles}), width {setting.width}, "
            f"{budget_line(setting)}; N = {setting.num_items}, {seeds(setting)}, batch 8, Adam, the "
-           f"paper's learning rates{losses}; {timing}.",
+           f"paper's learning rates{losses}{trained}; {timing}.",
            f"- Data: `magnetic_tile/` as a folder data set: a fixed seeded split of `MT_Free/Imgs` "
            f"({setting.train_ratio:.0%} = 476 images train, 476 test) and all 392 defective images of "
            "the five `MT_*/Imgs` folders (masks beside the images, >= 128 is defect).",
@@ -120,9 +130,7 @@ def tile_section(name: str, setting: Setting, s: dict[str, Any], records: list, 
         out += ["### Block size (paper Table 4)", "", *block_table(s, setting, keys), ""]
     figures = (["reconstructions_by_block_size", "score_distributions", "auroc_vs_block_size"] if setting.block_study
                else ["score_distributions"])
-    out += ["### DAAD+ by loss reading and score (paper Table 5; R, L, fused)", "", *score_table(s), "",
-            "### Training diagnostics of DAAD+ by loss reading", "", *diagnosis_table(s), "",
-            "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s, keys),
+    out += [*plus_lines(setting, s), "### Which of the paper's claims held on the magnetic tile", "", *near_chance(s, keys),
             *claims(s, keys), "",
             "Figures: " + " ".join(f"![](figures/{prefix}{f}.png)" for f in figures), ""]
     return out

@@ -53,7 +53,7 @@ def draw_reconstructions(s: dict[str, Any], path: str) -> None:
 
 def draw_score_distributions(s: dict[str, Any], path: str) -> None:
     """Histograms of the fused score of normal and anomalous test images, DAAD and DAAD+ (seed 0)."""
-    models = [m for m in ("daad", "daad+") if s["ablation"][m]]
+    models = [m for m in ("daad", "daad+") if s["ablation"].get(m)]
     if not models:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.2), squeeze=False)
