@@ -223,14 +223,14 @@ def test_a_setting_of_some_models_plans_tables_and_judges_those_alone(tmp_path):
     # the settings of the SSIM study's seed 0 but for the step limit
     for run in plan(long):
         short, longer = run_config(run, setting, ROOTS).to_dict(), run_config(run, long, ROOTS).to_dict()
-        assert {k for k in short if short[k] != longer[k]} == {"steps"} and longer["steps"] == 9000
+        assert {k for k in short if short[k] != longer[k]} == {"steps"} and longer["steps"] == 6000
     with pytest.raises(ValueError, match=r"models \['vae'\] are not in the ablation"):
         replace(long, models=("ae", "vae"))
     write_quick_study(tmp_path, "tile128-ssim-long")
     text = open(build_tables("tile128-ssim-long", str(tmp_path))).read()
     section = text.split("(setting `tile128-ssim-long`)")[1]
     assert "3 of 3 finished" in section and "of the ablation's models only ae and daad" in section
-    assert "at most 9000 steps" in section and "DAAD+ keeps" not in section
+    assert "at most 6000 steps" in section and "DAAD+ keeps" not in section
     assert [line.split(" |")[0] for line in section.splitlines() if line.startswith("| ")][:4] == [
         "| model", "| mean training image (no learning)", "| ae", "| daad"]
     assert "memae" not in section and "DAAD+" not in section and "### DAAD+ by loss reading" not in section
