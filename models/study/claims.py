@@ -72,9 +72,9 @@ def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
     ab = s["ablation"]  # the models the setting trains: a claim is made where both its sides trained
     blocks = {r: rs for r, rs in s["blocks"].items() if rs}
     lines = []
-    if against_daad := [(f"DAAD vs {name}", ab["daad"], ab[m]) for m, name in (("ae", "AE"), ("memae", "MemAE"))
-                        if "daad" in ab and m in ab]:
-        lines.append(claim("1. DAAD beats AE and MemAE", against_daad, keys))
+    if rivals := [(m, name) for m, name in (("ae", "AE"), ("memae", "MemAE")) if "daad" in ab and m in ab]:
+        lines.append(claim("1. DAAD beats " + " and ".join(name for _, name in rivals),
+                           [(f"DAAD vs {name}", ab["daad"], ab[m]) for m, name in rivals], keys))
     if "ae" in ab and "ae+skip" in ab:
         lines.append(claim("2. Skip connections alone hurt", [("AE vs AE+Skip", ab["ae"], ab["ae+skip"])], keys))
     if len(blocks) >= 3:
