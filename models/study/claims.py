@@ -99,12 +99,11 @@ def claims(s: dict[str, Any], keys: tuple = PAPER_KEYS) -> list[str]:
         pairs += [(f"{plus_label(plus, lr)} vs DAAD", rs, ab["daad"]) for lr, rs in s.get("lrs", {}).items()]
         pairs += [(f"{plus_label(r)} vs DAAD", rs, ab["daad"]) for r, rs in s["readings"].items() if r != plus]
         lines.append(claim("4. The adversarial representation adds to DAAD", pairs, keys))
-    baseline = [(label, ab[m], s.get("baseline", [])) for m, label in (("daad", "DAAD vs the baseline"),
-                                                               ("daad+", f"{plus_label(plus)} vs the baseline"))
-                if m in ab]
-    if s.get("baseline") and baseline:  # not a claim of the paper: whether the data set can show any of the above
+    learners = (("daad", "DAAD vs the baseline"), ("daad+", f"{plus_label(plus)} vs the baseline"))
+    # not a claim of the paper: whether the data set can show any of the above
+    if s.get("baseline") and (pairs := [(label, ab[m], s["baseline"]) for m, label in learners if m in ab]):
         lines.append(claim("5. The models learn more than the mean training image (the no-learning baseline)",
-                           baseline, keys))
+                           pairs, keys))
     return lines
 
 

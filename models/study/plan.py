@@ -128,9 +128,9 @@ SETTINGS = {
                             digits=(), seeds=3, dataset="tile", train_ratio=0.5, anomaly_map="ssim", rec_loss="ssim",
                             readings=("ssim", "paper"), plus_reading="ssim", block_study=False, **CONVERGED),
     # "tile128-ssim" with twice the step limit (the plateau rule unchanged), DAAD and the AE at one
-    # seed, about 75 and 60 minutes a run on one core: at 3,000 steps DAAD's test AUROC was still
-    # rising in 5 of 6 runs (DAAD, DAAD+), and every AE and DAAD run had reached the limit with its
-    # validation error still falling. Its runs have the settings of "tile128-ssim"'s seed 0 but for
+    # seed (89 and 66 minutes of training on a shared core; both stopped at the plateau near step
+    # 4,800): at 3,000 steps DAAD's test AUROC was still rising in 5 of 6 runs (DAAD, DAAD+), and
+    # every AE and DAAD run had reached the limit with its validation error still falling. Its runs have the settings of "tile128-ssim"'s seed 0 but for
     # the limit; they are not the same runs (validation errors of the first 7 epochs up to 2% apart).
     "tile128-ssim-long": Setting(size=128, width=16, epochs=1000, mnist_size=32, mnist_width=16, mnist_epochs=0,
                                  digits=(), seeds=1, dataset="tile", train_ratio=0.5, anomaly_map="ssim",
